@@ -1,0 +1,69 @@
+import yargs, { type Argv } from 'yargs';
+import { UbdcowError } from '../errors.js';
+import { commands } from './commands.js';
+
+/** Exit codes: 0 success; 1 failure (diff: images differ, check: problems found); 2 trouble for diff/check. */
+export class CliExit extends Error {
+  constructor(readonly exitCode: number) {
+    super(`exit ${exitCode}`);
+  }
+}
+
+function commandName(argv: string[]): string {
+  return argv.find((arg) => !arg.startsWith('-')) ?? 'ubdcow';
+}
+
+/** Commands whose exit code 1 means an answer ("different", "problems"), so errors use 2. */
+const answerCommands = new Set(['diff', 'check']);
+
+export function errorExitCode(command: string): number {
+  return answerCommands.has(command) ? 2 : 1;
+}
+
+function reportError(command: string, err: unknown, debug: boolean): number {
+  const prefix = command === 'ubdcow' ? 'ubdcow' : `ubdcow ${command}`;
+  if (err instanceof UbdcowError) {
+    process.stderr.write(`${prefix}: ${err.message}\n`);
+    if (debug && err.stack) process.stderr.write(`${err.stack}\n`);
+  } else {
+    const message = err instanceof Error ? err.message : String(err);
+    process.stderr.write(`${prefix}: internal error: ${message} (run with --debug for details)\n`);
+    if (debug && err instanceof Error && err.stack) process.stderr.write(`${err.stack}\n`);
+  }
+  return errorExitCode(command);
+}
+
+export function buildParser(argv: string[]): Argv {
+  let parser = yargs(argv)
+    .scriptName('ubdcow')
+    .usage('$0 <command> [options]\n\nCopy-on-write disk images in the User-Mode Linux ubd format.')
+    .option('debug', { type: 'boolean', describe: 'Show stack traces on errors', global: true })
+    .strict()
+    .demandCommand(1, 'name a command (see --help)')
+    .recommendCommands()
+    .help()
+    .alias('h', 'help')
+    .version()
+    .wrap(Math.min(100, process.stdout.columns || 100))
+    .epilogue('Exit codes: 0 success; 1 failure (diff: images differ; check: problems found); 2 diff/check could not answer.')
+    .fail((message, err) => {
+      if (err) throw err;
+      throw new UbdcowError('usage', `${message} (see --help)`);
+    });
+  for (const command of commands) parser = parser.command(command);
+  return parser;
+}
+
+export async function main(argv: string[]): Promise<void> {
+  const command = commandName(argv);
+  const debug = argv.includes('--debug');
+  try {
+    await buildParser(argv).parseAsync();
+  } catch (err) {
+    if (err instanceof CliExit) {
+      process.exitCode = err.exitCode;
+      return;
+    }
+    process.exitCode = reportError(command, err, debug);
+  }
+}

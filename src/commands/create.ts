@@ -1,0 +1,95 @@
+import * as path from 'node:path';
+import { CowFormatError, UbdcowError, fromSystemError } from '../errors.js';
+import {
+  type CowHeader,
+  DEFAULT_ALIGNMENT,
+  DEFAULT_SECTOR_SIZE,
+  V3_HEADER_SIZE,
+  serializeV3,
+  validateHeader,
+} from '../format/header.js';
+import { type CowGeometry, computeGeometry } from '../format/geometry.js';
+import { type FileSystem, nodeFileSystem, sizeOf } from '../io/file.js';
+import { statImageFile } from '../io/image.js';
+import { writeNewFile } from '../io/atomic.js';
+
+export interface CreateOptions {
+  /** Replace an existing file (uml_mkcow -f). */
+  force?: boolean;
+  sectorSize?: number;
+  alignment?: number;
+  fs?: FileSystem;
+}
+
+export interface CreateResult {
+  path: string;
+  header: CowHeader;
+  geometry: CowGeometry;
+  warnings: string[];
+}
+
+/**
+ * The path uml_mkcow stores: the folder part resolved through the file system (as chdir + getcwd
+ * do), the last component kept as given, so a symlinked backing file keeps its link name.
+ */
+export async function absoluteBackingPath(backing: string, fs: FileSystem = nodeFileSystem): Promise<string> {
+  const slash = backing.lastIndexOf('/');
+  if (slash < 0) return path.join(await fs.realpath('.'), backing);
+  const folder = await fs.realpath(backing.slice(0, slash) || '/');
+  return folder === '/' ? backing.slice(slash) : folder + backing.slice(slash);
+}
+
+/** Creates a V3 COW file over `backing`, byte for byte what uml_mkcow writes. */
+export async function createCow(cowPath: string, backing: string, options: CreateOptions = {}): Promise<CreateResult> {
+  const fs = options.fs ?? nodeFileSystem;
+  const backingStat = await statImageFile(fs, backing, 'backing file');
+  try {
+    const probe = await fs.open(backing, 'r');
+    await probe.close();
+  } catch (err) {
+    throw fromSystemError(err, backing, 'read backing file');
+  }
+  const size = await sizeOf(backingStat).catch((err) => {
+    throw fromSystemError(err, backing, 'find the size of backing file');
+  });
+  const backingFile = await absoluteBackingPath(backing, fs).catch((err) => {
+    throw fromSystemError(err, backing, 'resolve backing file path');
+  });
+  const header: CowHeader = {
+    version: 3,
+    layout: 'v3',
+    littleEndian: false,
+    backingFile,
+    mtime: backingStat.mtime,
+    size,
+    sectorSize: options.sectorSize ?? DEFAULT_SECTOR_SIZE,
+    alignment: options.alignment ?? DEFAULT_ALIGNMENT,
+    cowFormat: 0,
+  };
+  let bytes: Uint8Array;
+  let geometry: CowGeometry;
+  let warnings: string[];
+  try {
+    warnings = validateHeader(header);
+    geometry = computeGeometry(header);
+    bytes = serializeV3(header);
+  } catch (err) {
+    if (err instanceof CowFormatError) throw new UbdcowError(err.code, `${cowPath}: ${err.message}`, { file: cowPath });
+    throw err;
+  }
+  if (!options.force) await refuseExisting(fs, cowPath);
+  await writeNewFile(fs, cowPath, options.force ?? false, async (file) => {
+    await file.write(bytes, 0, V3_HEADER_SIZE, 0);
+    await file.truncate(geometry.fileLength);
+  });
+  return { path: cowPath, header, geometry, warnings };
+}
+
+async function refuseExisting(fs: FileSystem, file: string): Promise<void> {
+  const exists = await fs.stat(file).then(
+    () => true,
+    (err: NodeJS.ErrnoException) => err.code !== 'ENOENT',
+  );
+  if (exists) throw new UbdcowError('exists', `${file}: already exists (use --force to overwrite)`, { file });
+}
+

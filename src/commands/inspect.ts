@@ -1,0 +1,94 @@
+import type { HeaderLayout } from '../format/header.js';
+import type { FileSystem } from '../io/file.js';
+import { type BackingReport, allocatedExtents, checkBacking, isoTime, openImage } from '../io/image.js';
+
+export interface InspectOptions {
+  /** Check this backing file instead of the one the header names. */
+  backing?: string;
+  fs?: FileSystem;
+}
+
+/** What `ubdcow inspect --json` prints; field names are part of the public interface. */
+export interface InspectReport {
+  file: string;
+  version: 1 | 2 | 3;
+  layout: HeaderLayout;
+  byteOrder: 'big-endian' | 'little-endian';
+  backingFile: string;
+  mtime: number;
+  mtimeIso: string;
+  size: number;
+  sectorSize: number;
+  alignment: number;
+  cowFormat: number;
+  headerSize: number;
+  bitmapOffset: number;
+  bitmapLength: number;
+  dataOffset: number;
+  sectors: number;
+  /** Sectors with a bit in the bitmap (fewer than `sectors` only in V1/V2 files). */
+  coveredSectors: number;
+  allocated: { sectors: number; bytes: number; percent: number };
+  extents: number;
+  /** Apparent length of the COW file, and the length its header implies. */
+  fileSize: number;
+  expectedFileSize: number;
+  /** Bytes the COW file occupies on disk (it is sparse). */
+  diskUsage: number;
+  /** The file ends before the data area does: reads there would be wrong, not zeros. */
+  truncated: boolean;
+  backing: BackingReport;
+  warnings: string[];
+}
+
+export async function inspectCow(cowPath: string, options: InspectOptions = {}): Promise<InspectReport> {
+  const image = await openImage(cowPath, { fs: options.fs });
+  try {
+    let allocatedSectors = 0;
+    let extents = 0;
+    for await (const extent of allocatedExtents(image)) {
+      allocatedSectors += extent.end - extent.start;
+      extents++;
+    }
+    const { header, geometry } = image;
+    const backing = await checkBacking(header, options.backing, options.fs);
+    const allocatedBytes = Math.min(allocatedSectors * header.sectorSize, header.size);
+    const warnings = [...image.warnings];
+    if (image.dataAreaTruncated) {
+      warnings.push(`file is ${image.fileSize} bytes, its data area needs ${geometry.fileLength}: truncated`);
+    }
+    return {
+      file: cowPath,
+      version: header.version,
+      layout: header.layout,
+      byteOrder: header.littleEndian ? 'little-endian' : 'big-endian',
+      backingFile: header.backingFile,
+      mtime: header.mtime,
+      mtimeIso: isoTime(header.mtime),
+      size: header.size,
+      sectorSize: header.sectorSize,
+      alignment: header.alignment,
+      cowFormat: header.cowFormat,
+      headerSize: geometry.headerSize,
+      bitmapOffset: geometry.bitmapOffset,
+      bitmapLength: geometry.bitmapLength,
+      dataOffset: geometry.dataOffset,
+      sectors: geometry.sectors,
+      coveredSectors: geometry.coveredSectors,
+      allocated: {
+        sectors: allocatedSectors,
+        bytes: allocatedBytes,
+        percent: header.size === 0 ? 0 : Math.round((allocatedBytes / header.size) * 10000) / 100,
+      },
+      extents,
+      fileSize: image.fileSize,
+      expectedFileSize: geometry.fileLength,
+      diskUsage: image.allocatedBytes,
+      truncated: image.dataAreaTruncated,
+      backing,
+      warnings,
+    };
+  } finally {
+    await image.file.close();
+  }
+}

@@ -1,0 +1,50 @@
+import * as path from 'node:path';
+import { UbdcowError, fromSystemError } from '../errors.js';
+import type { FileHandleLike, FileSystem } from './file.js';
+
+/** A hidden sibling name for building `destination` before it appears atomically. */
+export function temporaryNameFor(destination: string): string {
+  const random = Math.random().toString(36).slice(2, 10);
+  return path.join(path.dirname(destination), `.${path.basename(destination)}.ubdcow-${process.pid}-${random}.tmp`);
+}
+
+/**
+ * Writes a file under a temporary name in the same folder, syncs it, then puts it in place:
+ * with link() when it must not replace anything (atomic no-clobber), rename() when it may.
+ * The destination never holds a half-written file, and on failure it is untouched.
+ */
+export async function writeNewFile(
+  fs: FileSystem,
+  destination: string,
+  replace: boolean,
+  fill: (file: FileHandleLike) => Promise<void>,
+): Promise<void> {
+  const temporary = temporaryNameFor(destination);
+  let file: FileHandleLike;
+  try {
+    file = await fs.open(temporary, 'wx');
+  } catch (err) {
+    throw fromSystemError(err, destination, 'create');
+  }
+  try {
+    try {
+      await fill(file);
+      await file.sync();
+    } finally {
+      await file.close();
+    }
+    if (replace) {
+      await fs.rename(temporary, destination);
+    } else {
+      await fs.link(temporary, destination);
+      await fs.unlink(temporary);
+    }
+    await fs.syncDirectory(path.dirname(destination));
+  } catch (err) {
+    await fs.unlink(temporary).catch(() => undefined);
+    if ((err as NodeJS.ErrnoException).code === 'EEXIST') {
+      throw new UbdcowError('exists', `${destination}: already exists (use --force to overwrite)`, { file: destination });
+    }
+    throw fromSystemError(err, destination, 'write');
+  }
+}
