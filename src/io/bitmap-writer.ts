@@ -1,0 +1,192 @@
+import type { SectorBitmap } from '../format/bitmap.js';
+import type { FileHandleLike } from './file.js';
+
+/** One request to record sectors [sectorStart, sectorEnd) as living in the COW file. */
+interface BitmapUpdate {
+  sectorStart: number;
+  sectorEnd: number;
+  byteStart: number;
+  byteEnd: number;
+  done: Promise<void>;
+  resolve: () => void;
+  reject: (err: unknown) => void;
+}
+
+/** A bitmap slice write on disk, carrying one or more coalesced updates. */
+interface SliceWrite {
+  byteStart: number;
+  byteEnd: number;
+  updates: BitmapUpdate[];
+}
+
+export interface BitmapWriterOptions {
+  bitmap: SectorBitmap;
+  file: FileHandleLike;
+  bitmapOffset: number;
+  /** Called after a slice is written and before its updates resolve (fdatasync in sync mode). */
+  afterSliceWrite?: () => Promise<void>;
+}
+
+function overlaps(aStart: number, aEnd: number, bStart: number, bEnd: number): boolean {
+  return aStart < bEnd && bStart < aEnd;
+}
+
+/**
+ * Writes bitmap slices in place from the live bitmap, the way the UML driver's COW path was
+ * designed: a slice write overlapping one in flight (pending) waits (waiting list) and starts when
+ * it completes. Bits are set in memory only just before their slice is written, and never while an
+ * overlapping slice is in flight, so the bytes being written are never modified under the write.
+ */
+export class BitmapWriter {
+  private readonly pending = new Set<SliceWrite>();
+  private readonly waiting: BitmapUpdate[] = [];
+
+  constructor(private readonly options: BitmapWriterOptions) {}
+
+  /**
+   * Records [sectorStart, sectorEnd) as allocated on disk. Call only after the sectors' data is
+   * written. Resolves once the bitmap slice holding their bits is written.
+   */
+  async commit(sectorStart: number, sectorEnd: number): Promise<void> {
+    const { bitmap } = this.options;
+    // Bits already set need no write, but they may belong to a slice still in flight.
+    while (bitmap.allSet(sectorStart, sectorEnd)) {
+      const inFlight = this.pendingUpdatesOverlapping(sectorStart, sectorEnd);
+      if (inFlight.length === 0) return;
+      await Promise.allSettled(inFlight.map((update) => update.done));
+    }
+    let resolve!: () => void;
+    let reject!: (err: unknown) => void;
+    const done = new Promise<void>((res, rej) => {
+      resolve = res;
+      reject = rej;
+    });
+    const update: BitmapUpdate = {
+      sectorStart,
+      sectorEnd,
+      byteStart: Math.floor(sectorStart / 8),
+      byteEnd: Math.ceil(sectorEnd / 8),
+      done,
+      resolve,
+      reject,
+    };
+    this.waiting.push(update);
+    this.pump();
+    return done;
+  }
+
+  /**
+   * Updates (waiting or in flight) whose sectors overlap [sectorStart, sectorEnd): a read of those
+   * sectors that finds a clear bit must wait for them, or it could miss data already written.
+   */
+  updatesOverlapping(sectorStart: number, sectorEnd: number): Promise<void>[] {
+    const found: Promise<void>[] = [];
+    for (const update of this.waiting) {
+      if (overlaps(update.sectorStart, update.sectorEnd, sectorStart, sectorEnd)) found.push(update.done);
+    }
+    for (const update of this.pendingUpdatesOverlapping(sectorStart, sectorEnd)) found.push(update.done);
+    return found;
+  }
+
+  get inFlight(): number {
+    return this.pending.size;
+  }
+
+  get waitingCount(): number {
+    return this.waiting.length;
+  }
+
+  private pendingUpdatesOverlapping(sectorStart: number, sectorEnd: number): BitmapUpdate[] {
+    const found: BitmapUpdate[] = [];
+    for (const slice of this.pending) {
+      for (const update of slice.updates) {
+        if (overlaps(update.sectorStart, update.sectorEnd, sectorStart, sectorEnd)) found.push(update);
+      }
+    }
+    return found;
+  }
+
+  private overlapsPending(byteStart: number, byteEnd: number): boolean {
+    for (const slice of this.pending) {
+      if (overlaps(slice.byteStart, slice.byteEnd, byteStart, byteEnd)) return true;
+    }
+    return false;
+  }
+
+  /** Starts every waiting update that overlaps nothing in flight; at least one starts when any can. */
+  private pump(): void {
+    let index = 0;
+    while (index < this.waiting.length) {
+      const first = this.waiting[index];
+      if (this.overlapsPending(first.byteStart, first.byteEnd)) {
+        index++;
+        continue;
+      }
+      this.start(this.takeCoalesced(index));
+    }
+  }
+
+  /**
+   * Removes the update at `index` from the waiting list together with the waiting updates whose
+   * slices overlap or touch it and overlap nothing in flight, so they share one write.
+   */
+  private takeCoalesced(index: number): SliceWrite {
+    const [first] = this.waiting.splice(index, 1);
+    const slice: SliceWrite = { byteStart: first.byteStart, byteEnd: first.byteEnd, updates: [first] };
+    let grew = true;
+    while (grew) {
+      grew = false;
+      for (let i = index; i < this.waiting.length; i++) {
+        const candidate = this.waiting[i];
+        const touches = candidate.byteStart <= slice.byteEnd && slice.byteStart <= candidate.byteEnd;
+        if (!touches || this.overlapsPending(candidate.byteStart, candidate.byteEnd)) continue;
+        this.waiting.splice(i, 1);
+        slice.updates.push(candidate);
+        slice.byteStart = Math.min(slice.byteStart, candidate.byteStart);
+        slice.byteEnd = Math.max(slice.byteEnd, candidate.byteEnd);
+        grew = true;
+        break;
+      }
+    }
+    return slice;
+  }
+
+  private start(slice: SliceWrite): void {
+    const { bitmap, file, bitmapOffset, afterSliceWrite } = this.options;
+    // Kept to undo only this slice's bits if its write fails.
+    const before = bitmap.bytes.slice(slice.byteStart, slice.byteEnd);
+    for (const update of slice.updates) bitmap.setRange(update.sectorStart, update.sectorEnd);
+    this.pending.add(slice);
+    const length = slice.byteEnd - slice.byteStart;
+    const written = file
+      .write(bitmap.bytes, slice.byteStart, length, bitmapOffset + slice.byteStart)
+      .then(() => afterSliceWrite?.());
+    written.then(
+      () => this.finish(slice, undefined),
+      (err: unknown) => {
+        this.undo(slice, before);
+        this.finish(slice, err);
+      },
+    );
+  }
+
+  /** Clears the bits this slice set, leaving bits that were set before it. */
+  private undo(slice: SliceWrite, before: Uint8Array): void {
+    const { bitmap } = this.options;
+    for (const update of slice.updates) {
+      for (let sector = update.sectorStart; sector < update.sectorEnd; sector++) {
+        const byte = Math.floor(sector / 8) - slice.byteStart;
+        if ((before[byte] & (1 << (sector & 7))) === 0) bitmap.set(sector, false);
+      }
+    }
+  }
+
+  private finish(slice: SliceWrite, err: unknown): void {
+    this.pending.delete(slice);
+    for (const update of slice.updates) {
+      if (err === undefined) update.resolve();
+      else update.reject(err);
+    }
+    this.pump();
+  }
+}
