@@ -244,6 +244,10 @@ function checkSize(size: number): void {
 
 /** The header uml_mkcow writes: version 3, big-endian, packed, 4128 bytes. */
 export function serializeV3(fields: HeaderFields): Uint8Array {
+  if (fields.backingFile === '') {
+    // Readers take four zero bytes at offset 32 to mean the broken layout, so this could not be read back.
+    throw new CowFormatError('backing-empty', 'backing_file', '""', 'a non-empty path (an empty one reads back as the broken 64-bit layout)');
+  }
   checkU32('mtime', fields.mtime);
   checkU32('sectorsize', fields.sectorSize);
   checkU32('alignment', fields.alignment);

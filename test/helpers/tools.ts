@@ -1,0 +1,99 @@
+import { execFileSync, spawnSync } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+/** The repository root (this file lives in test/helpers). */
+export const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
+
+const found = new Map<string, boolean>();
+
+/** True when `name` is an executable on PATH. */
+export function hasTool(name: string): boolean {
+  let present = found.get(name);
+  if (present === undefined) {
+    present = spawnSync('which', [name], { stdio: 'ignore' }).status === 0;
+    found.set(name, present);
+  }
+  return present;
+}
+
+/** The tools among `names` that are not installed. */
+export function missingTools(...names: string[]): string[] {
+  return names.filter((name) => !hasTool(name));
+}
+
+/**
+ * A suite title that says why it is skipped when tools are missing, and a warning on the console
+ * so a skipped interop suite is never silent. Use with `describe.skipIf(missing.length > 0)`.
+ */
+export function titleWithSkipReason(title: string, missing: string[]): string {
+  if (missing.length === 0) return title;
+  const reason = `[skipped: ${missing.join(', ')} not installed]`;
+  console.warn(`${title} ${reason}`);
+  return `${title} ${reason}`;
+}
+
+/** Runs a program and returns its exit status and output; never throws for a non-zero exit. */
+export function run(
+  program: string,
+  args: string[],
+  options: { cwd?: string; input?: string } = {},
+): { status: number | null; stdout: string; stderr: string } {
+  const result = spawnSync(program, args, { cwd: options.cwd, input: options.input, encoding: 'utf8' });
+  if (result.error) throw result.error;
+  return { status: result.status, stdout: result.stdout, stderr: result.stderr };
+}
+
+/** Runs a program and fails with its stderr if it exits non-zero. */
+export function runOk(program: string, args: string[], options: { cwd?: string } = {}): string {
+  return execFileSync(program, args, { cwd: options.cwd, encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
+}
+
+function newestSourceMtime(dir: string): number {
+  let newest = 0;
+  for (const entry of fs.readdirSync(dir, { withFileTypes: true })) {
+    const full = path.join(dir, entry.name);
+    if (entry.isDirectory()) newest = Math.max(newest, newestSourceMtime(full));
+    else if (entry.name.endsWith('.ts')) newest = Math.max(newest, fs.statSync(full).mtimeMs);
+  }
+  return newest;
+}
+
+/** Path of the CLI entry point; builds dist/ first when it is missing or older than src/. */
+export function ensureBuiltCli(): string {
+  const built = path.join(repoRoot, 'dist', 'cli', 'main.js');
+  const stale = !fs.existsSync(built) || fs.statSync(built).mtimeMs < newestSourceMtime(path.join(repoRoot, 'src'));
+  if (stale) runOk('npx', ['tsc', '-p', 'tsconfig.build.json'], { cwd: repoRoot });
+  return path.join(repoRoot, 'bin', 'ubdcow');
+}
+
+/**
+ * Compares two files a chunk at a time (images here can be gigabytes, mostly holes).
+ * Returns undefined when they are equal, else where they first differ.
+ */
+export async function firstDifference(a: string, b: string, chunkBytes = 4 << 20): Promise<string | undefined> {
+  const [sizeA, sizeB] = [fs.statSync(a).size, fs.statSync(b).size];
+  if (sizeA !== sizeB) return `lengths differ: ${a} is ${sizeA} bytes, ${b} is ${sizeB}`;
+  const [fileA, fileB] = await Promise.all([fs.promises.open(a, 'r'), fs.promises.open(b, 'r')]);
+  try {
+    const bufferA = Buffer.alloc(chunkBytes);
+    const bufferB = Buffer.alloc(chunkBytes);
+    for (let position = 0; position < sizeA; position += chunkBytes) {
+      const length = Math.min(chunkBytes, sizeA - position);
+      const [readA, readB] = await Promise.all([
+        fileA.read(bufferA, 0, length, position),
+        fileB.read(bufferB, 0, length, position),
+      ]);
+      if (readA.bytesRead !== length || readB.bytesRead !== length) return `short read at ${position}`;
+      if (!bufferA.subarray(0, length).equals(bufferB.subarray(0, length))) {
+        let at = 0;
+        while (bufferA[at] === bufferB[at]) at++;
+        return `first difference at byte ${position + at}: ${bufferA[at]} vs ${bufferB[at]}`;
+      }
+    }
+    return undefined;
+  } finally {
+    await Promise.all([fileA.close(), fileB.close()]);
+  }
+}
