@@ -78,6 +78,7 @@ export async function createCow(cowPath: string, backing: string, options: Creat
     throw err;
   }
   if (!options.force) await refuseExisting(fs, cowPath);
+  else await refuseOverwritingBacking(fs, cowPath, backing);
   await writeNewFile(fs, cowPath, options.force ?? false, async (file) => {
     await file.write(bytes, 0, V3_HEADER_SIZE, 0);
     await file.truncate(geometry.fileLength);
@@ -93,3 +94,17 @@ async function refuseExisting(fs: FileSystem, file: string): Promise<void> {
   if (exists) throw new UbdcowError('exists', `${file}: already exists (use --force to overwrite)`, { file });
 }
 
+
+/**
+ * With --force, `create base.img base.img` would replace the backing file by a COW of itself.
+ * The COW path's last component is not followed: replacing a symlink to the backing file is fine.
+ */
+async function refuseOverwritingBacking(fs: FileSystem, cowPath: string, backing: string): Promise<void> {
+  const [replaced, backingReal] = await Promise.all([
+    absoluteBackingPath(cowPath, fs).catch(() => undefined),
+    fs.realpath(backing).catch(() => undefined),
+  ]);
+  if (replaced !== undefined && replaced === backingReal) {
+    throw new UbdcowError('same-file', `${cowPath}: is the backing file itself, refusing to overwrite it`, { file: cowPath });
+  }
+}
