@@ -7,3 +7,7 @@ export { nodeFileSystem } from './io/file.js';
 export { openImage, allocatedExtents, bitmapSlices, checkBacking, type CowImage, type BackingReport, type SectorExtent } from './io/image.js';
 export { createCow, absoluteBackingPath, type CreateOptions, type CreateResult } from './commands/create.js';
 export { inspectCow, type InspectReport, type InspectOptions } from './commands/inspect.js';
+export { openVirtualDisk, allocatedByteExtents, type VirtualDisk, type OpenVirtualDiskOptions, type FileIdentity } from './io/virtual-disk.js';
+export { diffImages, type DiffOptions, type DiffResult, type DiffMode, type ByteRange } from './commands/diff.js';
+export { mapCow, type MapOptions, type MapResult, type MappedExtent } from './commands/map.js';
+export { catImage, type CatOptions } from './commands/cat.js';

@@ -1,5 +1,6 @@
 import type { CommandModule } from 'yargs';
 import { formatBytes, formatTable, toJson } from './format.js';
+import { workflowCommands } from './workflow-view.js';
 
 /* Handlers import their command modules lazily so `ubdcow --help` stays fast. */
 
@@ -83,4 +84,4 @@ const inspect: CommandModule = {
   },
 };
 
-export const commands: CommandModule[] = [create, inspect];
+export const commands: CommandModule[] = [create, inspect, ...workflowCommands];

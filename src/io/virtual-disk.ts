@@ -40,6 +40,11 @@ export interface VirtualDisk {
   cow?: CowImage;
   /** COW only: the backing file as a raw disk, when it was opened. */
   backing?: VirtualDisk;
+  /**
+   * COW only: reads the backing file's bytes at these virtual disk offsets, whatever the bitmap
+   * says (what the disk held before the COW was written).
+   */
+  readBacking?(offset: number, length: number, into?: Uint8Array): Promise<Uint8Array>;
   close(): Promise<void>;
 }
 
@@ -227,7 +232,7 @@ async function openCowDisk(file: string, options: OpenVirtualDiskOptions, fs: Fi
     const readAllocated = (buffer: Uint8Array, at: number, length: number, offset: number) =>
       readExactly(image.file, file, 'the COW data area', buffer, at, length, geometry.dataOffset + offset);
 
-    const readFromBacking = async (buffer: Uint8Array, at: number, length: number, offset: number) => {
+    const readFromBacking = async (buffer: Uint8Array, at: number, length: number, offset: number): Promise<void> => {
       if (!backingDisk) {
         throw new UbdcowError('no-backing', `${file}: byte ${offset} is not in the COW and the backing file was not opened`, { file });
       }
@@ -276,6 +281,12 @@ async function openCowDisk(file: string, options: OpenVirtualDiskOptions, fs: Fi
           else await readFromBacking(buffer, at, runEnd - position, position);
           position = runEnd;
         }
+        return buffer.subarray(0, length);
+      },
+      async readBacking(offset, length, into) {
+        checkRange(disk, offset, length, into);
+        const buffer = into ?? new Uint8Array(length);
+        await readFromBacking(buffer, 0, length, offset);
         return buffer.subarray(0, length);
       },
       allocatedExtents: () => allocatedExtents(image),

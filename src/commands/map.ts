@@ -1,0 +1,47 @@
+import type { FileSystem } from '../io/file.js';
+import { allocatedByteExtents, openVirtualDisk } from '../io/virtual-disk.js';
+import { UbdcowError } from '../errors.js';
+
+/** An allocated extent: virtual disk bytes [offset, offset + length) live at `cowOffset` in the COW file. */
+export interface MappedExtent {
+  offset: number;
+  length: number;
+  cowOffset: number;
+}
+
+export interface MapResult {
+  file: string;
+  /** Virtual disk size in bytes. */
+  size: number;
+  /** Sum of the extents' lengths. */
+  allocatedBytes: number;
+  extents: MappedExtent[];
+}
+
+export interface MapOptions {
+  fs?: FileSystem;
+}
+
+/**
+ * Where a COW's allocated data lives (what `qemu-img map --output=json` tells for its formats):
+ * everything not listed reads from the backing file. Streamed from the bitmap; the backing file
+ * is not opened.
+ */
+export async function mapCow(cowPath: string, options: MapOptions = {}): Promise<MapResult> {
+  const disk = await openVirtualDisk(cowPath, { fs: options.fs, openBacking: false });
+  try {
+    if (!disk.cow) {
+      throw new UbdcowError('not-a-cow', `${cowPath}: is not a UML COW file (no COW magic); a raw image has no map`, { file: cowPath });
+    }
+    const { dataOffset } = disk.cow.geometry;
+    const extents: MappedExtent[] = [];
+    let allocatedBytes = 0;
+    for await (const { start, end } of allocatedByteExtents(disk)) {
+      extents.push({ offset: start, length: end - start, cowOffset: dataOffset + start });
+      allocatedBytes += end - start;
+    }
+    return { file: cowPath, size: disk.size, allocatedBytes, extents };
+  } finally {
+    await disk.close();
+  }
+}
