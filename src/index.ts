@@ -11,3 +11,6 @@ export { openVirtualDisk, allocatedByteExtents, type VirtualDisk, type OpenVirtu
 export { diffImages, type DiffOptions, type DiffResult, type DiffMode, type ByteRange } from './commands/diff.js';
 export { mapCow, type MapOptions, type MapResult, type MappedExtent } from './commands/map.js';
 export { catImage, type CatOptions } from './commands/cat.js';
+export { openCow, type CowDevice, type OpenCowOptions } from './io/engine.js';
+export { readThroughEngine, writeThroughEngine, type ReadOptions, type WriteOptions, type WriteResult } from './commands/engine-io.js';
+export { runDemo, bundledImage, type DemoResult, type DemoStep } from './commands/demo.js';

@@ -1,5 +1,7 @@
 import type { CommandModule } from 'yargs';
 import { formatBytes, formatTable, toJson } from './format.js';
+import { engineCommands } from './engine-commands.js';
+import { workflowCommitCommands } from './workflow-commit.js';
 import { workflowCommands } from './workflow-view.js';
 
 /* Handlers import their command modules lazily so `ubdcow --help` stays fast. */
@@ -84,4 +86,4 @@ const inspect: CommandModule = {
   },
 };
 
-export const commands: CommandModule[] = [create, inspect, ...workflowCommands];
+export const commands: CommandModule[] = [create, inspect, ...workflowCommands, ...workflowCommitCommands, ...engineCommands];

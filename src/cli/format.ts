@@ -1,3 +1,5 @@
+import { UbdcowError } from '../errors.js';
+
 /** Human-readable output helpers (the JSON output never uses these). */
 
 const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB'];
@@ -21,4 +23,16 @@ export function formatTable(rows: Array<[string, string | number]>): string {
 
 export function toJson(value: unknown): string {
   return JSON.stringify(value, null, 2);
+}
+
+const sizeSuffixes: Record<string, number> = { '': 1, k: 1024, m: 1024 ** 2, g: 1024 ** 3, t: 1024 ** 4 };
+
+/** Parses a byte count: a whole number, optionally with a binary suffix (K, M, G, T; "KiB" too). */
+export function parseByteCount(text: string, option: string): number {
+  const match = /^(\d+)\s*([kmgt]?)(?:i?b)?$/i.exec(String(text).trim());
+  const value = match ? Number(match[1]) * sizeSuffixes[match[2].toLowerCase()] : NaN;
+  if (!Number.isSafeInteger(value)) {
+    throw new UbdcowError('usage', `--${option} is ${JSON.stringify(text)}, expected a byte count such as 4096, 64K or 1G`);
+  }
+  return value;
 }

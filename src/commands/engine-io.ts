@@ -1,0 +1,114 @@
+import type { Writable } from 'node:stream';
+import { UbdcowError } from '../errors.js';
+import { openCow } from '../io/engine.js';
+import type { FileSystem } from '../io/file.js';
+
+const CHUNK = 1 << 20;
+const WRITES_IN_FLIGHT = 8;
+
+export interface ReadOptions {
+  offset?: number;
+  /** Bytes to read; default: to the end of the disk. */
+  length?: number;
+  backing?: string;
+  fs?: FileSystem;
+}
+
+/** Reads the virtual disk through the engine (read-only), a chunk at a time, into `sink`. */
+export async function readThroughEngine(cowPath: string, sink: (chunk: Uint8Array) => Promise<void>, options: ReadOptions = {}): Promise<number> {
+  const dev = await openCow(cowPath, { readOnly: true, backing: options.backing, fs: options.fs });
+  try {
+    const offset = options.offset ?? 0;
+    if (offset > dev.size) {
+      throw new UbdcowError('out-of-range', `${cowPath}: offset ${offset} is past the end of the disk (${dev.size} bytes)`, { file: cowPath });
+    }
+    const length = options.length ?? Math.max(0, dev.size - offset);
+    if (offset + length > dev.size) {
+      throw new UbdcowError('out-of-range', `${cowPath}: ${length} bytes at offset ${offset} pass the end of the disk (${dev.size} bytes)`, { file: cowPath });
+    }
+    for (let done = 0; done < length; done += CHUNK) {
+      await sink(await dev.read(offset + done, Math.min(CHUNK, length - done)));
+    }
+    return length;
+  } finally {
+    await dev.close();
+  }
+}
+
+export interface WriteOptions {
+  offset: number;
+  backing?: string;
+  sync?: boolean;
+  fs?: FileSystem;
+  /** Known length of the input, checked against the disk before anything is written. */
+  expectedLength?: number;
+}
+
+export interface WriteResult {
+  offset: number;
+  bytes: number;
+  flushed: boolean;
+}
+
+/** Writes a stream into the virtual disk at `offset` through the engine, then flushes. */
+export async function writeThroughEngine(cowPath: string, input: AsyncIterable<Uint8Array>, options: WriteOptions): Promise<WriteResult> {
+  const dev = await openCow(cowPath, { backing: options.backing, sync: options.sync, fs: options.fs });
+  const inFlight = new Set<Promise<void>>();
+  let firstError: unknown;
+  let written = 0;
+  try {
+    if (options.expectedLength !== undefined && options.offset + options.expectedLength > dev.size) {
+      throw new UbdcowError(
+        'out-of-range',
+        `${cowPath}: ${options.expectedLength} bytes at offset ${options.offset} pass the end of the disk (${dev.size} bytes)`,
+        { file: cowPath },
+      );
+    }
+    for await (const chunk of rechunk(input, CHUNK)) {
+      if (firstError) break;
+      const request = dev.write(options.offset + written, chunk).catch((err) => {
+        firstError ??= err;
+      });
+      written += chunk.length;
+      inFlight.add(request);
+      void request.finally(() => inFlight.delete(request));
+      if (inFlight.size >= WRITES_IN_FLIGHT) await Promise.race(inFlight);
+    }
+    await Promise.all(inFlight);
+    if (firstError) throw firstError;
+    await dev.flush();
+    return { offset: options.offset, bytes: written, flushed: true };
+  } finally {
+    await Promise.allSettled(inFlight);
+    await dev.close();
+  }
+}
+
+/** Regroups a byte stream into chunks of exactly `size` bytes (the last may be shorter). */
+async function* rechunk(input: AsyncIterable<Uint8Array>, size: number): AsyncGenerator<Uint8Array> {
+  let pending = new Uint8Array(size);
+  let filled = 0;
+  for await (const piece of input) {
+    let used = 0;
+    while (used < piece.length) {
+      const take = Math.min(size - filled, piece.length - used);
+      pending.set(piece.subarray(used, used + take), filled);
+      filled += take;
+      used += take;
+      if (filled === size) {
+        yield pending;
+        pending = new Uint8Array(size);
+        filled = 0;
+      }
+    }
+  }
+  if (filled > 0) yield pending.subarray(0, filled);
+}
+
+/** Writes to a stream, waiting for it to drain, so memory stays at one chunk. */
+export function streamSink(stream: Writable): (chunk: Uint8Array) => Promise<void> {
+  return (chunk) =>
+    new Promise((resolve, reject) => {
+      stream.write(chunk, (err) => (err ? reject(err) : resolve()));
+    });
+}
