@@ -44,15 +44,19 @@ export interface InspectReport {
 export async function inspectCow(cowPath: string, options: InspectOptions = {}): Promise<InspectReport> {
   const image = await openImage(cowPath, { fs: options.fs });
   try {
+    const { header, geometry } = image;
     let allocatedSectors = 0;
     let extents = 0;
+    let lastSectorAllocated = false;
     for await (const extent of allocatedExtents(image)) {
       allocatedSectors += extent.end - extent.start;
       extents++;
+      lastSectorAllocated = extent.end === geometry.sectors;
     }
-    const { header, geometry } = image;
     const backing = await checkBacking(header, options.backing, options.fs);
-    const allocatedBytes = Math.min(allocatedSectors * header.sectorSize, header.size);
+    // A partial last sector holds only the bytes the disk has.
+    const lastSectorShortfall = lastSectorAllocated ? geometry.sectors * header.sectorSize - header.size : 0;
+    const allocatedBytes = allocatedSectors * header.sectorSize - lastSectorShortfall;
     const warnings = [...image.warnings];
     if (image.dataAreaTruncated) {
       warnings.push(`file is ${image.fileSize} bytes, its data area needs ${geometry.fileLength}: truncated`);
