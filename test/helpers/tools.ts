@@ -68,28 +68,81 @@ export function ensureBuiltCli(): string {
   return path.join(repoRoot, 'bin', 'ubdcow');
 }
 
+type Range = [start: number, end: number];
+
+/* Node has no lseek(SEEK_DATA); python3 does. Prints "start end" per data segment. */
+const listDataSegments = `
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+size = os.fstat(fd).st_size
+pos = 0
+while pos < size:
+    try:
+        start = os.lseek(fd, pos, os.SEEK_DATA)
+    except OSError:
+        break
+    end = os.lseek(fd, start, os.SEEK_HOLE)
+    print(start, end)
+    pos = end
+`;
+
+/**
+ * The byte ranges of `file` that are not holes, or undefined when that cannot be found out
+ * (no python3). A file system without hole support reports the whole file as data.
+ */
+export function dataSegments(file: string): Range[] | undefined {
+  if (!hasTool('python3')) return undefined;
+  const result = spawnSync('python3', ['-c', listDataSegments, file], { encoding: 'utf8' });
+  if (result.status !== 0) return undefined;
+  return result.stdout
+    .split('\n')
+    .filter((line) => line.trim() !== '')
+    .map((line) => line.split(' ').map(Number) as Range);
+}
+
+function mergeRanges(ranges: Range[]): Range[] {
+  const merged: Range[] = [];
+  for (const [start, end] of [...ranges].sort((x, y) => x[0] - y[0])) {
+    const last = merged[merged.length - 1];
+    if (last && start <= last[1]) last[1] = Math.max(last[1], end);
+    else merged.push([start, end]);
+  }
+  return merged;
+}
+
+/** Files at least this big are compared over their data segments only, when those are known. */
+const SPARSE_COMPARE_THRESHOLD = 256 << 20;
+
 /**
  * Compares two files a chunk at a time (images here can be gigabytes, mostly holes).
- * Returns undefined when they are equal, else where they first differ.
+ * Returns undefined when they are equal, else where they first differ. For big sparse files
+ * only the union of both files' data segments is read: outside it both read as zeros.
  */
 export async function firstDifference(a: string, b: string, chunkBytes = 4 << 20): Promise<string | undefined> {
   const [sizeA, sizeB] = [fs.statSync(a).size, fs.statSync(b).size];
   if (sizeA !== sizeB) return `lengths differ: ${a} is ${sizeA} bytes, ${b} is ${sizeB}`;
+  let ranges: Range[] = [[0, sizeA]];
+  if (sizeA >= SPARSE_COMPARE_THRESHOLD) {
+    const [segmentsA, segmentsB] = [dataSegments(a), dataSegments(b)];
+    if (segmentsA && segmentsB) ranges = mergeRanges([...segmentsA, ...segmentsB].map(([s, e]) => [s, Math.min(e, sizeA)] as Range));
+  }
   const [fileA, fileB] = await Promise.all([fs.promises.open(a, 'r'), fs.promises.open(b, 'r')]);
   try {
     const bufferA = Buffer.alloc(chunkBytes);
     const bufferB = Buffer.alloc(chunkBytes);
-    for (let position = 0; position < sizeA; position += chunkBytes) {
-      const length = Math.min(chunkBytes, sizeA - position);
-      const [readA, readB] = await Promise.all([
-        fileA.read(bufferA, 0, length, position),
-        fileB.read(bufferB, 0, length, position),
-      ]);
-      if (readA.bytesRead !== length || readB.bytesRead !== length) return `short read at ${position}`;
-      if (!bufferA.subarray(0, length).equals(bufferB.subarray(0, length))) {
-        let at = 0;
-        while (bufferA[at] === bufferB[at]) at++;
-        return `first difference at byte ${position + at}: ${bufferA[at]} vs ${bufferB[at]}`;
+    for (const [start, end] of ranges) {
+      for (let position = start; position < end; position += chunkBytes) {
+        const length = Math.min(chunkBytes, end - position);
+        const [readA, readB] = await Promise.all([
+          fileA.read(bufferA, 0, length, position),
+          fileB.read(bufferB, 0, length, position),
+        ]);
+        if (readA.bytesRead !== length || readB.bytesRead !== length) return `short read at ${position}`;
+        if (!bufferA.subarray(0, length).equals(bufferB.subarray(0, length))) {
+          let at = 0;
+          while (bufferA[at] === bufferB[at]) at++;
+          return `first difference at byte ${position + at}: ${bufferA[at]} vs ${bufferB[at]}`;
+        }
       }
     }
     return undefined;
