@@ -59,12 +59,13 @@ grep -q ' /dev devtmpfs' /proc/mounts || mount -t devtmpfs devtmpfs /dev
 echo 1 > /proc/sys/kernel/printk
 mark() { echo "@@ $*"; }
 put() {
-  mkdir -p "$(dirname "$1/$2")"
-  sum=$(dd if=/dev/urandom bs="$3" count="$4" 2>/dev/null | tee "$1/$2" | md5sum | cut -d' ' -f1)
-  echo "@@ file $2 $sum $(($3 * $4))"
+  case "$2" in */*) mkdir -p "$1/\${2%/*}" ;; esac
+  sum=$(dd if=/dev/urandom bs="$3" count="$4" 2>/dev/null | tee "$1/$2" | md5sum)
+  echo "@@ file $2 \${sum%% *} $(($3 * $4))"
 }
 sumfile() {
-  echo "@@ read $2 $(md5sum < "$1/$2" | cut -d' ' -f1) $(wc -c < "$1/$2")"
+  sum=$(md5sum < "$1/$2")
+  echo "@@ read $2 \${sum%% *} $(wc -c < "$1/$2")"
 }
 mark begin
 `;
@@ -424,7 +425,7 @@ export async function ubdcowToFile(args: string[], outFile: string): Promise<{ s
   try {
     const child = spawn(process.execPath, [cli, ...args], { stdio: ['ignore', out, 'pipe'] });
     let stderr = '';
-    child.stderr.setEncoding('utf8').on('data', (chunk: string) => (stderr += chunk));
+    child.stderr!.setEncoding('utf8').on('data', (chunk: string) => (stderr += chunk));
     const status = await new Promise<number | null>((resolve, reject) => {
       child.on('error', reject);
       child.on('close', (code) => resolve(code));
