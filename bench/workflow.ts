@@ -1,0 +1,268 @@
+/**
+ * Workflow benchmarks, each command run as the compiled CLI in a child process:
+ *  (a) inspect, map and diff of a 1 TiB sparse COW with 2000 scattered extents (budget: 2 s and
+ *      160 MiB peak RSS each);
+ *  (b) commit of a 512 MiB image with 8% of its 4 KiB blocks rewritten, against uml_moo (new
+ *      file and in place, outputs checked identical) and against `cp --sparse=always` of the image.
+ *
+ * Run: npx tsx bench/workflow.ts [--quick] [--only sparse|commit] [--runs N]
+ * (--quick shrinks part (b) to 64 MiB for a fast smoke run.)
+ */
+import { spawnSync } from 'node:child_process';
+import { randomFillSync } from 'node:crypto';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { createCow } from '../src/commands/create.js';
+import {
+  type Measurement,
+  type SectorWrite,
+  describeMachine,
+  ensureBuilt,
+  hasTool,
+  measure,
+  measureCli,
+  mebibytes,
+  seconds,
+  seededRandom,
+  table,
+  writeCowSectors,
+} from './util.js';
+
+const args = process.argv.slice(2);
+const quick = args.includes('--quick');
+const only = args.includes('--only') ? args[args.indexOf('--only') + 1] : undefined;
+const runs = args.includes('--runs') ? Number(args[args.indexOf('--runs') + 1]) : 3;
+
+const TIB = 2 ** 40;
+const MIB = 2 ** 20;
+const SPARSE_EXTENTS = 2000;
+const TIME_BUDGET_S = 2;
+const RSS_BUDGET_KIB = 160 * 1024;
+const COMMIT_IMAGE_BYTES = quick ? 64 * MIB : 512 * MIB;
+const REWRITTEN_FRACTION = 0.08;
+const BLOCK = 4096;
+
+const workDir = fs.mkdtempSync(path.join(os.tmpdir(), 'ubdcow-bench-'));
+const cleanUp = () => fs.rmSync(workDir, { recursive: true, force: true });
+process.on('SIGINT', () => {
+  cleanUp();
+  process.exit(130);
+});
+
+function median(values: number[]): number {
+  const sorted = [...values].sort((a, b) => a - b);
+  return sorted[Math.floor(sorted.length / 2)];
+}
+
+/** Runs `measureOnce` `runs` times; time is the median, RSS the maximum seen. */
+async function repeat(label: string, measureOnce: () => Promise<Measurement>, expectStatus = [0]): Promise<{ seconds: number; rssKiB: number }> {
+  const times: number[] = [];
+  let rss = 0;
+  for (let i = 0; i < runs; i++) {
+    const result = await measureOnce();
+    if (!expectStatus.includes(result.status ?? -1)) {
+      throw new Error(`${label}: exit status ${result.status}\n${result.stderr}`);
+    }
+    times.push(result.seconds);
+    rss = Math.max(rss, result.maxRssKiB);
+  }
+  return { seconds: median(times), rssKiB: rss };
+}
+
+function syncDisks(): void {
+  spawnSync('sync');
+}
+
+/** Reads files once so every contender starts from the same (warm) page cache. */
+function warm(...files: string[]): void {
+  for (const file of files) spawnSync('sh', ['-c', `cat "${file}" > /dev/null`]);
+}
+
+function sameContents(a: string, b: string): boolean {
+  return spawnSync('cmp', ['-s', a, b]).status === 0;
+}
+
+async function sparseBenchmark(): Promise<string[][]> {
+  const dir = path.join(workDir, 'sparse');
+  fs.mkdirSync(dir);
+  const backing = path.join(dir, 'base-1t.img');
+  fs.closeSync(fs.openSync(backing, 'w'));
+  fs.truncateSync(backing, TIB);
+  const cow = path.join(dir, 'disk-1t.cow');
+  await createCow(cow, backing);
+  const random = seededRandom(20240601);
+  const sectors = TIB / 512;
+  const writes: SectorWrite[] = [];
+  for (let i = 0; i < SPARSE_EXTENTS; i++) {
+    // Extents of 1 to 64 sectors anywhere on the disk, 4 KiB-aligned as guest file systems write.
+    const sector = Math.floor((random() * sectors) / 8) * 8;
+    const data = new Uint8Array((1 + Math.floor(random() * 64)) * 512);
+    randomFillSync(data);
+    writes.push({ sector, data });
+  }
+  writes.sort((a, b) => a.sector - b.sector);
+  const built = performance.now();
+  await writeCowSectors(cow, writes);
+  console.error(`  built a 1 TiB COW with ${SPARSE_EXTENTS} extents in ${((performance.now() - built) / 1000).toFixed(1)} s`);
+  const rows: string[][] = [['command (1 TiB sparse COW, 2000 extents)', 'time (median)', 'peak RSS', 'budget', 'verdict']];
+  const cases: Array<[string, string[], number[]]> = [
+    ['ubdcow inspect --json', ['inspect', cow, '--json'], [0]],
+    ['ubdcow map --json', ['map', cow, '--json'], [0]],
+    ['ubdcow diff COW (vs backing, allocated sectors only)', ['diff', cow, '--stat'], [1]],
+    ['ubdcow diff --allocated', ['diff', cow, '--allocated', '--stat'], [1]],
+  ];
+  for (const [label, cliArgs, statuses] of cases) {
+    const first = await measureCli(cliArgs);
+    if (!statuses.includes(first.status ?? -1)) throw new Error(`${label}: exit ${first.status}: ${first.stderr}`);
+    if (label.startsWith('ubdcow map')) {
+      const extents = JSON.parse(first.stdout).extents.length;
+      console.error(`  map found ${extents} merged extents`);
+    }
+    const { seconds: time, rssKiB } = await repeat(label, () => measureCli(cliArgs), statuses);
+    const ok = time <= TIME_BUDGET_S && rssKiB <= RSS_BUDGET_KIB;
+    rows.push([label, seconds(time), mebibytes(rssKiB), `${TIME_BUDGET_S} s, ${RSS_BUDGET_KIB / 1024} MiB`, ok ? 'ok' : 'OVER BUDGET']);
+  }
+  fs.rmSync(dir, { recursive: true, force: true });
+  return rows;
+}
+
+async function commitBenchmark(): Promise<string[][]> {
+  const dir = path.join(workDir, 'commit');
+  fs.mkdirSync(dir);
+  const backing = path.join(dir, 'base.img');
+  const chunk = new Uint8Array(4 * MIB);
+  const fd = fs.openSync(backing, 'w');
+  for (let at = 0; at < COMMIT_IMAGE_BYTES; at += chunk.length) fs.writeSync(fd, randomFillSync(chunk), 0, Math.min(chunk.length, COMMIT_IMAGE_BYTES - at));
+  fs.closeSync(fd);
+  const cow = path.join(dir, 'disk.cow');
+  await createCow(cow, backing);
+  const blocks = COMMIT_IMAGE_BYTES / BLOCK;
+  const random = seededRandom(42);
+  const chosen = new Set<number>();
+  while (chosen.size < Math.round(blocks * REWRITTEN_FRACTION)) chosen.add(Math.floor(random() * blocks));
+  const writes = [...chosen].sort((a, b) => a - b).map((block) => ({ sector: (block * BLOCK) / 512, data: randomFillSync(new Uint8Array(BLOCK)) }));
+  await writeCowSectors(cow, writes);
+  console.error(`  ${formatMiB(COMMIT_IMAGE_BYTES)} image, ${chosen.size} of ${blocks} 4 KiB blocks rewritten (${REWRITTEN_FRACTION * 100}%)`);
+
+  const rows: string[][] = [[`contender (${formatMiB(COMMIT_IMAGE_BYTES)} image, 8% of blocks rewritten)`, 'time (median)', 'peak RSS', 'note']];
+  const outUbd = path.join(dir, 'out-ubdcow.img');
+  const outMoo = path.join(dir, 'out-moo.img');
+  const outCp = path.join(dir, 'out-cp.img');
+  const fresh = (...files: string[]) => {
+    for (const file of files) fs.rmSync(file, { force: true });
+    syncDisks();
+    warm(backing, cow);
+  };
+
+  // New output file: ubdcow commit COW OUT vs uml_moo COW OUT, alternating, same warm cache.
+  const newFile = { ubd: [] as number[], moo: [] as number[], ubdRss: 0, mooRss: 0 };
+  for (let i = 0; i < runs; i++) {
+    fresh(outUbd);
+    const ubd = await measureCli(['commit', cow, outUbd]);
+    if (ubd.status !== 0) throw new Error(`ubdcow commit: ${ubd.stderr}`);
+    newFile.ubd.push(ubd.seconds);
+    newFile.ubdRss = Math.max(newFile.ubdRss, ubd.maxRssKiB);
+    fresh(outMoo);
+    const moo = await measure('uml_moo', [cow, outMoo]);
+    if (moo.status !== 0) throw new Error(`uml_moo: ${moo.stderr}`);
+    newFile.moo.push(moo.seconds);
+    newFile.mooRss = Math.max(newFile.mooRss, moo.maxRssKiB);
+    if (!sameContents(outUbd, outMoo)) throw new Error('ubdcow commit and uml_moo wrote different images');
+  }
+  const identical = 'output identical to uml_moo (cmp)';
+  rows.push(['ubdcow commit COW OUT', seconds(median(newFile.ubd)), mebibytes(newFile.ubdRss), identical]);
+  rows.push(['uml_moo COW OUT', seconds(median(newFile.moo)), mebibytes(newFile.mooRss), '']);
+  const usage = (file: string) => Math.round((fs.statSync(file).blocks * 512) / MIB);
+  console.error(`  outputs: ubdcow ${usage(outUbd)} MiB on disk, uml_moo ${usage(outMoo)} MiB on disk`);
+  fresh(outUbd, outMoo);
+
+  const copyTimes: number[] = [];
+  let copyRss = 0;
+  for (let i = 0; i < runs; i++) {
+    fresh(outCp);
+    const copy = await measure('cp', ['--sparse=always', backing, outCp]);
+    if (copy.status !== 0) throw new Error(`cp: ${copy.stderr}`);
+    copyTimes.push(copy.seconds);
+    copyRss = Math.max(copyRss, copy.maxRssKiB);
+  }
+  rows.push(['cp --sparse=always IMAGE OUT (copy limit)', seconds(median(copyTimes)), mebibytes(copyRss), 'copies the backing image only']);
+  fresh(outCp);
+
+  // In place, on copies of the backing and COW (each contender gets its own pair every run).
+  const inPlace = { ubd: [] as number[], moo: [] as number[], ubdRss: 0, mooRss: 0 };
+  const pair = (name: string) => {
+    const b = path.join(dir, `${name}-base.img`);
+    const c = path.join(dir, `${name}.cow`);
+    spawnSync('cp', ['--sparse=always', '--preserve=timestamps', backing, b]);
+    spawnSync('cp', ['--sparse=always', cow, c]);
+    return { b, c };
+  };
+  for (let i = 0; i < runs; i++) {
+    const u = pair('ubd');
+    const m = pair('moo');
+    syncDisks();
+    warm(u.b, u.c, m.b, m.c);
+    const ubd = await measureCli(['commit', u.c, '--backing', u.b, '-d']);
+    if (ubd.status !== 0) throw new Error(`ubdcow commit in place: ${ubd.stderr}`);
+    inPlace.ubd.push(ubd.seconds);
+    inPlace.ubdRss = Math.max(inPlace.ubdRss, ubd.maxRssKiB);
+    const moo = await measure('uml_moo', ['-d', '-b', m.b, m.c]);
+    if (moo.status !== 0) throw new Error(`uml_moo -d -b: ${moo.stderr}`);
+    inPlace.moo.push(moo.seconds);
+    inPlace.mooRss = Math.max(inPlace.mooRss, moo.maxRssKiB);
+    if (!sameContents(u.b, m.b)) throw new Error('in-place commits by ubdcow and uml_moo -d left different backing files');
+    for (const file of [u.b, u.c, m.b, m.c]) fs.rmSync(file, { force: true });
+  }
+  rows.push(['ubdcow commit -d COW (in place)', seconds(median(inPlace.ubd)), mebibytes(inPlace.ubdRss), 'merged backing identical to uml_moo -d']);
+  rows.push(['uml_moo -d COW (in place)', seconds(median(inPlace.moo)), mebibytes(inPlace.mooRss), '']);
+
+  const startup = await repeat('ubdcow --version', () => measureCli(['--version']));
+  rows.push(['ubdcow --version (node start-up, for scale)', seconds(startup.seconds), mebibytes(startup.rssKiB), '']);
+  ratios.push(`commit to a new file: ${comparison(median(newFile.ubd), median(newFile.moo), 'uml_moo')}`);
+  ratios.push(`commit in place: ${comparison(median(inPlace.ubd), median(inPlace.moo), 'uml_moo -d')}`);
+  ratios.push(`commit to a new file takes ${(median(newFile.ubd) / median(copyTimes)).toFixed(1)}x the time of cp --sparse=always of the image`);
+  fs.rmSync(dir, { recursive: true, force: true });
+  return rows;
+}
+
+/** "4.8x faster than X" or "2.0x slower than X". */
+function comparison(ours: number, theirs: number, name: string): string {
+  return ours <= theirs ? `${(theirs / ours).toFixed(1)}x faster than ${name}` : `${(ours / theirs).toFixed(1)}x slower than ${name}`;
+}
+
+function formatMiB(bytes: number): string {
+  return `${bytes / MIB} MiB`;
+}
+
+const ratios: string[] = [];
+
+async function main(): Promise<void> {
+  const machine = describeMachine();
+  console.log(`ubdcow workflow benchmarks, ${new Date().toISOString().slice(0, 10)}`);
+  console.log(`machine: ${machine.cpu}, ${machine.cores} cores, ${machine.memory} RAM, ${machine.os}, node ${machine.node}`);
+  console.log(`runs per measurement: ${runs} (median time, maximum RSS); each command in a child process\n`);
+  ensureBuilt();
+  if (!only || only === 'sparse') {
+    console.error('(a) 1 TiB sparse COW');
+    console.log(table(await sparseBenchmark()));
+    console.log();
+  }
+  if (!only || only === 'commit') {
+    if (!hasTool('uml_moo')) {
+      console.log('(b) commit benchmark skipped: uml_moo is not installed');
+    } else {
+      console.error('(b) commit');
+      console.log(table(await commitBenchmark()));
+      console.log();
+      for (const line of ratios) console.log(line);
+    }
+  }
+}
+
+main()
+  .catch((err) => {
+    console.error(err instanceof Error ? err.message : err);
+    process.exitCode = 1;
+  })
+  .finally(cleanUp);
