@@ -533,6 +533,17 @@ export function differingSectorRuns(a: string, b: string, sectorSize = 512): Sec
   return runs;
 }
 
+/** Byte ranges of a file that occupy disk space (not holes), from `filefrag -v -b512` (FIEMAP). */
+export async function allocatedFileRanges(file: string): Promise<{ offset: number; length: number }[]> {
+  const { stdout } = await execFileAsync('filefrag', ['-v', '-b512', file]);
+  const ranges: { offset: number; length: number }[] = [];
+  for (const match of stdout.matchAll(/^\s*\d+:\s+(\d+)\.\.\s*(\d+):/gm)) {
+    const first = Number(match[1]);
+    ranges.push({ offset: first * 512, length: (Number(match[2]) - first + 1) * 512 });
+  }
+  return ranges;
+}
+
 /** A sparse all-zero file of `bytes` bytes. */
 export function sparseFile(file: string, bytes: number): string {
   fs.writeFileSync(file, '');
