@@ -2,7 +2,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { parseHeader } from '../../src/format/header.js';
-import { ensureBuiltCli, firstDifference, hasTool, repoRoot, run } from '../helpers/tools.js';
+import { ensureBuiltCli, firstDifference, missingTools, repoRoot, run, titleWithSkipReason } from '../helpers/tools.js';
 import { useTempDir } from '../helpers/tmp.js';
 
 let cli: string;
@@ -95,7 +95,8 @@ describe('ubdcow CLI basics', () => {
       expect(result.stdout).toMatch(/^bitmap: +offset 8192, 16 bytes$/m);
     });
 
-    it.skipIf(!hasTool('uml_mkcow'))('create from a relative path writes what uml_mkcow writes', () => {
+    const noMkcow = missingTools('uml_mkcow');
+    it.skipIf(noMkcow.length > 0)(titleWithSkipReason('create from a relative path writes what uml_mkcow writes', noMkcow), () => {
       makeBacking();
       expect(ubdcow(['create', 'ours.cow', 'base.img'], tmp.path).status).toBe(0);
       expect(run('uml_mkcow', ['theirs.cow', 'base.img'], { cwd: tmp.path }).status).toBe(0);
