@@ -14,3 +14,7 @@ export { catImage, type CatOptions } from './commands/cat.js';
 export { openCow, type CowDevice, type OpenCowOptions } from './io/engine.js';
 export { readThroughEngine, writeThroughEngine, type ReadOptions, type WriteOptions, type WriteResult } from './commands/engine-io.js';
 export { runDemo, bundledImage, type DemoResult, type DemoStep } from './commands/demo.js';
+export { lockCowFile, unlockCowFile, isCowFileLocked, type CowLockOptions } from './io/lock.js';
+export { commitCow, commitJournalPath, readCommitJournal, type CommitOptions, type CommitResult, type CommitJournal } from './commands/commit.js';
+export { checkCow, type CheckOptions, type CheckResult, type CheckProblem, type CheckProblemCode } from './commands/check.js';
+export { rebaseCow, serializeSameLayout, type RebaseOptions, type RebaseResult } from './commands/rebase.js';

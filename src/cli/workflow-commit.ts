@@ -1,0 +1,148 @@
+import type { CommandModule } from 'yargs';
+import { formatBytes, toJson } from './format.js';
+import { createByteProgress, progressWanted } from './progress.js';
+
+/* Handlers import their command modules lazily so `ubdcow --help` stays fast. */
+
+function out(text: string): void {
+  process.stdout.write(text.endsWith('\n') ? text : `${text}\n`);
+}
+
+function warn(command: string, warnings: string[]): void {
+  for (const warning of warnings) process.stderr.write(`ubdcow ${command}: warning: ${warning}\n`);
+}
+
+function seconds(ms: number): string {
+  return `${(ms / 1000).toFixed(1)} s`;
+}
+
+/** Ends the command with an exit code that is an answer, not an error (check: 1 = problems). */
+async function exitWith(code: number): Promise<never> {
+  const { CliExit } = await import('./main.js');
+  throw new CliExit(code);
+}
+
+const commit: CommandModule = {
+  command: 'commit <cow> [out]',
+  describe: 'Merge a COW file with its backing file: into a new image OUT, or into the backing file in place',
+  builder: (y) =>
+    y
+      .positional('cow', { type: 'string', describe: 'COW file', demandOption: true })
+      .positional('out', {
+        type: 'string',
+        describe: 'New image file to write (uml_moo COW OUT); without it the backing file is updated in place',
+      })
+      .option('backing', { alias: 'b', type: 'string', describe: 'Use this backing file instead of the header\'s (uml_moo -b)' })
+      .option('keep', {
+        alias: 'd',
+        type: 'boolean',
+        describe: 'In place: leave the COW file untouched afterwards, as uml_moo -d does (default: empty it and re-point it at the merged backing)',
+      })
+      .option('force', {
+        alias: 'f',
+        type: 'boolean',
+        describe: 'Commit although the backing file\'s size or mtime changed; overwrite an existing OUT',
+      })
+      .option('progress', { alias: 'p', type: 'boolean', describe: 'Show a progress bar (default: only when stderr is a terminal)' })
+      .option('json', { type: 'boolean', describe: 'Print the result as JSON' })
+      .example('$0 commit vm1.cow merged.img', 'Write the merged disk to a new sparse file merged.img')
+      .example('$0 commit -p vm1.cow', 'Merge into the backing file in place, then empty vm1.cow')
+      .epilogue(
+        'In place, a journal COW.ubdcow-commit is kept while the backing file is being written: if the commit is interrupted, run the same command again to finish it.',
+      ),
+  handler: async (argv) => {
+    const { commitCow } = await import('../commands/commit.js');
+    const progress = createByteProgress('commit', progressWanted(argv.progress as boolean | undefined));
+    let result;
+    try {
+      result = await commitCow(String(argv.cow), {
+        output: argv.out as string | undefined,
+        backing: argv.backing as string | undefined,
+        keep: Boolean(argv.keep),
+        force: Boolean(argv.force),
+        onProgress: (done, total) => progress.update(done, total),
+      });
+    } finally {
+      progress.stop();
+    }
+    if (argv.json) {
+      out(toJson(result));
+      return;
+    }
+    warn('commit', [...result.overridden.map((what) => `${what} (overridden by --force)`), ...result.warnings]);
+    const copied = `${formatBytes(result.allocatedBytes)} from the COW in ${result.extents} extent${result.extents === 1 ? '' : 's'}`;
+    const resumed = result.resumed ? ' (finished an interrupted commit)' : '';
+    if (result.mode === 'new-file') {
+      out(
+        `committed ${result.cow} to ${result.output}: ${formatBytes(result.size)} image, ${copied}, ${formatBytes(result.writtenBytes)} written (zeros left as holes) in ${seconds(result.durationMs)}`,
+      );
+    } else {
+      const after = result.emptied ? `${result.cow} emptied and re-pointed at it` : `${result.cow} left unchanged`;
+      out(`committed ${result.cow} into ${result.output}${resumed}: ${copied} in ${seconds(result.durationMs)}; ${after}`);
+    }
+  },
+};
+
+const check: CommandModule = {
+  command: 'check <cow>',
+  describe: 'Check a COW file: header, length, stray bitmap bits, backing file (exit 0 clean, 1 problems, 2 could not check)',
+  builder: (y) =>
+    y
+      .positional('cow', { type: 'string', describe: 'COW file', demandOption: true })
+      .option('repair', { type: 'boolean', describe: 'Clear bitmap bits set past the last sector (nothing else is changed)' })
+      .option('backing', { alias: 'b', type: 'string', describe: 'Check this backing file instead of the header\'s' })
+      .option('json', { type: 'boolean', describe: 'Print the result as JSON' })
+      .example('$0 check vm1.cow', 'Report problems; exit status 1 if there are any')
+      .example('$0 check --repair vm1.cow', 'Also fix what can be fixed safely'),
+  handler: async (argv) => {
+    const { checkCow } = await import('../commands/check.js');
+    const result = await checkCow(String(argv.cow), {
+      repair: Boolean(argv.repair),
+      backing: argv.backing as string | undefined,
+    });
+    if (argv.json) {
+      out(toJson(result));
+    } else {
+      warn('check', result.warnings);
+      if (result.inUse) warn('check', [`${result.file}: in use by a running UML (locked); what was read may already have changed`]);
+      for (const problem of result.problems) {
+        const note = problem.repaired ? ' [repaired]' : problem.repairable ? ' [repairable with --repair]' : '';
+        out(`problem: ${problem.message}${note}`);
+      }
+      for (const action of result.repaired) out(`repaired: ${action}`);
+      if (result.clean) out(`${result.file}: ${result.repaired.length > 0 ? 'clean after repair' : 'clean'}`);
+      else out(`${result.file}: ${result.problems.filter((problem) => !problem.repaired).length} problem(s)`);
+    }
+    if (!result.clean) await exitWith(1);
+  },
+};
+
+const rebase: CommandModule = {
+  command: 'rebase <cow> <new-backing>',
+  describe: 'Point a COW file at a moved or copied backing file (size and mtime must match the header)',
+  builder: (y) =>
+    y
+      .positional('cow', { type: 'string', describe: 'COW file', demandOption: true })
+      .positional('new-backing', { type: 'string', describe: 'The backing file\'s new location', demandOption: true })
+      .option('unsafe', { alias: 'u', type: 'boolean', describe: 'Skip the size and mtime checks' })
+      .option('compare', { type: 'boolean', describe: 'Also compare the contents of the old and new backing files when both exist' })
+      .option('json', { type: 'boolean', describe: 'Print the result as JSON' })
+      .example('$0 rebase vm1.cow /srv/images/base.img', 'After moving base.img (keep its mtime: mv, cp -p, rsync -t)'),
+  handler: async (argv) => {
+    const { rebaseCow } = await import('../commands/rebase.js');
+    const result = await rebaseCow(String(argv.cow), String(argv['new-backing']), {
+      unsafe: Boolean(argv.unsafe),
+      compare: Boolean(argv.compare),
+    });
+    if (argv.json) {
+      out(toJson(result));
+      return;
+    }
+    warn('rebase', result.overridden.map((what) => `${what} (overridden by --unsafe)`));
+    if (result.comparison && !result.comparison.compared) warn('rebase', [`not compared: ${result.comparison.reason}`]);
+    const compared = result.comparison?.compared ? (result.comparison.equal ? ' (contents compared: equal)' : ' (contents differ)') : '';
+    out(`rebased ${result.file}: ${result.oldBacking} -> ${result.newBacking}${compared}`);
+  },
+};
+
+export const workflowCommitCommands: CommandModule[] = [commit, check, rebase];

@@ -1,0 +1,168 @@
+import { CowFormatError, fromSystemError } from '../errors.js';
+import { type FileSystem, nodeFileSystem } from '../io/file.js';
+import { type BackingReport, type CowImage, allocatedExtents, checkBacking, openImage } from '../io/image.js';
+import { isCowFileLocked, lockCowFile } from '../io/lock.js';
+import { commitJournalPath, readCommitJournal } from './commit.js';
+
+export interface CheckOptions {
+  /** Fix what can be fixed safely: bitmap bits set past the last sector. Nothing else is changed. */
+  repair?: boolean;
+  /** Check this backing file instead of the one the header names. */
+  backing?: string;
+  fs?: FileSystem;
+}
+
+export type CheckProblemCode =
+  | 'header'
+  | 'truncated'
+  | 'bits-beyond-end'
+  | 'backing-missing'
+  | 'backing-unreadable'
+  | 'backing-not-a-file'
+  | 'backing-size'
+  | 'backing-mtime'
+  | 'commit-interrupted';
+
+export interface CheckProblem {
+  code: CheckProblemCode;
+  /** One line: file, what is wrong, value and expectation. */
+  message: string;
+  /** --repair can fix it. */
+  repairable: boolean;
+  /** --repair fixed it in this run. */
+  repaired?: boolean;
+  /** For header problems: the format error's own code (bad-magic, bad-version, ...). */
+  detail?: string;
+}
+
+export interface CheckResult {
+  file: string;
+  problems: CheckProblem[];
+  /** What --repair did, one line each. */
+  repaired: string[];
+  /** No problems left (after repairs). */
+  clean: boolean;
+  /** Another process (a running UML) holds a lock on the file: what was read may be changing. */
+  inUse: boolean;
+  warnings: string[];
+  backing?: BackingReport;
+}
+
+const backingProblemCodes: Record<Exclude<BackingReport['state'], 'ok'>, CheckProblemCode> = {
+  missing: 'backing-missing',
+  unreadable: 'backing-unreadable',
+  'not-a-file': 'backing-not-a-file',
+  'size-mismatch': 'backing-size',
+  'mtime-mismatch': 'backing-mtime',
+};
+
+/**
+ * Checks a COW file the way the kernel would meet it: header, geometry, file length, stray bitmap
+ * bits, backing file presence and size/mtime, and a leftover in-place commit journal. Problems are
+ * returned, not thrown; only failures to read the file at all throw.
+ */
+export async function checkCow(cowPath: string, options: CheckOptions = {}): Promise<CheckResult> {
+  const fs = options.fs ?? nodeFileSystem;
+  const result: CheckResult = { file: cowPath, problems: [], repaired: [], clean: true, inUse: false, warnings: [] };
+  let image: CowImage;
+  try {
+    image = await openImage(cowPath, { fs, mode: options.repair ? 'r+' : 'r' });
+  } catch (err) {
+    if (!(err instanceof CowFormatError)) throw err;
+    const code: CheckProblemCode = err.code === 'truncated-bitmap' ? 'truncated' : 'header';
+    result.problems.push({ code, message: err.message, repairable: false, detail: err.code });
+    result.clean = false;
+    return result;
+  }
+  try {
+    if (options.repair) await lockCowFile(image.file, cowPath, { exclusive: true });
+    else result.inUse = await isCowFileLocked(image.file, cowPath, { exclusive: false });
+    result.warnings.push(...image.warnings);
+    await checkLength(image, result);
+    await checkBitsBeyondEnd(image, result, options.repair ?? false);
+    const backing = await checkBacking(image.header, options.backing, fs);
+    result.backing = backing;
+    if (backing.state !== 'ok') {
+      result.problems.push({
+        code: backingProblemCodes[backing.state],
+        message: `${cowPath}: ${backing.problem ?? `backing file ${backing.state}`}`,
+        repairable: false,
+      });
+    }
+    if (await readCommitJournal(fs, cowPath).catch(() => true)) {
+      result.problems.push({
+        code: 'commit-interrupted',
+        message: `${cowPath}: an in-place commit was interrupted (${commitJournalPath(cowPath)} exists); run \`ubdcow commit ${cowPath}\` again to finish it`,
+        repairable: false,
+      });
+    }
+  } finally {
+    await image.file.close().catch(() => undefined);
+  }
+  result.clean = result.problems.every((problem) => problem.repaired);
+  return result;
+}
+
+/** A file shorter than its data area: sectors allocated past the end have lost their data. */
+async function checkLength(image: CowImage, result: CheckResult): Promise<void> {
+  const { fileLength, dataOffset } = image.geometry;
+  if (!image.dataAreaTruncated) return;
+  const { sectorSize } = image.header;
+  let lostSectors = 0;
+  for await (const extent of allocatedExtents(image)) {
+    const firstPastEnd = Math.max(extent.start, Math.ceil((image.fileSize - dataOffset) / sectorSize));
+    if (extent.end > firstPastEnd) lostSectors += extent.end - firstPastEnd;
+  }
+  const consequence =
+    lostSectors > 0
+      ? `; ${lostSectors} allocated sectors lie past the end and their data is lost`
+      : '; no allocated sector lies past the end';
+  result.problems.push({
+    code: 'truncated',
+    message: `${image.path}: file length is ${image.fileSize} bytes, expected ${fileLength} (data_offset ${dataOffset} + size ${image.header.size})${consequence}`,
+    repairable: false,
+  });
+}
+
+/**
+ * The bitmap's last byte has bits for sectors past the end of the disk; the kernel never sets
+ * them, so a set one means the bitmap was written by something else (or damaged).
+ */
+async function checkBitsBeyondEnd(image: CowImage, result: CheckResult, repair: boolean): Promise<void> {
+  const { bitmapOffset, bitmapLength, sectors } = image.geometry;
+  const firstByte = Math.floor(sectors / 8);
+  if (firstByte >= bitmapLength) return;
+  const tail = new Uint8Array(bitmapLength - firstByte);
+  try {
+    await image.file.read(tail, 0, tail.length, bitmapOffset + firstByte);
+  } catch (err) {
+    throw fromSystemError(err, image.path, 'read the bitmap of');
+  }
+  const strayBits: number[] = [];
+  const cleaned = tail.slice();
+  for (let bit = sectors; bit < bitmapLength * 8; bit++) {
+    const index = Math.floor(bit / 8) - firstByte;
+    const mask = 1 << (bit & 7);
+    if (tail[index] & mask) {
+      strayBits.push(bit);
+      cleaned[index] &= ~mask;
+    }
+  }
+  if (strayBits.length === 0) return;
+  const where = strayBits.length === 1 ? `bit ${strayBits[0]} is` : `bits ${strayBits.join(', ')} are`;
+  const problem: CheckProblem = {
+    code: 'bits-beyond-end',
+    message: `${image.path}: bitmap ${where} set, expected clear (the disk has ${sectors} sectors, 0-${sectors - 1})`,
+    repairable: true,
+  };
+  result.problems.push(problem);
+  if (!repair) return;
+  try {
+    await image.file.write(cleaned, 0, cleaned.length, bitmapOffset + firstByte);
+    await image.file.sync();
+  } catch (err) {
+    throw fromSystemError(err, image.path, 'repair the bitmap of');
+  }
+  problem.repaired = true;
+  result.repaired.push(`${image.path}: cleared ${strayBits.length} bitmap bit(s) past the last sector (${strayBits.join(', ')})`);
+}

@@ -1,0 +1,509 @@
+import * as path from 'node:path';
+import { CowFormatError, UbdcowError, fromSystemError } from '../errors.js';
+import { writeNewFile } from '../io/atomic.js';
+import { type FileHandleLike, type FileSystem, nodeFileSystem } from '../io/file.js';
+import { type BackingReport, type CowImage, type SectorExtent, allocatedExtents, checkBacking, openImage, statImageFile } from '../io/image.js';
+import { lockCowFile } from '../io/lock.js';
+import { rewriteHeader } from './rebase.js';
+
+/*
+ * Crash safety of the in-place commit
+ * -----------------------------------
+ * The merge writes the COW's allocated sectors into the backing file, which changes the backing
+ * file's mtime. From then on the COW header no longer matches its backing file, and a plain re-run
+ * after a crash would be refused ("mtime mismatch") although finishing the merge is exactly right:
+ * copying the same sectors again is idempotent as long as the COW still holds them.
+ *
+ * So before the backing file is touched, a small journal `COW.ubdcow-commit` is written (atomically,
+ * synced) recording the backing path, the header's size and the header's ORIGINAL mtime. The steps:
+ *   1. lock the COW; check the backing (size, mtime) against the header;
+ *   2. write the journal;
+ *   3. copy the allocated sectors into the backing; fsync the backing;
+ *   4. (unless --keep) zero the bitmap and rewrite the header with the backing's new mtime; fsync;
+ *   5. (unless --keep) drop the data area (truncate to data_offset and back); fsync;
+ *   6. remove the journal.
+ * A re-run that finds the journal, and finds the header still recording the journal's backing path,
+ * size and original mtime, accepts the changed backing mtime and completes the merge. The bitmap is
+ * durably cleared (4) before any COW data is dropped (5), so at no point can a re-run see a set bit
+ * whose data is gone. A stale journal whose record does not match the header is ignored.
+ */
+
+/** Copies work in runs of this many bytes: big enough to stream, small enough to keep memory flat. */
+export const COMMIT_CHUNK_BYTES = 4 << 20;
+/** Zero runs at least this long, on this alignment, are left as holes in a new image. */
+const HOLE_BLOCK_BYTES = 4096;
+
+export interface CommitOptions {
+  /** Write the merged image to this new file instead of merging into the backing file. */
+  output?: string;
+  /** Use this backing file instead of the one the header names (uml_moo -b). */
+  backing?: string;
+  /** In-place only: leave the COW file as it is after merging (what uml_moo -d does). */
+  keep?: boolean;
+  /** Commit although the backing file's size or mtime do not match; replace an existing output. */
+  force?: boolean;
+  onProgress?: (doneBytes: number, totalBytes: number) => void;
+  fs?: FileSystem;
+  /** Copy buffer size (tests make it small to exercise the run splitting). */
+  chunkBytes?: number;
+}
+
+export interface CommitResult {
+  mode: 'new-file' | 'in-place';
+  cow: string;
+  /** Where the merged image now is: the new file, or the backing file for in-place. */
+  output: string;
+  /** The backing file read (and, in place, written). */
+  backing: string;
+  /** Virtual disk size in bytes. */
+  size: number;
+  /** Bytes taken from the COW's data area. */
+  allocatedBytes: number;
+  extents: number;
+  /** Bytes written to the output (a new image leaves all-zero blocks as holes). */
+  writtenBytes: number;
+  /** The COW file was emptied and re-pointed at the merged backing file. */
+  emptied: boolean;
+  /** An interrupted in-place commit was found (its journal) and completed. */
+  resumed: boolean;
+  /** Backing file checks that --force overrode. */
+  overridden: string[];
+  durationMs: number;
+  warnings: string[];
+}
+
+/** What the journal records: enough to recognise "this COW, this backing, before the merge". */
+export interface CommitJournal {
+  format: 'ubdcow-commit-journal';
+  version: 1;
+  backing: string;
+  size: number;
+  /** The header's mtime before the merge changed the backing file. */
+  mtime: number;
+  started: string;
+}
+
+export function commitJournalPath(cowPath: string): string {
+  return `${cowPath}.ubdcow-commit`;
+}
+
+/** The journal of an interrupted in-place commit of `cowPath`, if there is one. */
+export async function readCommitJournal(fs: FileSystem, cowPath: string): Promise<CommitJournal | undefined> {
+  const journalPath = commitJournalPath(cowPath);
+  let file: FileHandleLike;
+  try {
+    file = await fs.open(journalPath, 'r');
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+    throw fromSystemError(err, journalPath, 'read commit journal');
+  }
+  let text: string;
+  try {
+    const { size } = await file.stat();
+    const bytes = new Uint8Array(Math.min(size, 1 << 16));
+    const got = await file.read(bytes, 0, bytes.length, 0);
+    text = Buffer.from(bytes.subarray(0, got)).toString('utf8');
+  } catch (err) {
+    throw fromSystemError(err, journalPath, 'read commit journal');
+  } finally {
+    await file.close().catch(() => undefined);
+  }
+  let journal: CommitJournal;
+  try {
+    journal = JSON.parse(text) as CommitJournal;
+  } catch {
+    throw new UbdcowError('bad-journal', `${journalPath}: not a ubdcow commit journal (invalid JSON); remove it if no commit was running`, {
+      file: journalPath,
+    });
+  }
+  if (journal?.format !== 'ubdcow-commit-journal' || typeof journal.backing !== 'string' || typeof journal.mtime !== 'number') {
+    throw new UbdcowError('bad-journal', `${journalPath}: not a ubdcow commit journal (format field missing); remove it if no commit was running`, {
+      file: journalPath,
+    });
+  }
+  return journal;
+}
+
+async function writeCommitJournal(fs: FileSystem, cowPath: string, journal: CommitJournal): Promise<void> {
+  const bytes = Buffer.from(`${JSON.stringify(journal, null, 2)}\n`);
+  await writeNewFile(fs, commitJournalPath(cowPath), true, (file) => file.write(bytes, 0, bytes.length, 0));
+}
+
+async function removeCommitJournal(fs: FileSystem, cowPath: string): Promise<void> {
+  const journalPath = commitJournalPath(cowPath);
+  try {
+    await fs.unlink(journalPath);
+    await fs.syncDirectory(path.dirname(journalPath));
+  } catch (err) {
+    throw fromSystemError(err, journalPath, 'remove commit journal');
+  }
+}
+
+/** True when the journal describes the state this COW's header still records. */
+function journalMatches(journal: CommitJournal | undefined, image: CowImage, backing: BackingReport): boolean {
+  return (
+    journal !== undefined &&
+    journal.backing === backing.path &&
+    journal.size === image.header.size &&
+    journal.mtime === image.header.mtime
+  );
+}
+
+interface AllocationSummary {
+  extents: number;
+  allocatedBytes: number;
+  /** Where in the COW file the last allocated sector's data ends. */
+  dataEnd: number;
+}
+
+function extentBytes(extent: SectorExtent, image: CowImage): { start: number; end: number } {
+  const { sectorSize, size } = image.header;
+  return { start: extent.start * sectorSize, end: Math.min(extent.end * sectorSize, size) };
+}
+
+/** First pass over the bitmap: totals for progress, and a refusal if data lies past the file's end. */
+async function summarizeAllocation(image: CowImage): Promise<AllocationSummary> {
+  const summary: AllocationSummary = { extents: 0, allocatedBytes: 0, dataEnd: 0 };
+  for await (const extent of allocatedExtents(image)) {
+    const bytes = extentBytes(extent, image);
+    summary.extents++;
+    summary.allocatedBytes += bytes.end - bytes.start;
+    summary.dataEnd = image.geometry.dataOffset + bytes.end;
+  }
+  if (summary.dataEnd > image.fileSize) {
+    throw new CowFormatError(
+      'truncated',
+      'file length',
+      image.fileSize,
+      `at least ${summary.dataEnd} bytes: allocated sectors lie past the end of the file (see ubdcow check)`,
+      image.path,
+    );
+  }
+  return summary;
+}
+
+/** Refuses backing files that are absent, or changed since the COW was made unless forced. */
+function judgeBacking(cowPath: string, report: BackingReport, force: boolean): string[] {
+  if (report.state === 'ok') return [];
+  const problem = `${cowPath}: ${report.problem ?? `backing file ${report.state}`}`;
+  if (report.state === 'size-mismatch' || report.state === 'mtime-mismatch') {
+    if (force) return [problem];
+    throw new UbdcowError('backing-mismatch', `${problem}; the backing file changed since the COW was made (use --force to commit anyway)`, {
+      file: report.path,
+    });
+  }
+  throw new UbdcowError(`backing-${report.state}`, problem, { file: report.path });
+}
+
+async function openBacking(fs: FileSystem, backingPath: string, mode: 'r' | 'r+'): Promise<FileHandleLike> {
+  await statImageFile(fs, backingPath, 'backing file');
+  try {
+    return await fs.open(backingPath, mode);
+  } catch (err) {
+    throw fromSystemError(err, backingPath, mode === 'r' ? 'read backing file' : 'open backing file for writing');
+  }
+}
+
+async function readFully(file: FileHandleLike, filePath: string, buffer: Uint8Array, offset: number, length: number, position: number): Promise<number> {
+  try {
+    return await file.read(buffer, offset, length, position);
+  } catch (err) {
+    throw fromSystemError(err, filePath, 'read');
+  }
+}
+
+async function writeAll(file: FileHandleLike, filePath: string, buffer: Uint8Array, offset: number, length: number, position: number): Promise<void> {
+  try {
+    await file.write(buffer, offset, length, position);
+  } catch (err) {
+    throw fromSystemError(err, filePath, 'write');
+  }
+}
+
+/**
+ * Merges a COW file with its backing file: into a new image file (`output`, what `uml_moo COW OUT`
+ * makes) or into the backing file itself (what `uml_moo -d COW` does, then empties the COW so the
+ * VM can go on using it over the merged base).
+ */
+export async function commitCow(cowPath: string, options: CommitOptions = {}): Promise<CommitResult> {
+  return options.output === undefined ? commitInPlace(cowPath, options) : commitToNewFile(cowPath, options.output, options);
+}
+
+/** Refuses to write the merged image over the COW file it is made from. */
+async function refuseOutputOverCow(fs: FileSystem, cowPath: string, output: string): Promise<boolean> {
+  const [cowReal, outputReal] = await Promise.all([
+    fs.realpath(cowPath).catch(() => path.resolve(cowPath)),
+    fs.realpath(output).catch(() => undefined),
+  ]);
+  if (outputReal === cowReal) {
+    throw new UbdcowError('output-is-cow', `${output}: is the COW file itself; write the merged image to another file`, { file: output });
+  }
+  return outputReal !== undefined;
+}
+
+async function commitToNewFile(cowPath: string, output: string, options: CommitOptions): Promise<CommitResult> {
+  const started = Date.now();
+  const fs = options.fs ?? nodeFileSystem;
+  const force = options.force ?? false;
+  const chunkBytes = roundChunk(options.chunkBytes);
+  const outputExists = await refuseOutputOverCow(fs, cowPath, output);
+  if (outputExists && !force) {
+    throw new UbdcowError('exists', `${output}: already exists (use --force to overwrite)`, { file: output });
+  }
+  // A read lock suffices: it conflicts with the write lock a running UML holds or would take.
+  const image = await openImage(cowPath, { fs, mode: 'r' });
+  try {
+    await lockCowFile(image.file, cowPath, { exclusive: false });
+    if (await readCommitJournal(fs, cowPath)) {
+      throw new UbdcowError(
+        'commit-interrupted',
+        `${cowPath}: an in-place commit was interrupted (${commitJournalPath(cowPath)} exists); run \`ubdcow commit ${cowPath}\` again to finish it`,
+        { file: cowPath },
+      );
+    }
+    const report = await checkBacking(image.header, options.backing, fs);
+    const overridden = judgeBacking(cowPath, report, force);
+    const summary = await summarizeAllocation(image);
+    const backing = await openBacking(fs, report.path, 'r');
+    let writtenBytes = 0;
+    try {
+      await writeNewFile(fs, output, force, async (out) => {
+        writtenBytes = await writeMergedImage(image, backing, report.path, out, output, chunkBytes, options.onProgress);
+      });
+    } finally {
+      await backing.close().catch(() => undefined);
+    }
+    return {
+      mode: 'new-file',
+      cow: cowPath,
+      output,
+      backing: report.path,
+      size: image.header.size,
+      allocatedBytes: summary.allocatedBytes,
+      extents: summary.extents,
+      writtenBytes,
+      emptied: false,
+      resumed: false,
+      overridden,
+      durationMs: Date.now() - started,
+      warnings: [...image.warnings],
+    };
+  } finally {
+    await image.file.close().catch(() => undefined);
+  }
+}
+
+function roundChunk(chunkBytes = COMMIT_CHUNK_BYTES): number {
+  return Math.max(HOLE_BLOCK_BYTES, Math.ceil(chunkBytes / HOLE_BLOCK_BYTES) * HOLE_BLOCK_BYTES);
+}
+
+/** A stretch of the virtual disk whose bytes all come from one place. */
+interface SourceRun {
+  start: number;
+  end: number;
+  fromCow: boolean;
+}
+
+/** The whole disk [0, size) as alternating runs from the backing file and from the COW. */
+async function* sourceRuns(image: CowImage): AsyncGenerator<SourceRun> {
+  const { size } = image.header;
+  let at = 0;
+  for await (const extent of allocatedExtents(image)) {
+    const bytes = extentBytes(extent, image);
+    if (bytes.start >= size) break;
+    if (bytes.start > at) yield { start: at, end: bytes.start, fromCow: false };
+    yield { start: bytes.start, end: bytes.end, fromCow: true };
+    at = bytes.end;
+  }
+  if (at < size) yield { start: at, end: size, fromCow: false };
+}
+
+/**
+ * Assembles the merged disk a window at a time (COW data where the bit is set, backing data
+ * elsewhere) and writes only the blocks that are not all zeros, so zero regions stay holes.
+ * Returns the bytes written.
+ */
+async function writeMergedImage(
+  image: CowImage,
+  backing: FileHandleLike,
+  backingPath: string,
+  out: FileHandleLike,
+  outputPath: string,
+  windowBytes: number,
+  onProgress: CommitOptions['onProgress'],
+): Promise<number> {
+  const { size } = image.header;
+  const { dataOffset } = image.geometry;
+  const window = new Uint8Array(windowBytes);
+  let windowStart = 0;
+  let written = 0;
+  onProgress?.(0, size);
+  for await (const run of sourceRuns(image)) {
+    let at = run.start;
+    while (at < run.end) {
+      const windowEnd = Math.min(windowStart + windowBytes, size);
+      const pieceEnd = Math.min(run.end, windowEnd);
+      const length = pieceEnd - at;
+      const into = at - windowStart;
+      if (run.fromCow) {
+        const got = await readFully(image.file, image.path, window, into, length, dataOffset + at);
+        if (got < length) {
+          throw new CowFormatError('truncated', 'file length', dataOffset + at + got, `at least ${dataOffset + pieceEnd} bytes`, image.path);
+        }
+      } else {
+        const got = await readFully(backing, backingPath, window, into, length, at);
+        // A shorter backing file (only with --force) reads as zeros past its end.
+        window.fill(0, into + got, into + length);
+      }
+      at = pieceEnd;
+      if (at === windowEnd) {
+        written += await writeNonZeroBlocks(out, outputPath, window.subarray(0, windowEnd - windowStart), windowStart);
+        windowStart = windowEnd;
+        onProgress?.(windowStart, size);
+      }
+    }
+  }
+  try {
+    await out.truncate(size);
+  } catch (err) {
+    throw fromSystemError(err, outputPath, 'set the length of');
+  }
+  return written;
+}
+
+const zeroBlock = new Uint8Array(HOLE_BLOCK_BYTES);
+
+function isZero(bytes: Uint8Array): boolean {
+  return Buffer.compare(bytes, zeroBlock.subarray(0, bytes.length)) === 0;
+}
+
+/** Writes the non-zero blocks of `data` (file offset `position`), coalescing neighbours. */
+async function writeNonZeroBlocks(out: FileHandleLike, outputPath: string, data: Uint8Array, position: number): Promise<number> {
+  let written = 0;
+  let runStart = -1;
+  const flush = async (end: number) => {
+    if (runStart < 0) return;
+    await writeAll(out, outputPath, data, runStart, end - runStart, position + runStart);
+    written += end - runStart;
+    runStart = -1;
+  };
+  for (let block = 0; block < data.length; block += HOLE_BLOCK_BYTES) {
+    const end = Math.min(block + HOLE_BLOCK_BYTES, data.length);
+    if (isZero(data.subarray(block, end))) await flush(block);
+    else if (runStart < 0) runStart = block;
+  }
+  await flush(data.length);
+  return written;
+}
+
+async function commitInPlace(cowPath: string, options: CommitOptions): Promise<CommitResult> {
+  const started = Date.now();
+  const fs = options.fs ?? nodeFileSystem;
+  const chunkBytes = roundChunk(options.chunkBytes);
+  const image = await openImage(cowPath, { fs, mode: 'r+' });
+  try {
+    await lockCowFile(image.file, cowPath, { exclusive: true });
+    const report = await checkBacking(image.header, options.backing, fs);
+    const journal = await readCommitJournal(fs, cowPath);
+    const resumed = report.state === 'mtime-mismatch' && journalMatches(journal, image, report);
+    const overridden = resumed ? [] : judgeBacking(cowPath, report, options.force ?? false);
+    const summary = await summarizeAllocation(image);
+    const backing = await openBacking(fs, report.path, 'r+');
+    try {
+      await writeCommitJournal(fs, cowPath, {
+        format: 'ubdcow-commit-journal',
+        version: 1,
+        backing: report.path,
+        size: image.header.size,
+        mtime: image.header.mtime,
+        started: new Date(started).toISOString(),
+      });
+      await copyAllocatedIntoBacking(image, backing, report.path, chunkBytes, summary.allocatedBytes, options.onProgress);
+      try {
+        await backing.sync();
+      } catch (err) {
+        throw fromSystemError(err, report.path, 'sync');
+      }
+    } finally {
+      await backing.close().catch(() => undefined);
+    }
+    const warnings = [...image.warnings];
+    if (options.keep) {
+      warnings.push(
+        `${cowPath}: kept as it was; its header still records the old backing mtime, so UML will refuse it over the merged ${report.path}`,
+      );
+    } else {
+      const merged = await statImageFile(fs, report.path, 'backing file');
+      await emptyCow(image, merged.mtime);
+    }
+    await removeCommitJournal(fs, cowPath);
+    return {
+      mode: 'in-place',
+      cow: cowPath,
+      output: report.path,
+      backing: report.path,
+      size: image.header.size,
+      allocatedBytes: summary.allocatedBytes,
+      extents: summary.extents,
+      writtenBytes: summary.allocatedBytes,
+      emptied: !options.keep,
+      resumed,
+      overridden,
+      durationMs: Date.now() - started,
+      warnings,
+    };
+  } finally {
+    await image.file.close().catch(() => undefined);
+  }
+}
+
+async function copyAllocatedIntoBacking(
+  image: CowImage,
+  backing: FileHandleLike,
+  backingPath: string,
+  chunkBytes: number,
+  totalBytes: number,
+  onProgress: CommitOptions['onProgress'],
+): Promise<void> {
+  const buffer = new Uint8Array(chunkBytes);
+  const { dataOffset } = image.geometry;
+  let done = 0;
+  onProgress?.(0, totalBytes);
+  for await (const extent of allocatedExtents(image)) {
+    const bytes = extentBytes(extent, image);
+    for (let at = bytes.start; at < bytes.end; at += chunkBytes) {
+      const length = Math.min(chunkBytes, bytes.end - at);
+      const got = await readFully(image.file, image.path, buffer, 0, length, dataOffset + at);
+      if (got < length) {
+        throw new CowFormatError('truncated', 'file length', dataOffset + at + got, `at least ${dataOffset + at + length} bytes`, image.path);
+      }
+      await writeAll(backing, backingPath, buffer, 0, length, at);
+      done += length;
+      onProgress?.(done, totalBytes);
+    }
+  }
+}
+
+/**
+ * Leaves the COW with no allocated sectors over the merged backing file: bitmap zeroed and header
+ * re-stamped first (synced), only then the data area dropped, so no set bit ever points at lost data.
+ */
+async function emptyCow(image: CowImage, backingMtime: number): Promise<void> {
+  const { bitmapOffset, bitmapLength, dataOffset, fileLength } = image.geometry;
+  const zeros = new Uint8Array(Math.min(bitmapLength, 1 << 20));
+  try {
+    for (let at = 0; at < bitmapLength; at += zeros.length) {
+      await image.file.write(zeros, 0, Math.min(zeros.length, bitmapLength - at), bitmapOffset + at);
+    }
+  } catch (err) {
+    throw fromSystemError(err, image.path, 'clear the bitmap of');
+  }
+  await rewriteHeader(image.file, image.path, { ...image.header, mtime: backingMtime });
+  try {
+    await image.file.truncate(dataOffset);
+    await image.file.truncate(fileLength);
+    await image.file.sync();
+  } catch (err) {
+    throw fromSystemError(err, image.path, 'drop the data area of');
+  }
+}

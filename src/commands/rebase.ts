@@ -1,0 +1,191 @@
+import * as path from 'node:path';
+import { CowFormatError, UbdcowError, fromSystemError } from '../errors.js';
+import {
+  type CowHeader,
+  serializeV1,
+  serializeV2,
+  serializeV3,
+  serializeV3Broken,
+} from '../format/header.js';
+import { type FileHandleLike, type FileSystem, nodeFileSystem, sizeOf } from '../io/file.js';
+import { isoTime, openImage, statImageFile } from '../io/image.js';
+import { lockCowFile } from '../io/lock.js';
+import { absoluteBackingPath } from './create.js';
+import { commitJournalPath, readCommitJournal } from './commit.js';
+
+export interface RebaseOptions {
+  /** Skip the size and mtime checks (and a failed --compare). */
+  unsafe?: boolean;
+  /** Also compare the old and new backing files' contents, when both exist. */
+  compare?: boolean;
+  fs?: FileSystem;
+}
+
+export interface RebaseResult {
+  file: string;
+  /** The path the header named before. */
+  oldBacking: string;
+  /** The absolute path now stored in the header. */
+  newBacking: string;
+  /** False when --unsafe let a size or mtime mismatch through. */
+  checked: boolean;
+  /** Size/mtime mismatches --unsafe let through. */
+  overridden: string[];
+  /** Present when --compare was asked for. */
+  comparison?: { compared: boolean; equal?: boolean; firstDifference?: number; reason?: string };
+}
+
+/**
+ * The header bytes for `header` in its own version and layout. Rewriting a header in place must
+ * keep the layout: the bitmap and data area positions follow from the header's size.
+ */
+export function serializeSameLayout(header: CowHeader): Uint8Array {
+  const fields = {
+    backingFile: header.backingFile,
+    mtime: header.mtime,
+    size: header.size,
+    sectorSize: header.sectorSize,
+    alignment: header.alignment,
+  };
+  switch (header.layout) {
+    case 'v1':
+      return serializeV1(fields, header.littleEndian);
+    case 'v2':
+      return serializeV2(fields);
+    case 'v3':
+      return serializeV3(fields);
+    case 'v3-broken':
+      return serializeV3Broken(fields);
+  }
+}
+
+/** Writes a header over the old one and makes it durable. */
+export async function rewriteHeader(file: FileHandleLike, cowPath: string, header: CowHeader): Promise<void> {
+  let bytes: Uint8Array;
+  try {
+    bytes = serializeSameLayout(header);
+  } catch (err) {
+    if (err instanceof CowFormatError) throw err.inFile(cowPath);
+    throw err;
+  }
+  try {
+    await file.write(bytes, 0, bytes.length, 0);
+    await file.sync();
+  } catch (err) {
+    throw fromSystemError(err, cowPath, 'rewrite the header of');
+  }
+}
+
+/**
+ * Points a COW file at a moved or copied backing file, after checking that its size and mtime are
+ * what the header recorded (the kernel's "Switching backing file" check). Only the header's path
+ * changes; mtime and size are kept.
+ */
+export async function rebaseCow(cowPath: string, newBacking: string, options: RebaseOptions = {}): Promise<RebaseResult> {
+  const fs = options.fs ?? nodeFileSystem;
+  const image = await openImage(cowPath, { fs, mode: 'r+' });
+  try {
+    await lockCowFile(image.file, cowPath);
+    const { header } = image;
+    if (!options.unsafe && (await readCommitJournal(fs, cowPath))) {
+      throw new UbdcowError(
+        'commit-interrupted',
+        `${cowPath}: an in-place commit was interrupted (${commitJournalPath(cowPath)} exists); run \`ubdcow commit ${cowPath}\` again to finish it first`,
+        { file: cowPath },
+      );
+    }
+    const stat = await statImageFile(fs, newBacking, 'backing file');
+    const size = await sizeOf(stat).catch((err) => {
+      throw fromSystemError(err, newBacking, 'find the size of backing file');
+    });
+    const mismatches: string[] = [];
+    if (size !== header.size) mismatches.push(`${newBacking}: size is ${size} bytes, expected ${header.size} (the header's size)`);
+    if (stat.mtime !== header.mtime) {
+      mismatches.push(
+        `${newBacking}: mtime is ${stat.mtime} (${isoTime(stat.mtime)}), expected ${header.mtime} (${isoTime(header.mtime)}, the header's mtime)`,
+      );
+    }
+    if (mismatches.length > 0 && !options.unsafe) {
+      throw new UbdcowError('backing-mismatch', `${mismatches[0]}; not the same backing file (use --unsafe to rebase anyway)`, {
+        file: newBacking,
+      });
+    }
+    try {
+      const probe = await fs.open(newBacking, 'r');
+      await probe.close();
+    } catch (err) {
+      throw fromSystemError(err, newBacking, 'read backing file');
+    }
+    const stored = await absoluteBackingPath(newBacking, fs).catch((err) => {
+      throw fromSystemError(err, newBacking, 'resolve backing file path');
+    });
+    let comparison: RebaseResult['comparison'];
+    if (options.compare) {
+      comparison = await compareBackings(fs, path.resolve(header.backingFile), newBacking, header.size);
+      if (comparison.compared && !comparison.equal && !options.unsafe) {
+        throw new UbdcowError(
+          'backing-differs',
+          `${newBacking}: content differs from ${header.backingFile} at byte ${comparison.firstDifference}; not a copy of the old backing file (use --unsafe to rebase anyway)`,
+          { file: newBacking },
+        );
+      }
+    }
+    await rewriteHeader(image.file, cowPath, { ...header, backingFile: stored });
+    return {
+      file: cowPath,
+      oldBacking: header.backingFile,
+      newBacking: stored,
+      checked: mismatches.length === 0,
+      overridden: mismatches,
+      comparison,
+    };
+  } finally {
+    await image.file.close().catch(() => undefined);
+  }
+}
+
+const COMPARE_CHUNK_BYTES = 4 << 20;
+
+async function compareBackings(
+  fs: FileSystem,
+  oldPath: string,
+  newPath: string,
+  size: number,
+): Promise<NonNullable<RebaseResult['comparison']>> {
+  let oldFile: FileHandleLike;
+  try {
+    oldFile = await fs.open(oldPath, 'r');
+  } catch (err) {
+    return { compared: false, reason: fromSystemError(err, oldPath, 'open the old backing file').message };
+  }
+  try {
+    const newFile = await fs.open(newPath, 'r').catch((err) => {
+      throw fromSystemError(err, newPath, 'read backing file');
+    });
+    try {
+      const a = Buffer.alloc(COMPARE_CHUNK_BYTES);
+      const b = Buffer.alloc(COMPARE_CHUNK_BYTES);
+      for (let position = 0; position < size; position += COMPARE_CHUNK_BYTES) {
+        const length = Math.min(COMPARE_CHUNK_BYTES, size - position);
+        const [gotA, gotB] = await Promise.all([
+          oldFile.read(a, 0, length, position),
+          newFile.read(b, 0, length, position),
+        ]).catch((err) => {
+          throw fromSystemError(err, newPath, 'compare backing files');
+        });
+        const viewA = a.subarray(0, gotA);
+        const viewB = b.subarray(0, gotB);
+        if (gotA !== gotB || !viewA.equals(viewB)) {
+          let at = 0;
+          while (at < Math.min(gotA, gotB) && viewA[at] === viewB[at]) at++;
+          return { compared: true, equal: false, firstDifference: position + at };
+        }
+      }
+      return { compared: true, equal: true };
+    } finally {
+      await newFile.close().catch(() => undefined);
+    }
+  } finally {
+    await oldFile.close().catch(() => undefined);
+  }
+}
