@@ -39,7 +39,7 @@ export function buildParser(argv: string[]): Argv {
     .usage('$0 <command> [options]\n\nCopy-on-write disk images in the User-Mode Linux ubd format.')
     .option('debug', { type: 'boolean', describe: 'Show stack traces on errors', global: true })
     .strict()
-    .demandCommand(1, 'name a command (see --help)')
+    .demandCommand(1, 'name a command')
     .recommendCommands()
     .help()
     .alias('h', 'help')
