@@ -69,7 +69,7 @@ async function readImage(file: string, handle: FileHandleLike): Promise<CowImage
   } catch (err) {
     throw fromSystemError(err, file, 'read COW header');
   }
-  if (start.length === 0) throw new UbdcowError('empty', `${file}: file is empty, expected a UML COW file`, { file });
+  if (start.length === 0) throw new CowFormatError('empty', 'file', 'empty', 'a UML COW file', file);
   let parsed;
   let geometry: CowGeometry;
   try {
