@@ -1,0 +1,63 @@
+/**
+ * The reliability tests record what they tried and what happened into
+ * test-results/reliability/<section>.json; scripts/reliability-report.ts turns those into
+ * docs/reliability.md. One file per test file, so test files running in parallel never race.
+ */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { repoRoot } from '../helpers/tools.js';
+
+export const FIGURES_DIR = path.join(repoRoot, 'test-results', 'reliability');
+
+/** UBDCOW_HEAVY=1 runs many more cases. */
+export const HEAVY = process.env.UBDCOW_HEAVY === '1';
+
+export interface FigureSection {
+  /** Section title in the report. */
+  title: string;
+  /** Free-form notes printed under the title. */
+  notes?: string[];
+  /** Rows of a table: column name -> value. */
+  rows: Array<Record<string, string | number>>;
+  /** Summary counts. */
+  totals: Record<string, number>;
+  /** Anything that went wrong, one line each (empty when all held). */
+  failures: string[];
+}
+
+export function recordFigures(section: string, figures: FigureSection): void {
+  fs.mkdirSync(FIGURES_DIR, { recursive: true });
+  const record = {
+    section,
+    recordedAt: new Date().toISOString(),
+    mode: HEAVY ? 'heavy' : 'default',
+    node: process.version,
+    ...figures,
+  };
+  fs.writeFileSync(path.join(FIGURES_DIR, `${section}.json`), `${JSON.stringify(record, null, 2)}\n`);
+}
+
+/** Counts by key, for building table rows. */
+export class Tally<K extends string = string> {
+  readonly counts = new Map<K, Record<string, number>>();
+
+  add(key: K, column: string, by = 1): void {
+    const row = this.counts.get(key) ?? {};
+    row[column] = (row[column] ?? 0) + by;
+    this.counts.set(key, row);
+  }
+
+  rows(keyName: string, columns: string[]): Array<Record<string, string | number>> {
+    return [...this.counts].map(([key, row]) => {
+      const out: Record<string, string | number> = { [keyName]: key };
+      for (const column of columns) out[column] = row[column] ?? 0;
+      return out;
+    });
+  }
+
+  total(column: string): number {
+    let sum = 0;
+    for (const row of this.counts.values()) sum += row[column] ?? 0;
+    return sum;
+  }
+}
