@@ -156,7 +156,7 @@ async function commitBenchmark(): Promise<string[][]> {
   };
 
   // New output file: ubdcow commit COW OUT vs uml_moo COW OUT, alternating, same warm cache.
-  const newFile = { ubd: [] as number[], moo: [] as number[], ubdRss: 0, mooRss: 0 };
+  const newFile = { ubd: [] as number[], moo: [] as number[], mooSynced: [] as number[], ubdRss: 0, mooRss: 0 };
   for (let i = 0; i < runs; i++) {
     fresh(outUbd);
     const ubd = await measureCli(['commit', cow, outUbd]);
@@ -169,10 +169,16 @@ async function commitBenchmark(): Promise<string[][]> {
     newFile.moo.push(moo.seconds);
     newFile.mooRss = Math.max(newFile.mooRss, moo.maxRssKiB);
     if (!sameContents(outUbd, outMoo)) throw new Error('ubdcow commit and uml_moo wrote different images');
+    // ubdcow fsyncs what it wrote before it exits; uml_moo does not. Durable against durable:
+    fresh(outMoo);
+    const mooSynced = await measure('sh', ['-c', 'uml_moo "$1" "$2" && sync "$2"', 'sh', cow, outMoo]);
+    if (mooSynced.status !== 0) throw new Error(`uml_moo + sync: ${mooSynced.stderr}`);
+    newFile.mooSynced.push(mooSynced.seconds);
   }
   const identical = 'output identical to uml_moo (cmp)';
   rows.push(['ubdcow commit COW OUT', seconds(median(newFile.ubd)), mebibytes(newFile.ubdRss), identical]);
-  rows.push(['uml_moo COW OUT', seconds(median(newFile.moo)), mebibytes(newFile.mooRss), '']);
+  rows.push(['uml_moo COW OUT', seconds(median(newFile.moo)), mebibytes(newFile.mooRss), 'no fsync: data may still be in the page cache']);
+  rows.push(['uml_moo COW OUT && sync OUT', seconds(median(newFile.mooSynced)), '', 'durable, as ubdcow commit is']);
   const usage = (file: string) => Math.round((fs.statSync(file).blocks * 512) / MIB);
   console.error(`  outputs: ubdcow ${usage(outUbd)} MiB on disk, uml_moo ${usage(outMoo)} MiB on disk`);
   fresh(outUbd, outMoo);
@@ -190,7 +196,7 @@ async function commitBenchmark(): Promise<string[][]> {
   fresh(outCp);
 
   // In place, on copies of the backing and COW (each contender gets its own pair every run).
-  const inPlace = { ubd: [] as number[], moo: [] as number[], ubdRss: 0, mooRss: 0 };
+  const inPlace = { ubd: [] as number[], moo: [] as number[], mooSynced: [] as number[], ubdRss: 0, mooRss: 0 };
   const pair = (name: string) => {
     const b = path.join(dir, `${name}-base.img`);
     const c = path.join(dir, `${name}.cow`);
@@ -213,14 +219,24 @@ async function commitBenchmark(): Promise<string[][]> {
     inPlace.mooRss = Math.max(inPlace.mooRss, moo.maxRssKiB);
     if (!sameContents(u.b, m.b)) throw new Error('in-place commits by ubdcow and uml_moo -d left different backing files');
     for (const file of [u.b, u.c, m.b, m.c]) fs.rmSync(file, { force: true });
+    const s = pair('moo-sync');
+    syncDisks();
+    warm(s.b, s.c);
+    const mooSynced = await measure('sh', ['-c', 'uml_moo -d -b "$1" "$2" && sync "$1"', 'sh', s.b, s.c]);
+    if (mooSynced.status !== 0) throw new Error(`uml_moo -d + sync: ${mooSynced.stderr}`);
+    inPlace.mooSynced.push(mooSynced.seconds);
+    for (const file of [s.b, s.c]) fs.rmSync(file, { force: true });
   }
   rows.push(['ubdcow commit -d COW (in place)', seconds(median(inPlace.ubd)), mebibytes(inPlace.ubdRss), 'merged backing identical to uml_moo -d']);
-  rows.push(['uml_moo -d COW (in place)', seconds(median(inPlace.moo)), mebibytes(inPlace.mooRss), '']);
+  rows.push(['uml_moo -d COW (in place)', seconds(median(inPlace.moo)), mebibytes(inPlace.mooRss), 'no fsync']);
+  rows.push(['uml_moo -d COW && sync BACKING', seconds(median(inPlace.mooSynced)), '', 'durable, as ubdcow commit is']);
 
   const startup = await repeat('ubdcow --version', () => measureCli(['--version']));
   rows.push(['ubdcow --version (node start-up, for scale)', seconds(startup.seconds), mebibytes(startup.rssKiB), '']);
   ratios.push(`commit to a new file: ${comparison(median(newFile.ubd), median(newFile.moo), 'uml_moo')}`);
+  ratios.push(`commit to a new file: ${comparison(median(newFile.ubd), median(newFile.mooSynced), 'uml_moo followed by sync')}`);
   ratios.push(`commit in place: ${comparison(median(inPlace.ubd), median(inPlace.moo), 'uml_moo -d')}`);
+  ratios.push(`commit in place: ${comparison(median(inPlace.ubd), median(inPlace.mooSynced), 'uml_moo -d followed by sync')}`);
   ratios.push(`commit to a new file takes ${(median(newFile.ubd) / median(copyTimes)).toFixed(1)}x the time of cp --sparse=always of the image`);
   fs.rmSync(dir, { recursive: true, force: true });
   return rows;
@@ -241,7 +257,8 @@ async function main(): Promise<void> {
   const machine = describeMachine();
   console.log(`ubdcow workflow benchmarks, ${new Date().toISOString().slice(0, 10)}`);
   console.log(`machine: ${machine.cpu}, ${machine.cores} cores, ${machine.memory} RAM, ${machine.os}, node ${machine.node}`);
-  console.log(`runs per measurement: ${runs} (median time, maximum RSS); each command in a child process\n`);
+  console.log(`runs per measurement: ${runs} (median time, maximum RSS); each command in a child process`);
+  console.log(`load average at start: ${os.loadavg().map((load) => load.toFixed(2)).join(' ')}\n`);
   ensureBuilt();
   if (!only || only === 'sparse') {
     console.error('(a) 1 TiB sparse COW');
