@@ -226,6 +226,9 @@ async function writeAll(file: FileHandleLike, filePath: string, buffer: Uint8Arr
  * VM can go on using it over the merged base).
  */
 export async function commitCow(cowPath: string, options: CommitOptions = {}): Promise<CommitResult> {
+  if (options.output !== undefined && options.keep) {
+    throw new UbdcowError('usage', `${options.output}: --keep only applies to an in-place commit (no OUT); a new image never changes the COW`);
+  }
   return options.output === undefined ? commitInPlace(cowPath, options) : commitToNewFile(cowPath, options.output, options);
 }
 

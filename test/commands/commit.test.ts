@@ -188,6 +188,7 @@ describe('commitCow to a new file', () => {
     expect(snapshot(tmp.path, files)).toEqual(before);
 
     await expectUbdcowError(commitCow(built.cowPath, { output: built.cowPath, force: true }), 'output-is-cow');
+    await expectUbdcowError(commitCow(built.cowPath, { output: path.join(tmp.path, 'new.img'), keep: true }), 'usage', /--keep only applies to an in-place commit/);
     expect(snapshot(tmp.path, files)).toEqual(before);
 
     const fresh = path.join(tmp.path, 'fresh.img');
