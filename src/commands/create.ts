@@ -89,7 +89,7 @@ export async function createCow(cowPath: string, backing: string, options: Creat
 async function refuseExisting(fs: FileSystem, file: string): Promise<void> {
   const exists = await fs.stat(file).then(
     () => true,
-    (err: NodeJS.ErrnoException) => err.code !== 'ENOENT',
+    (err: NodeJS.ErrnoException) => (err.code === 'ENOENT' ? false : Promise.reject(fromSystemError(err, file, 'check whether it exists'))),
   );
   if (exists) throw new UbdcowError('exists', `${file}: already exists (use --force to overwrite)`, { file });
 }
