@@ -23,6 +23,8 @@ export interface FigureSection {
   totals: Record<string, number>;
   /** Anything that went wrong, one line each (empty when all held). */
   failures: string[];
+  /** Bugs found and reported but not fixed yet: what, how many cases showed it, one example. */
+  knownBugs?: Array<{ description: string; cases: number; example: string }>;
 }
 
 export function recordFigures(section: string, figures: FigureSection): void {
