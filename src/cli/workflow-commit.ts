@@ -41,14 +41,20 @@ const commit: CommandModule = {
       .option('force', {
         alias: 'f',
         type: 'boolean',
-        describe: 'Commit although the backing file\'s size or mtime changed; overwrite an existing OUT',
+        describe: 'Commit although the backing file\'s size or mtime changed, or other COWs share it; overwrite an existing OUT',
+      })
+      .option('check-siblings', {
+        type: 'string',
+        array: true,
+        describe: 'In place: also look in this folder for other COWs over the same backing (the COW\'s and the backing\'s folders are always searched)',
       })
       .option('progress', { alias: 'p', type: 'boolean', describe: 'Show a progress bar (default: only when stderr is a terminal)' })
       .option('json', { type: 'boolean', describe: 'Print the result as JSON' })
       .example('$0 commit vm1.cow merged.img', 'Write the merged disk to a new sparse file merged.img')
       .example('$0 commit -p vm1.cow', 'Merge into the backing file in place, then empty vm1.cow')
       .epilogue(
-        'In place, a journal COW.ubdcow-commit is kept while the backing file is being written: if the commit is interrupted, run the same command again to finish it.',
+        'In place, other COW files over the same backing (in the COW\'s or the backing\'s folder, or a --check-siblings folder) make the commit refuse without --force: merging one VM\'s changes into a shared base corrupts the others. ' +
+          'In place, a journal COW.ubdcow-commit is kept while the backing file is being written: if the commit is interrupted, run the same command again to finish it.',
       ),
   handler: async (argv) => {
     const { commitCow } = await import('../commands/commit.js');
@@ -60,6 +66,7 @@ const commit: CommandModule = {
         backing: argv.backing as string | undefined,
         keep: Boolean(argv.keep),
         force: Boolean(argv.force),
+        checkSiblings: argv['check-siblings'] as string[] | undefined,
         onProgress: (done, total) => progress.update(done, total),
       });
     } finally {

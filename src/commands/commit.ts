@@ -4,6 +4,7 @@ import { writeNewFile } from '../io/atomic.js';
 import { type FileHandleLike, type FileSystem, nodeFileSystem } from '../io/file.js';
 import { type BackingReport, type CowImage, type SectorExtent, allocatedExtents, checkBacking, openImage, statImageFile } from '../io/image.js';
 import { lockCowFile } from '../io/lock.js';
+import { findSiblingCows } from './siblings.js';
 import { rewriteHeader } from './rebase.js';
 
 /*
@@ -42,6 +43,11 @@ export interface CommitOptions {
   keep?: boolean;
   /** Commit although the backing file's size or mtime do not match; replace an existing output. */
   force?: boolean;
+  /**
+   * In place: folders to search for other COW files over the same backing file (always searched:
+   * the COW's folder and the backing file's folder). Finding any refuses the commit unless forced.
+   */
+  checkSiblings?: string[];
   onProgress?: (doneBytes: number, totalBytes: number) => void;
   fs?: FileSystem;
   /** Copy buffer size (tests make it small to exercise the run splitting). */
@@ -399,6 +405,21 @@ async function writeNonZeroBlocks(out: FileHandleLike, outputPath: string, data:
   return written;
 }
 
+/**
+ * Other COWs over the same backing file would see their disks change under them. Refused unless
+ * forced; with force, returned as warnings naming them.
+ */
+async function refuseSharedBacking(fs: FileSystem, cowPath: string, backingPath: string, options: CommitOptions): Promise<string[]> {
+  const folders = [path.dirname(path.resolve(cowPath)), path.dirname(backingPath), ...(options.checkSiblings ?? [])];
+  const siblings = await findSiblingCows(fs, cowPath, backingPath, folders);
+  if (siblings.length === 0) return [];
+  const risk = `${backingPath} is also the backing file of ${siblings.length} other COW file${siblings.length > 1 ? 's' : ''} (${siblings.join(', ')}); merging into it in place changes the disks they see and silently corrupts them`;
+  if (!options.force) {
+    throw new UbdcowError('shared-backing', `${risk} (commit to a new file instead, or use --force)`, { file: backingPath });
+  }
+  return [risk];
+}
+
 async function commitInPlace(cowPath: string, options: CommitOptions): Promise<CommitResult> {
   const started = Date.now();
   const fs = options.fs ?? nodeFileSystem;
@@ -410,6 +431,7 @@ async function commitInPlace(cowPath: string, options: CommitOptions): Promise<C
     const journal = await readCommitJournal(fs, cowPath);
     const resumed = report.state === 'mtime-mismatch' && journalMatches(journal, image, report);
     const overridden = resumed ? [] : judgeBacking(cowPath, report, options.force ?? false);
+    const siblings = resumed ? [] : await refuseSharedBacking(fs, cowPath, report.path, options);
     const summary = await summarizeAllocation(image);
     const backing = await openBacking(fs, report.path, 'r+');
     try {
@@ -430,7 +452,7 @@ async function commitInPlace(cowPath: string, options: CommitOptions): Promise<C
     } finally {
       await backing.close().catch(() => undefined);
     }
-    const warnings = [...image.warnings];
+    const warnings = [...image.warnings, ...siblings];
     if (options.keep) {
       warnings.push(
         `${cowPath}: kept as it was; its header still records the old backing mtime, so UML will refuse it over the merged ${report.path}`,
