@@ -213,6 +213,10 @@ export class UmlLab {
     args.push('root=/dev/ubda', 'init=/init', 'con=null', 'con0=fd:0,fd:1');
     for (const [key, value] of Object.entries(options.env ?? {})) args.push(`${key}=${value}`);
     const memoryDir = this.memoryDir();
+    const timeoutMs = options.timeoutMs ?? 60_000;
+    // linux.uml calls setsid() unless it already leads a session: started through a wrapper such as
+    // timeout(1) it escapes the wrapper's process group. So it is started directly, as the leader
+    // of a new session whose process group id is its pid, and that group is what gets killed.
     const child = spawn('linux.uml', args, {
       cwd: this.dir,
       detached: true, // its own process group, killed whole
@@ -220,6 +224,7 @@ export class UmlLab {
       env: { ...process.env, TMPDIR: memoryDir },
     });
     this.guests.add(child);
+    liveGroups.add(child);
     const pid = child.pid;
     if (pid === undefined) throw new Error('linux.uml did not start');
 
@@ -249,7 +254,6 @@ export class UmlLab {
       stderr += chunk;
     });
 
-    const timeoutMs = options.timeoutMs ?? 60_000;
     let timedOut = false;
     const timer = setTimeout(() => {
       timedOut = true;
@@ -258,13 +262,23 @@ export class UmlLab {
 
     const done = new Promise<GuestResult>((resolve, reject) => {
       child.on('error', reject);
+      let closeGrace: NodeJS.Timeout | undefined;
       child.on('exit', () => {
         // Helper processes of the UML kernel share the group; none may outlive the guest.
         killGroup(pid);
+        // Output is complete once every holder of the pipes is gone ('close'); should something
+        // outside the group still hold them, stop waiting rather than hang the test.
+        closeGrace = setTimeout(() => {
+          child.stdout?.destroy();
+          child.stderr?.destroy();
+          child.stdin?.destroy();
+        }, 5000);
       });
       child.on('close', (exitCode, signal) => {
+        clearTimeout(closeGrace);
         clearTimeout(timer);
         this.guests.delete(child);
+        liveGroups.delete(child);
         fs.rmSync(memoryDir, { recursive: true, force: true });
         const tail = parseMarker(partialLine);
         if (tail) markers.push(tail);
@@ -279,7 +293,9 @@ export class UmlLab {
           bodyStatus: end ? Number(end[1]) : undefined,
         };
         for (const waiter of markerWaiters.splice(0)) waiter.resolve([]);
-        release().then(() => resolve(result), reject);
+        waitForGroupToEnd(pid)
+          .finally(release)
+          .then(() => resolve(result), reject);
       });
     });
     done.catch(() => undefined);
@@ -362,6 +378,24 @@ export function expectGuestOk(result: GuestResult): GuestResult {
   return result;
 }
 
+/**
+ * SIGKILL reaches the other processes of a guest (ptrace-stopped helpers) a moment after the main
+ * one has gone; the guest counts as finished once none is left.
+ */
+async function waitForGroupToEnd(pgid: number): Promise<void> {
+  for (let waited = 0; processesInGroup(pgid).length > 0; waited += 50) {
+    if (waited >= 10_000) throw new Error(`processes of guest group ${pgid} survive SIGKILL: ${processesInGroup(pgid).join(' ')}`);
+    killGroup(pgid);
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+}
+
+/** Every guest of this process, for the exit hook below. */
+const liveGroups = new Set<ChildProcess>();
+process.on('exit', () => {
+  for (const child of liveGroups) if (child.pid !== undefined) killGroup(child.pid);
+});
+
 function killGroup(pid: number): void {
   try {
     process.kill(-pid, 'SIGKILL');
@@ -370,7 +404,7 @@ function killGroup(pid: number): void {
   }
 }
 
-/** Processes still in the process group of a guest we started (should always be none). */
+/** Live processes still in the process group of a guest we started (should always be none). */
 export function processesInGroup(pgid: number): number[] {
   const pids: number[] = [];
   for (const entry of fs.readdirSync('/proc')) {
@@ -379,7 +413,8 @@ export function processesInGroup(pgid: number): number[] {
       const stat = fs.readFileSync(`/proc/${entry}/stat`, 'utf8');
       // Fields after the parenthesised command name: state ppid pgrp ...
       const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-      if (Number(fields[2]) === pgid) pids.push(Number(entry));
+      // Zombies are dead already, only not yet reaped by their new parent.
+      if (Number(fields[2]) === pgid && fields[0] !== 'Z' && fields[0] !== 'X') pids.push(Number(entry));
     } catch {
       // The process ended while we looked.
     }
