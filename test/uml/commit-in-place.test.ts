@@ -58,16 +58,22 @@ describe.skipIf(missing.length > 0)(umlSuiteTitle('ubdcow commit COW in place, t
   const written = new Map<string, { md5: string; bytes: number }>();
   let second: GuestResult;
 
-  /** Runs `uml_moo -d` on copies of COW and backing: the reference for an in-place merge. */
+  /**
+   * Runs `uml_moo -d` on copies of COW and backing: the reference for an in-place merge. The COW
+   * copy is removed afterwards: it still names base.img, and ubdcow refuses to merge in place into
+   * a backing file that another COW next to it depends on.
+   */
   async function mooInPlaceReference(name: string): Promise<string> {
-    const baseCopy = path.join(dir, `${name}-base.img`);
-    const cowCopy = path.join(dir, `${name}.cow`);
+    const referenceDir = lab.scratch(`reference-${name}`);
+    const baseCopy = path.join(referenceDir, 'base.img');
+    const cowCopy = path.join(referenceDir, 'disk.cow');
     fs.copyFileSync(base, baseCopy);
     const { atime, mtime } = fs.statSync(base);
     fs.utimesSync(baseCopy, atime, mtime); // uml_moo checks the backing mtime against the header
     fs.copyFileSync(cow, cowCopy);
     const result = await runProgram('uml_moo', ['-d', '-b', baseCopy, cowCopy]);
     expect(result.status, result.stderr).toBe(0);
+    fs.rmSync(cowCopy);
     return baseCopy;
   }
 
