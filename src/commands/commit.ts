@@ -306,30 +306,48 @@ function roundChunk(chunkBytes = COMMIT_CHUNK_BYTES): number {
   return Math.max(HOLE_BLOCK_BYTES, Math.ceil(chunkBytes / HOLE_BLOCK_BYTES) * HOLE_BLOCK_BYTES);
 }
 
-/** A stretch of the virtual disk whose bytes all come from one place. */
-interface SourceRun {
+/** Allocated byte ranges of the disk that fall in one window [start, start + window size). */
+interface WindowRuns {
   start: number;
-  end: number;
-  fromCow: boolean;
-}
-
-/** The whole disk [0, size) as alternating runs from the backing file and from the COW. */
-async function* sourceRuns(image: CowImage): AsyncGenerator<SourceRun> {
-  const { size } = image.header;
-  let at = 0;
-  for await (const extent of allocatedExtents(image)) {
-    const bytes = extentBytes(extent, image);
-    if (bytes.start >= size) break;
-    if (bytes.start > at) yield { start: at, end: bytes.start, fromCow: false };
-    yield { start: bytes.start, end: bytes.end, fromCow: true };
-    at = bytes.end;
-  }
-  if (at < size) yield { start: at, end: size, fromCow: false };
+  runs: Array<{ start: number; end: number }>;
 }
 
 /**
- * Assembles the merged disk a window at a time (COW data where the bit is set, backing data
- * elsewhere) and writes only the blocks that are not all zeros, so zero regions stay holes.
+ * The allocated byte ranges, split at window boundaries and grouped by window, for the windows
+ * that have any. Working a window at a time turns thousands of small extents into one read of
+ * the COW's data area per window (holes read back as zeros, cheaply).
+ */
+async function* allocatedWindows(image: CowImage, windowBytes: number): AsyncGenerator<WindowRuns> {
+  let current: WindowRuns | undefined;
+  for await (const extent of allocatedExtents(image)) {
+    const bytes = extentBytes(extent, image);
+    for (let at = bytes.start; at < bytes.end; ) {
+      const windowStart = Math.floor(at / windowBytes) * windowBytes;
+      const end = Math.min(bytes.end, windowStart + windowBytes);
+      if (current && current.start !== windowStart) {
+        yield current;
+        current = undefined;
+      }
+      current ??= { start: windowStart, runs: [] };
+      current.runs.push({ start: at, end });
+      at = end;
+    }
+  }
+  if (current) yield current;
+}
+
+/** Reads the COW data area behind [start, end) of the disk into `buffer`; a short read means truncation. */
+async function readCowData(image: CowImage, buffer: Uint8Array, start: number, end: number): Promise<void> {
+  const position = image.geometry.dataOffset + start;
+  const got = await readFully(image.file, image.path, buffer, 0, end - start, position);
+  if (got < end - start) {
+    throw new CowFormatError('truncated', 'file length', position + got, `at least ${image.geometry.dataOffset + end} bytes`, image.path);
+  }
+}
+
+/**
+ * Assembles the merged disk a window at a time (the backing's bytes, then the COW's allocated
+ * runs over them) and writes only the blocks that are not all zeros, so zero regions stay holes.
  * Returns the bytes written.
  */
 async function writeMergedImage(
@@ -342,42 +360,74 @@ async function writeMergedImage(
   onProgress: CommitOptions['onProgress'],
 ): Promise<number> {
   const { size } = image.header;
-  const { dataOffset } = image.geometry;
-  const window = new Uint8Array(windowBytes);
-  let windowStart = 0;
+  const windows = allocatedWindows(image, windowBytes);
+  let next = await windows.next();
   let written = 0;
+  let done = 0;
   onProgress?.(0, size);
-  for await (const run of sourceRuns(image)) {
-    let at = run.start;
-    while (at < run.end) {
-      const windowEnd = Math.min(windowStart + windowBytes, size);
-      const pieceEnd = Math.min(run.end, windowEnd);
-      const length = pieceEnd - at;
-      const into = at - windowStart;
-      if (run.fromCow) {
-        const got = await readFully(image.file, image.path, window, into, length, dataOffset + at);
-        if (got < length) {
-          throw new CowFormatError('truncated', 'file length', dataOffset + at + got, `at least ${dataOffset + pieceEnd} bytes`, image.path);
-        }
-      } else {
-        const got = await readFully(backing, backingPath, window, into, length, at);
-        // A shorter backing file (only with --force) reads as zeros past its end.
-        window.fill(0, into + got, into + length);
-      }
-      at = pieceEnd;
-      if (at === windowEnd) {
-        written += await writeNonZeroBlocks(out, outputPath, window.subarray(0, windowEnd - windowStart), windowStart);
-        windowStart = windowEnd;
-        onProgress?.(windowStart, size);
-      }
+  // A few windows in flight keep the disk and the thread pool busy; each has its own buffers.
+  const idle = Array.from({ length: WINDOWS_IN_FLIGHT }, () => ({ window: new Uint8Array(windowBytes), cowData: new Uint8Array(windowBytes) }));
+  const inFlight = new Set<Promise<void>>();
+  let failure: unknown;
+  for (let windowStart = 0; windowStart < size && failure === undefined; windowStart += windowBytes) {
+    const length = Math.min(windowBytes, size - windowStart);
+    let runs: WindowRuns['runs'] = [];
+    if (!next.done && next.value.start === windowStart) {
+      runs = next.value.runs;
+      next = await windows.next();
     }
+    while (idle.length === 0) await Promise.race(inFlight);
+    const buffers = idle.pop()!;
+    const task = mergeWindow(image, backing, backingPath, out, outputPath, buffers, windowStart, length, runs).then(
+      (bytes) => {
+        written += bytes;
+        done += length;
+        onProgress?.(done, size);
+      },
+      (err: unknown) => {
+        failure ??= err;
+      },
+    );
+    const tracked = task.finally(() => {
+      inFlight.delete(tracked);
+      idle.push(buffers);
+    });
+    inFlight.add(tracked);
   }
+  await Promise.all(inFlight);
+  if (failure !== undefined) throw failure;
   try {
     await out.truncate(size);
   } catch (err) {
     throw fromSystemError(err, outputPath, 'set the length of');
   }
   return written;
+}
+
+const WINDOWS_IN_FLIGHT = 3;
+
+/** One window of the merged disk: the backing's bytes, the COW's runs over them, non-zero blocks out. */
+async function mergeWindow(
+  image: CowImage,
+  backing: FileHandleLike,
+  backingPath: string,
+  out: FileHandleLike,
+  outputPath: string,
+  buffers: { window: Uint8Array; cowData: Uint8Array },
+  windowStart: number,
+  length: number,
+  runs: WindowRuns['runs'],
+): Promise<number> {
+  const { window, cowData } = buffers;
+  const got = await readFully(backing, backingPath, window, 0, length, windowStart);
+  // A shorter backing file (only with --force) reads as zeros past its end.
+  window.fill(0, got, length);
+  if (runs.length > 0) {
+    const spanStart = runs[0].start;
+    await readCowData(image, cowData, spanStart, runs[runs.length - 1].end);
+    for (const run of runs) window.set(cowData.subarray(run.start - spanStart, run.end - spanStart), run.start - windowStart);
+  }
+  return writeNonZeroBlocks(out, outputPath, window.subarray(0, length), windowStart);
 }
 
 const zeroBlock = new Uint8Array(HOLE_BLOCK_BYTES);
@@ -482,30 +532,33 @@ async function commitInPlace(cowPath: string, options: CommitOptions): Promise<C
   }
 }
 
+/** Writes in flight at once: small writes are dominated by thread-pool round trips, not the disk. */
+const WRITES_IN_FLIGHT = 16;
+
+/** Copies every allocated run from the COW's data area to the same place in the backing file. */
 async function copyAllocatedIntoBacking(
   image: CowImage,
   backing: FileHandleLike,
   backingPath: string,
-  chunkBytes: number,
+  windowBytes: number,
   totalBytes: number,
   onProgress: CommitOptions['onProgress'],
 ): Promise<void> {
-  const buffer = new Uint8Array(chunkBytes);
-  const { dataOffset } = image.geometry;
+  const cowData = new Uint8Array(windowBytes);
   let done = 0;
   onProgress?.(0, totalBytes);
-  for await (const extent of allocatedExtents(image)) {
-    const bytes = extentBytes(extent, image);
-    for (let at = bytes.start; at < bytes.end; at += chunkBytes) {
-      const length = Math.min(chunkBytes, bytes.end - at);
-      const got = await readFully(image.file, image.path, buffer, 0, length, dataOffset + at);
-      if (got < length) {
-        throw new CowFormatError('truncated', 'file length', dataOffset + at + got, `at least ${dataOffset + at + length} bytes`, image.path);
-      }
-      await writeAll(backing, backingPath, buffer, 0, length, at);
-      done += length;
-      onProgress?.(done, totalBytes);
+  for await (const { runs } of allocatedWindows(image, windowBytes)) {
+    const spanStart = runs[0].start;
+    await readCowData(image, cowData, spanStart, runs[runs.length - 1].end);
+    for (let i = 0; i < runs.length; i += WRITES_IN_FLIGHT) {
+      await Promise.all(
+        runs
+          .slice(i, i + WRITES_IN_FLIGHT)
+          .map((run) => writeAll(backing, backingPath, cowData, run.start - spanStart, run.end - run.start, run.start)),
+      );
     }
+    for (const run of runs) done += run.end - run.start;
+    onProgress?.(done, totalBytes);
   }
 }
 
