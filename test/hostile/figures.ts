@@ -1,7 +1,8 @@
 /**
  * The reliability tests record what they tried and what happened into
- * test-results/reliability/<section>.json; scripts/reliability-report.ts turns those into
- * docs/reliability.md. One file per test file, so test files running in parallel never race.
+ * test-results/reliability/<mode>/<section>.json (mode: default, or heavy with UBDCOW_HEAVY=1);
+ * scripts/reliability-report.ts turns those into docs/reliability.md. One file per test file, so
+ * test files running in parallel never race.
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
@@ -28,7 +29,8 @@ export interface FigureSection {
 }
 
 export function recordFigures(section: string, figures: FigureSection): void {
-  fs.mkdirSync(FIGURES_DIR, { recursive: true });
+  const dir = path.join(FIGURES_DIR, HEAVY ? 'heavy' : 'default');
+  fs.mkdirSync(dir, { recursive: true });
   const record = {
     section,
     recordedAt: new Date().toISOString(),
@@ -36,7 +38,7 @@ export function recordFigures(section: string, figures: FigureSection): void {
     node: process.version,
     ...figures,
   };
-  fs.writeFileSync(path.join(FIGURES_DIR, `${section}.json`), `${JSON.stringify(record, null, 2)}\n`);
+  fs.writeFileSync(path.join(dir, `${section}.json`), `${JSON.stringify(record, null, 2)}\n`);
 }
 
 /** Counts by key, for building table rows. */
