@@ -85,21 +85,22 @@ function offsetOf(workload: Workload, index: number, imageSize: number): number 
 }
 
 /** Keeps `depth` requests in flight: each worker issues the next request as soon as its last resolves. */
-async function runAtDepth(count: number, depth: number, request: (index: number) => Promise<unknown>): Promise<void> {
+async function runAtDepth(count: number, depth: number, request: (index: number, worker: number) => Promise<unknown>): Promise<void> {
   let next = 0;
-  const worker = async () => {
+  const worker = async (id: number) => {
     while (next < count) {
       const index = next++;
-      await request(index);
+      await request(index, id);
     }
   };
-  await Promise.all(Array.from({ length: Math.min(depth, count) }, worker));
+  await Promise.all(Array.from({ length: Math.min(depth, count) }, (_, id) => worker(id)));
 }
 
-function issue(device: CowDevice, workload: Workload, buffer: Uint8Array): (index: number) => Promise<unknown> {
-  return workload.write
-    ? (index) => device.write(offsetOf(workload, index, device.size), buffer)
-    : (index) => device.read(offsetOf(workload, index, device.size), workload.size);
+/** Reads go into one buffer per request slot, as qemu-img bench does (it allocates `depth` buffers). */
+function issue(device: CowDevice, workload: Workload, buffer: Uint8Array): (index: number, worker: number) => Promise<unknown> {
+  if (workload.write) return (index) => device.write(offsetOf(workload, index, device.size), buffer);
+  const slots = Array.from({ length: workload.depth }, () => new Uint8Array(workload.size));
+  return (index, worker) => device.readInto(offsetOf(workload, index, device.size), slots[worker]);
 }
 
 /** The workload through openCow on a fresh COW over `backing` (open and close not timed, as in qemu-img bench). */

@@ -36,6 +36,8 @@ export interface CowDevice {
   readonly readOnly: boolean;
   /** Exactly `length` bytes from `offset`. */
   read(offset: number, length: number): Promise<Uint8Array>;
+  /** Fills `buffer` with the disk's bytes from `offset` (lets callers reuse buffers, like pread). */
+  readInto(offset: number, buffer: Uint8Array): Promise<Uint8Array>;
   /** Resolves once the data and the bitmap bits that point at it are written. */
   write(offset: number, data: Uint8Array): Promise<void>;
   /** Everything acknowledged so far is durable (fdatasync). */
@@ -121,7 +123,12 @@ class Engine implements CowDevice {
   }
 
   read(offset: number, length: number): Promise<Uint8Array> {
-    return this.track(() => this.fastRead(offset, length) ?? this.doRead(offset, length));
+    // Every byte is read or the request fails, so the buffer needs no zero-filling.
+    return this.readInto(offset, Buffer.allocUnsafe(length));
+  }
+
+  readInto(offset: number, buffer: Uint8Array): Promise<Uint8Array> {
+    return this.track(() => this.fastRead(offset, buffer) ?? this.doRead(offset, buffer));
   }
 
   write(offset: number, data: Uint8Array): Promise<void> {
@@ -190,7 +197,8 @@ class Engine implements CowDevice {
    * The common case in one step: the range lies wholly in the COW (all bits set) or wholly in the
    * backing with no bitmap update that could make a clear bit stale. Undefined: take the slow path.
    */
-  private fastRead(offset: number, length: number): Promise<Uint8Array> | undefined {
+  private fastRead(offset: number, buffer: Uint8Array): Promise<Uint8Array> | undefined {
+    const length = buffer.length;
     this.checkRange(offset, length, 'read');
     if (length === 0) return undefined;
     const first = Math.floor(offset / this.sectorSize);
@@ -202,19 +210,17 @@ class Engine implements CowDevice {
     else if (this.bitmap.allSet(first, end)) fromCow = true;
     else if (this.bitmap.noneSet(first, end) && this.bitmapWriter.updatesOverlapping(first, end).length === 0) fromCow = false;
     else return undefined;
-    // Every byte is read or the request fails, so the buffer needs no zero-filling.
-    const buffer = Buffer.allocUnsafe(length);
     return this.readSpan(fromCow, buffer, 0, length, offset).then(() => buffer);
   }
 
-  private async doRead(offset: number, length: number): Promise<Uint8Array> {
+  private async doRead(offset: number, buffer: Uint8Array): Promise<Uint8Array> {
+    const length = buffer.length;
     this.checkRange(offset, length, 'read');
-    const buffer = Buffer.allocUnsafe(length);
     if (length === 0) return buffer;
     const first = Math.floor(offset / this.sectorSize);
     const end = Math.ceil((offset + length) / this.sectorSize);
     await this.waitForStaleBits(first, end);
-    await this.readInto(buffer, offset);
+    await this.fill(buffer, offset);
     return buffer;
   }
 
@@ -230,7 +236,7 @@ class Engine implements CowDevice {
   }
 
   /** Fills `buffer` with the disk's bytes from `offset`, run by run of the bitmap. */
-  private async readInto(buffer: Uint8Array, offset: number): Promise<void> {
+  private async fill(buffer: Uint8Array, offset: number): Promise<void> {
     const end = offset + buffer.length;
     const sectorSize = this.sectorSize;
     const first = Math.floor(offset / sectorSize);
@@ -311,11 +317,11 @@ class Engine implements CowDevice {
     const sectorSize = this.sectorSize;
     const edges: Promise<void>[] = [];
     if (offset > spanStart) {
-      edges.push(this.readInto(span.subarray(0, Math.min(sectorSize, span.length)), spanStart));
+      edges.push(this.fill(span.subarray(0, Math.min(sectorSize, span.length)), spanStart));
     }
     const tailStart = Math.max(spanStart, spanEnd - (spanEnd % sectorSize || sectorSize));
     if (offset + data.length < spanEnd && (tailStart > spanStart || offset === spanStart)) {
-      edges.push(this.readInto(span.subarray(tailStart - spanStart), tailStart));
+      edges.push(this.fill(span.subarray(tailStart - spanStart), tailStart));
     }
     await Promise.all(edges);
     span.set(data, offset - spanStart);
