@@ -38,6 +38,10 @@ describe('openCow API contract', () => {
     expect(dev.sectorSize).toBe(512);
     expect(Buffer.from(await dev.read(100, 1000)).equals(Buffer.alloc(1000, 0xab))).toBe(true);
     expect((await dev.read(0, 0)).length).toBe(0);
+    const buffer = new Uint8Array(700);
+    await dev.write(600, Buffer.alloc(200, 0x5a));
+    expect(await dev.readInto(300, buffer)).toBe(buffer);
+    expect(Buffer.from(buffer).equals(Buffer.concat([Buffer.alloc(300, 0xab), Buffer.alloc(200, 0x5a), Buffer.alloc(200, 0xab)]))).toBe(true);
     await dev.close();
   });
 
