@@ -461,13 +461,20 @@ async function writeNonZeroBlocks(out: FileHandleLike, outputPath: string, data:
  */
 async function refuseSharedBacking(fs: FileSystem, cowPath: string, backingPath: string, options: CommitOptions): Promise<string[]> {
   const folders = [path.dirname(path.resolve(cowPath)), path.dirname(backingPath), ...(options.checkSiblings ?? [])];
-  const siblings = await findSiblingCows(fs, cowPath, backingPath, folders);
-  if (siblings.length === 0) return [];
-  const risk = `${backingPath} is also the backing file of ${siblings.length} other COW file${siblings.length > 1 ? 's' : ''} (${siblings.join(', ')}); merging into it in place changes the disks they see and silently corrupts them`;
-  if (!options.force) {
-    throw new UbdcowError('shared-backing', `${risk} (commit to a new file instead, or use --force)`, { file: backingPath });
+  const { siblings, unreadable } = await findSiblingCows(fs, cowPath, backingPath, folders);
+  const risks: string[] = [];
+  if (siblings.length > 0) {
+    risks.push(
+      `${backingPath} is also the backing file of ${siblings.length} other COW file${siblings.length > 1 ? 's' : ''} (${siblings.join(', ')}); merging into it in place changes the disks they see and silently corrupts them`,
+    );
   }
-  return [risk];
+  if (unreadable.length > 0) {
+    risks.push(`could not tell whether other COW files use ${backingPath}: ${unreadable.map((err) => err.message).join('; ')}`);
+  }
+  if (risks.length > 0 && !options.force) {
+    throw new UbdcowError('shared-backing', `${risks.join('; and ')} (commit to a new file instead, or use --force)`, { file: backingPath });
+  }
+  return risks;
 }
 
 async function commitInPlace(cowPath: string, options: CommitOptions): Promise<CommitResult> {

@@ -1,45 +1,69 @@
 import * as path from 'node:path';
+import { UbdcowError, fromSystemError } from '../errors.js';
 import { MAX_HEADER_SIZE, parseHeader } from '../format/header.js';
 import type { FileSystem } from '../io/file.js';
+
+/** Errors that mean "this is not something we could read anyway", not "we could not look". */
+const skippable = new Set(['ENOENT', 'EACCES', 'EPERM', 'ELOOP', 'ENOTDIR']);
+
+export interface SiblingSearch {
+  siblings: string[];
+  /** Files or folders that could not be read, so whether they are siblings is unknown. */
+  unreadable: UbdcowError[];
+}
 
 /**
  * COW files in `folders` (other than `cowPath`) whose header names `backingPath` as their backing
  * file. Committing one VM's changes into a base that other COWs read from would silently change
  * the disks those VMs see. Only regular files are opened (a FIFO would block), and only their
- * first bytes are read; files that are not COWs are skipped.
+ * first bytes are read; files that are not COWs are skipped. I/O errors are collected, not
+ * swallowed: the caller must not take "could not look" for "none there".
  */
-export async function findSiblingCows(fs: FileSystem, cowPath: string, backingPath: string, folders: string[]): Promise<string[]> {
+export async function findSiblingCows(fs: FileSystem, cowPath: string, backingPath: string, folders: string[]): Promise<SiblingSearch> {
   const self = await fs.realpath(cowPath).catch(() => path.resolve(cowPath));
   const backing = await fs.realpath(backingPath).catch(() => path.resolve(backingPath));
   const found = new Set<string>();
+  const unreadable: UbdcowError[] = [];
   for (const folder of new Set(folders.map((f) => path.resolve(f)))) {
-    const names = await fs.readdir(folder).catch(() => [] as string[]);
+    let names: string[];
+    try {
+      names = await fs.readdir(folder);
+    } catch (err) {
+      unreadable.push(fromSystemError(err, folder, 'list folder'));
+      continue;
+    }
     for (const name of names) {
       const candidate = path.join(folder, name);
       if (found.has(candidate) || (await fs.realpath(candidate).catch(() => candidate)) === self) continue;
-      if (await namesBacking(fs, candidate, backing)) found.add(candidate);
+      try {
+        if (await namesBacking(fs, candidate, backing)) found.add(candidate);
+      } catch (err) {
+        const code = (err as NodeJS.ErrnoException).code;
+        if (!code || !skippable.has(code)) unreadable.push(fromSystemError(err, candidate, 'read'));
+      }
     }
   }
-  return [...found].sort();
+  return { siblings: [...found].sort(), unreadable };
 }
 
 async function namesBacking(fs: FileSystem, file: string, backingRealPath: string): Promise<boolean> {
+  const stat = await fs.stat(file);
+  if (stat.kind !== 'file' || stat.size < 8) return false;
+  const handle = await fs.open(file, 'r');
+  let start: Uint8Array;
   try {
-    const stat = await fs.stat(file);
-    if (stat.kind !== 'file' || stat.size < 8) return false;
-    const handle = await fs.open(file, 'r');
-    let start: Uint8Array;
-    try {
-      start = new Uint8Array(MAX_HEADER_SIZE);
-      start = start.subarray(0, await handle.read(start, 0, start.length, 0));
-    } finally {
-      await handle.close();
-    }
-    const { header } = parseHeader(start);
-    const named = path.resolve(path.dirname(file), header.backingFile);
-    const resolved = await fs.realpath(named).catch(() => named);
-    return resolved === backingRealPath;
-  } catch {
-    return false;
+    start = new Uint8Array(MAX_HEADER_SIZE);
+    start = start.subarray(0, await handle.read(start, 0, start.length, 0));
+  } finally {
+    await handle.close();
   }
+  let backingFile: string;
+  try {
+    backingFile = parseHeader(start).header.backingFile;
+  } catch {
+    return false; // not a COW file (or not one any reader would use)
+  }
+  const named = path.resolve(path.dirname(file), backingFile);
+  const resolved = await fs.realpath(named).catch(() => named);
+  return resolved === backingRealPath;
 }

@@ -55,8 +55,8 @@ describe('in-place commit into a backing file other COWs use', () => {
     const otherBase = path.join(dir, 'other-base.img');
     await fsp.writeFile(otherBase, Buffer.alloc(4096));
     await createCow(path.join(elsewhere, 'unrelated.cow'), otherBase);
-    expect(await findSiblingCows(nodeFileSystem, path.join(dir, 'vm1.cow'), base, [dir])).toEqual([]);
-    expect(await findSiblingCows(nodeFileSystem, path.join(dir, 'vm1.cow'), base, [dir, elsewhere])).toEqual([path.join(elsewhere, 'vm3.cow')]);
+    expect(await findSiblingCows(nodeFileSystem, path.join(dir, 'vm1.cow'), base, [dir])).toEqual({ siblings: [], unreadable: [] });
+    expect(await findSiblingCows(nodeFileSystem, path.join(dir, 'vm1.cow'), base, [dir, elsewhere])).toEqual({ siblings: [path.join(elsewhere, 'vm3.cow')], unreadable: [] });
     await expect(commitCow(path.join(dir, 'vm1.cow'), { checkSiblings: [elsewhere] })).rejects.toThrow(/vm3\.cow/);
   });
 
@@ -71,5 +71,11 @@ describe('in-place commit into a backing file other COWs use', () => {
     const result = await commitCow(path.join(dir, 'vm1.cow'));
     expect(result.warnings).toEqual([]);
     expect(result.emptied).toBe(true);
+  });
+
+  it('refuses when a folder it was asked to search cannot be read, instead of assuming no siblings', async () => {
+    const error = await commitCow(path.join(dir, 'vm1.cow'), { checkSiblings: [path.join(dir, 'no-such-folder')] }).catch((err: unknown) => err);
+    expect((error as UbdcowError).code).toBe('shared-backing');
+    expect((error as Error).message).toMatch(/could not tell.*no-such-folder/);
   });
 });
