@@ -360,7 +360,7 @@ afterAll(() => {
       'Read steps: read, stat, fstat, realpath, readdir, open for reading/updating. Write steps: write, truncate, sync, datasync, create, rename, link, unlink, directory sync.',
       `Steps per operation: ${Object.entries(stepCounts).map(([name, c]) => `${name} ${c.reads} reads + ${c.writes} writes`).join('; ')}.`,
       `Copy chunk ${CHUNK_BYTES} bytes; each case has ${CASE_TIMEOUT_MS / 1000} s before it counts as hung.`,
-      `Failures tolerated by design, with the right result: ${tolerated.size === 0 ? 'none' : [...tolerated].sort().join('; ')}.`,
+      `Failed steps the operation got past with the right result (path lookups with a fallback; in place, the sibling-COW scan, which has nothing to find here): ${tolerated.size === 0 ? 'none' : [...tolerated].sort().join('; ')}.`,
     ],
     rows: tally.rows('operation', ['injections', 'reported as error', 'reported as problem', 'refused all the same', 'tolerated, result right', 'recovered by re-run', 'known bug', 'failed']),
     totals: { injections: tally.total('injections'), 'known bug': tally.total('known bug'), failed: tally.total('failed') },

@@ -199,6 +199,18 @@ async function runWorkload(seed: number, sync: boolean, mode: FaultMode, at: num
   return { problems, hit: injection.hit, failedRequests: failed.size, steps: injection.steps };
 }
 
+/** A run that takes longer than this has hung (a request that never completes). */
+const RUN_TIMEOUT_MS = 10_000;
+
+async function withinTimeout<T extends { problems: string[] }>(run: () => Promise<T>, hung: T): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  try {
+    return await Promise.race([run(), new Promise<T>((resolve) => (timer = setTimeout(() => resolve(hung), RUN_TIMEOUT_MS)))]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
 const tally = new Tally();
 const failures: string[] = [];
 
@@ -225,7 +237,7 @@ describe('failing disks under the engine: one call fails, at every step', () => 
           const probe = await runWorkload(seed, sync, mode, 0);
           expect(probe.problems, `fault-free run, seed ${seed}`).toEqual([]);
           for (let at = 1; at <= probe.steps; at++) {
-            const result = await runWorkload(seed, sync, mode, at);
+            const result = await withinTimeout(() => runWorkload(seed, sync, mode, at), { problems: ['hung'], failedRequests: 0, steps: 0 });
             const label = `${mode.label}${sync ? ' (sync)' : ''}`;
             tally.add(label, 'injections');
             if (!result.hit) tally.add(label, 'not reached');
@@ -290,7 +302,7 @@ describe('failing disks under writeThroughEngine (ubdcow write)', () => {
       expect(probe.problems).toEqual([]);
       const caseFailures: string[] = [];
       for (let at = 1; at <= probe.steps; at++) {
-        const result = await run(at);
+        const result = await withinTimeout(() => run(at), { problems: ['hung'], steps: 0, hit: undefined });
         tally.add(`ubdcow write: ${mode.label}`, 'injections');
         tally.add(`ubdcow write: ${mode.label}`, result.hit?.kind === 'read' && result.hit.position < 8192 ? 'during open' : 'on a request');
         if (result.problems.length > 0) {
