@@ -330,13 +330,6 @@ const KNOWN_BUGS: KnownBug[] = [
       'src/io/atomic.ts writeNewFile: when removing the temporary name or syncing the folder fails after link(), the error is reported but the destination already exists (complete), so the re-run refuses with "already exists"',
   })),
   {
-    scenario: 'commit in place next to another COW',
-    step: /readdir|stat vm2\.cow|open vm2\.cow|read vm2\.cow/,
-    problem: /went ahead|appeared|changed|disappeared/,
-    description:
-      'src/commands/siblings.ts findSiblingCows: an I/O error listing a folder or reading a candidate COW is taken as "no sibling here", so commit in place goes ahead and changes the disk another COW sees (the safety check fails open)',
-  },
-  {
     scenario: 'check --repair',
     step: /open vm\.cow\.ubdcow-commit r/,
     problem: /reported as something else: .*in-place commit was interrupted/,
