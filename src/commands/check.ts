@@ -1,3 +1,4 @@
+import { UbdcowError } from '../errors.js';
 import { CowFormatError, fromSystemError } from '../errors.js';
 import { type FileSystem, nodeFileSystem } from '../io/file.js';
 import { type BackingReport, type CowImage, allocatedExtents, checkBacking, openImage } from '../io/image.js';
@@ -89,7 +90,16 @@ export async function checkCow(cowPath: string, options: CheckOptions = {}): Pro
         repairable: false,
       });
     }
-    if (await readCommitJournal(fs, cowPath).catch(() => true)) {
+    // A journal that is there but unreadable as one still means an interrupted commit; an I/O
+    // error is not an answer, so it propagates (exit 2: could not check).
+    const interrupted = await readCommitJournal(fs, cowPath).then(
+      (journal) => journal !== undefined,
+      (err: unknown) => {
+        if (err instanceof UbdcowError && err.code === 'bad-journal') return true;
+        throw err;
+      },
+    );
+    if (interrupted) {
       result.problems.push({
         code: 'commit-interrupted',
         message: `${cowPath}: an in-place commit was interrupted (${commitJournalPath(cowPath)} exists); run \`ubdcow commit ${cowPath}\` again to finish it`,

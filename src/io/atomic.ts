@@ -26,6 +26,8 @@ export async function writeNewFile(
   } catch (err) {
     throw fromSystemError(err, destination, 'create');
   }
+  // Set once `destination` is our new file, linked next to the temporary name (no-clobber mode).
+  let linked = false;
   try {
     try {
       await fill(file);
@@ -37,10 +39,14 @@ export async function writeNewFile(
       await fs.rename(temporary, destination);
     } else {
       await fs.link(temporary, destination);
+      linked = true;
       await fs.unlink(temporary);
     }
     await fs.syncDirectory(path.dirname(destination));
   } catch (err) {
+    // A failure after link() would leave the new file in place while reporting an error, and a
+    // re-run would then refuse it as existing: take it away again (it is ours, link never clobbers).
+    if (linked) await fs.unlink(destination).catch(() => undefined);
     await fs.unlink(temporary).catch(() => undefined);
     if ((err as NodeJS.ErrnoException).code === 'EEXIST') {
       throw new UbdcowError('exists', `${destination}: already exists (use --force to overwrite)`, { file: destination });

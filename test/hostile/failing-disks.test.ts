@@ -322,20 +322,6 @@ interface KnownBug {
 }
 
 const KNOWN_BUGS: KnownBug[] = [
-  ...['create', 'commit to a new file'].map((scenario) => ({
-    scenario,
-    step: /unlink \.\S+\.tmp|fsync-dir/,
-    problem: /appeared|already exists/,
-    description:
-      'src/io/atomic.ts writeNewFile: when removing the temporary name or syncing the folder fails after link(), the error is reported but the destination already exists (complete), so the re-run refuses with "already exists"',
-  })),
-  {
-    scenario: 'check --repair',
-    step: /open vm\.cow\.ubdcow-commit r/,
-    problem: /reported as something else: .*in-place commit was interrupted/,
-    description:
-      'src/commands/check.ts: readCommitJournal(...).catch(() => true) turns an I/O error reading the journal (EIO) into "an in-place commit was interrupted (... exists)", although no journal may exist',
-  },
 ];
 
 const tally = new Tally();
