@@ -1,18 +1,12 @@
 import type { CommandModule } from 'yargs';
-import { formatBytes, formatTable, toJson } from './format.js';
+import { formatBytes, formatTable, out, toJson, warn } from './format.js';
 import { engineCommands } from './engine-commands.js';
 import { workflowCommitCommands } from './workflow-commit.js';
 import { workflowCommands } from './workflow-view.js';
 
 /* Handlers import their command modules lazily so `ubdcow --help` stays fast. */
 
-function out(text: string): void {
-  process.stdout.write(text.endsWith('\n') ? text : `${text}\n`);
-}
 
-function warn(command: string, warnings: string[]): void {
-  for (const warning of warnings) process.stderr.write(`ubdcow ${command}: warning: ${warning}\n`);
-}
 
 const create: CommandModule = {
   command: 'create <cow> <backing>',

@@ -25,8 +25,8 @@ const read: CommandModule = {
     const { readThroughEngine, streamSink } = await import('../commands/engine-io.js');
     ignoreBrokenPipe();
     await readThroughEngine(String(argv.cow), streamSink(process.stdout), {
-      offset: parseByteCount(String(argv.offset), 'offset'),
-      length: argv.length === undefined ? undefined : parseByteCount(String(argv.length), 'length'),
+      offset: parseByteCount('offset', String(argv.offset)),
+      length: argv.length === undefined ? undefined : parseByteCount('length', String(argv.length)),
       backing: argv.backing as string | undefined,
     });
   },
@@ -58,7 +58,7 @@ const write: CommandModule = {
     }
     const input = file === undefined ? process.stdin : fs.createReadStream(file);
     const result = await writeThroughEngine(String(argv.cow), input, {
-      offset: parseByteCount(String(argv.offset), 'offset'),
+      offset: parseByteCount('offset', String(argv.offset)),
       backing: argv.backing as string | undefined,
       sync: Boolean(argv.sync),
       expectedLength,

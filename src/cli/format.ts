@@ -25,14 +25,24 @@ export function toJson(value: unknown): string {
   return JSON.stringify(value, null, 2);
 }
 
-const sizeSuffixes: Record<string, number> = { '': 1, k: 1024, m: 1024 ** 2, g: 1024 ** 3, t: 1024 ** 4 };
+const sizeUnits: Record<string, number> = { '': 1, b: 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40, p: 2 ** 50 };
 
-/** Parses a byte count: a whole number, optionally with a binary suffix (K, M, G, T; "KiB" too). */
-export function parseByteCount(text: string, option: string): number {
-  const match = /^(\d+)\s*([kmgt]?)(?:i?b)?$/i.exec(String(text).trim());
-  const value = match ? Number(match[1]) * sizeSuffixes[match[2].toLowerCase()] : NaN;
+/** A byte count as users type it: `4096`, `0x1000`, `4K`, `1MiB`, `2G` (binary units). */
+export function parseByteCount(option: string, text: string): number {
+  const match = /^(0x[0-9a-f]+|\d+)\s*(?:([kmgtp])(?:i?b)?|(b))?$/i.exec(text.trim());
+  const value = match ? Number(match[1]) * sizeUnits[(match[2] ?? match[3] ?? '').toLowerCase()] : NaN;
   if (!Number.isSafeInteger(value)) {
-    throw new UbdcowError('usage', `--${option} is ${JSON.stringify(text)}, expected a byte count such as 4096, 64K or 1G`);
+    throw new UbdcowError('usage', `--${option} is ${JSON.stringify(text)}, expected a byte count such as 4096, 0x1000, 64K or 1MiB`);
   }
   return value;
+}
+
+/** A line on stdout. */
+export function out(text: string): void {
+  process.stdout.write(text.endsWith('\n') ? text : `${text}\n`);
+}
+
+/** Warnings on stderr, one line each, named after the command. */
+export function warn(command: string, warnings: string[]): void {
+  for (const warning of warnings) process.stderr.write(`ubdcow ${command}: warning: ${warning}\n`);
 }

@@ -1,16 +1,10 @@
 import type { CommandModule } from 'yargs';
-import { formatBytes, toJson } from './format.js';
+import { formatBytes, out, toJson, warn } from './format.js';
 import { createByteProgress, progressWanted } from './progress.js';
 
 /* Handlers import their command modules lazily so `ubdcow --help` stays fast. */
 
-function out(text: string): void {
-  process.stdout.write(text.endsWith('\n') ? text : `${text}\n`);
-}
 
-function warn(command: string, warnings: string[]): void {
-  for (const warning of warnings) process.stderr.write(`ubdcow ${command}: warning: ${warning}\n`);
-}
 
 function seconds(ms: number): string {
   return `${(ms / 1000).toFixed(1)} s`;

@@ -2,29 +2,12 @@ import type { CommandModule } from 'yargs';
 import { UbdcowError } from '../errors.js';
 import type { DiffResult } from '../commands/diff.js';
 import type { MapResult } from '../commands/map.js';
-import { formatBytes, formatTable, toJson } from './format.js';
+import { formatBytes, formatTable, out, parseByteCount, toJson, warn } from './format.js';
 
 /* The read-only workflow commands: diff, map, cat. Handlers import their modules lazily. */
 
-function out(text: string): void {
-  process.stdout.write(text.endsWith('\n') ? text : `${text}\n`);
-}
 
-function warn(command: string, warnings: string[]): void {
-  for (const warning of warnings) process.stderr.write(`ubdcow ${command}: warning: ${warning}\n`);
-}
 
-const sizeUnits: Record<string, number> = { '': 1, b: 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40, p: 2 ** 50 };
-
-/** A byte count as users type it: `4096`, `0x1000`, `4K`, `1MiB`, `2G` (binary units). */
-export function parseByteCount(option: string, text: string): number {
-  const match = /^(0x[0-9a-f]+|\d+)\s*(?:([kmgtp])(?:i?b)?|(b))?$/i.exec(text.trim());
-  const value = match ? Number(match[1]) * sizeUnits[(match[2] ?? match[3] ?? '').toLowerCase()] : NaN;
-  if (!Number.isSafeInteger(value)) {
-    throw new UbdcowError('usage', `--${option} is ${JSON.stringify(text)}, expected a byte count such as 4096, 0x1000, 64K or 1MiB`);
-  }
-  return value;
-}
 
 /** Ranges as `offset length` in bytes, or `first-sector sector-count` with `sectors`. */
 export function formatDiffRanges(result: DiffResult, sectors: boolean): string {
