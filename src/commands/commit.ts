@@ -369,6 +369,8 @@ async function writeMergedImage(
   const idle = Array.from({ length: WINDOWS_IN_FLIGHT }, () => ({ window: new Uint8Array(windowBytes), cowData: new Uint8Array(windowBytes) }));
   const inFlight = new Set<Promise<void>>();
   let failure: unknown;
+  let backgroundSync: Promise<void> | undefined;
+  let syncedUpTo = 0;
   for (let windowStart = 0; windowStart < size && failure === undefined; windowStart += windowBytes) {
     const length = Math.min(windowBytes, size - windowStart);
     let runs: WindowRuns['runs'] = [];
@@ -383,6 +385,12 @@ async function writeMergedImage(
         written += bytes;
         done += length;
         onProgress?.(done, size);
+        if (written - syncedUpTo >= BACKGROUND_SYNC_BYTES && backgroundSync === undefined) {
+          // Start write-back while the copy goes on, so the final fsync has little left to do.
+          syncedUpTo = written;
+          backgroundSync = out.datasync().finally(() => (backgroundSync = undefined));
+          backgroundSync.catch((err: unknown) => (failure ??= fromSystemError(err, outputPath, 'sync')));
+        }
       },
       (err: unknown) => {
         failure ??= err;
@@ -395,6 +403,7 @@ async function writeMergedImage(
     inFlight.add(tracked);
   }
   await Promise.all(inFlight);
+  await backgroundSync?.catch(() => undefined);
   if (failure !== undefined) throw failure;
   try {
     await out.truncate(size);
@@ -405,6 +414,7 @@ async function writeMergedImage(
 }
 
 const WINDOWS_IN_FLIGHT = 3;
+const BACKGROUND_SYNC_BYTES = 64 << 20;
 
 /** One window of the merged disk: the backing's bytes, the COW's runs over them, non-zero blocks out. */
 async function mergeWindow(
