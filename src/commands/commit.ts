@@ -338,8 +338,15 @@ async function* allocatedWindows(image: CowImage, windowBytes: number): AsyncGen
 
 /** Reads the COW data area behind [start, end) of the disk into `buffer`; a short read means truncation. */
 async function readCowData(image: CowImage, buffer: Uint8Array, start: number, end: number): Promise<void> {
+  return readCowRun(image, buffer, 0, start, end);
+}
+
+/** A window whose allocated bytes are under 1/8 of its span reads run by run. */
+const SPARSE_WINDOW_RATIO = 8;
+
+async function readCowRun(image: CowImage, buffer: Uint8Array, offset: number, start: number, end: number): Promise<void> {
   const position = image.geometry.dataOffset + start;
-  const got = await readFully(image.file, image.path, buffer, 0, end - start, position);
+  const got = await readFully(image.file, image.path, buffer, offset, end - start, position);
   if (got < end - start) {
     throw new CowFormatError('truncated', 'file length', position + got, `at least ${image.geometry.dataOffset + end} bytes`, image.path);
   }
@@ -434,8 +441,15 @@ async function mergeWindow(
   window.fill(0, got, length);
   if (runs.length > 0) {
     const spanStart = runs[0].start;
-    await readCowData(image, cowData, spanStart, runs[runs.length - 1].end);
-    for (const run of runs) window.set(cowData.subarray(run.start - spanStart, run.end - spanStart), run.start - windowStart);
+    const spanEnd = runs[runs.length - 1].end;
+    const allocated = runs.reduce((sum, run) => sum + run.end - run.start, 0);
+    if (allocated * SPARSE_WINDOW_RATIO < spanEnd - spanStart) {
+      // Few runs in a wide span: read each straight into place rather than the span's holes.
+      await Promise.all(runs.map((run) => readCowRun(image, window, run.start - windowStart, run.start, run.end)));
+    } else {
+      await readCowData(image, cowData, spanStart, spanEnd);
+      for (const run of runs) window.set(cowData.subarray(run.start - spanStart, run.end - spanStart), run.start - windowStart);
+    }
   }
   return writeNonZeroBlocks(out, outputPath, window.subarray(0, length), windowStart);
 }
