@@ -144,7 +144,7 @@ describe('crash consistency: the recorded I/O cut at every point', () => {
           for (;;) {
             while (inflight.size < 16) {
               const myId = id++;
-              const sector = (myId * 7919) % 8192;
+              const sector = (myId * 7919) % 8191; // each write covers sector and sector + 1 of 8192
               const data = Buffer.alloc(512 * 2, myId % 250 + 1);
               data.writeUInt32LE(myId, 0); data.writeUInt32LE(myId, 512);
               const p = dev.write(sector * 512, data).then(() => { process.stdout.write(myId + ' ' + sector + '\\n'); inflight.delete(p); });
@@ -156,16 +156,24 @@ describe('crash consistency: the recorded I/O cut at every point', () => {
         let output = '';
         child.stdout.on('data', (chunk) => (output += chunk));
         // Kill at a random moment after the workload is under way.
-        await new Promise<void>((resolve) => {
-          const ready = () => {
-            if (output.includes('\n')) resolve();
-            else setTimeout(ready, 5);
-          };
-          ready();
-        });
+        let exitedByItself = false;
+        const exited = new Promise<void>((resolve) => child.on('exit', () => resolve()));
+        void exited.then(() => (exitedByItself = true));
+        await Promise.race([
+          exited,
+          new Promise<void>((resolve) => {
+            const ready = () => {
+              if (output.includes('\n') || exitedByItself) resolve();
+              else setTimeout(ready, 5);
+            };
+            ready();
+          }),
+        ]);
+        expect(exitedByItself, 'the workload process stopped before it was killed').toBe(false);
         await new Promise((resolve) => setTimeout(resolve, 20 + Math.random() * 200));
+        expect(exitedByItself, 'the workload process stopped before it was killed').toBe(false);
         child.kill('SIGKILL');
-        await new Promise((resolve) => child.on('exit', resolve));
+        await exited;
         const lines = output.split('\n').filter((line) => /^\d+ \d+$/.test(line));
         expect(lines.length, 'the child acknowledged some writes before it was killed').toBeGreaterThan(0);
         const latestBySector = new Map<number, number>();
