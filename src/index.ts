@@ -17,4 +17,4 @@ export { runDemo, bundledImage, type DemoResult, type DemoStep } from './command
 export { lockCowFile, unlockCowFile, isCowFileLocked, type CowLockOptions } from './io/lock.js';
 export { commitCow, commitJournalPath, readCommitJournal, type CommitOptions, type CommitResult, type CommitJournal } from './commands/commit.js';
 export { checkCow, type CheckOptions, type CheckResult, type CheckProblem, type CheckProblemCode } from './commands/check.js';
-export { rebaseCow, serializeSameLayout, type RebaseOptions, type RebaseResult } from './commands/rebase.js';
+export { rebaseCow, type RebaseOptions, type RebaseResult } from './commands/rebase.js';

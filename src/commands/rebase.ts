@@ -1,12 +1,6 @@
 import * as path from 'node:path';
 import { CowFormatError, UbdcowError, fromSystemError } from '../errors.js';
-import {
-  type CowHeader,
-  serializeV1,
-  serializeV2,
-  serializeV3,
-  serializeV3Broken,
-} from '../format/header.js';
+import { type CowHeader, serializeSameLayout } from '../format/header.js';
 import { type FileHandleLike, type FileSystem, nodeFileSystem, sizeOf } from '../io/file.js';
 import { isoTime, openImage, statImageFile } from '../io/image.js';
 import { lockCowFile } from '../io/lock.js';
@@ -33,30 +27,6 @@ export interface RebaseResult {
   overridden: string[];
   /** Present when --compare was asked for. */
   comparison?: { compared: boolean; equal?: boolean; firstDifference?: number; reason?: string };
-}
-
-/**
- * The header bytes for `header` in its own version and layout. Rewriting a header in place must
- * keep the layout: the bitmap and data area positions follow from the header's size.
- */
-export function serializeSameLayout(header: CowHeader): Uint8Array {
-  const fields = {
-    backingFile: header.backingFile,
-    mtime: header.mtime,
-    size: header.size,
-    sectorSize: header.sectorSize,
-    alignment: header.alignment,
-  };
-  switch (header.layout) {
-    case 'v1':
-      return serializeV1(fields, header.littleEndian);
-    case 'v2':
-      return serializeV2(fields);
-    case 'v3':
-      return serializeV3(fields);
-    case 'v3-broken':
-      return serializeV3Broken(fields);
-  }
 }
 
 /** Writes a header over the old one and makes it durable. */

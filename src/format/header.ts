@@ -311,3 +311,25 @@ export function serializeV1(fields: Omit<HeaderFields, 'alignment'>, littleEndia
   dv.setInt32(276, fields.sectorSize, littleEndian);
   return bytes;
 }
+
+/** Header bytes in the given layout (V1 in the given byte order). */
+export function serializeLayout(layout: HeaderLayout, fields: HeaderFields, littleEndian = true): Uint8Array {
+  switch (layout) {
+    case 'v1':
+      return serializeV1(fields, littleEndian);
+    case 'v2':
+      return serializeV2(fields);
+    case 'v3':
+      return serializeV3(fields);
+    case 'v3-broken':
+      return serializeV3Broken(fields);
+  }
+}
+
+/**
+ * The bytes of `header` in its own version and layout. Rewriting a header in place must keep the
+ * layout: the bitmap and data area positions follow from the header's size.
+ */
+export function serializeSameLayout(header: CowHeader): Uint8Array {
+  return serializeLayout(header.layout, header, header.littleEndian);
+}

@@ -13,10 +13,7 @@ import {
   type CowHeader,
   type HeaderLayout,
   parseHeader,
-  serializeV1,
-  serializeV2,
-  serializeV3,
-  serializeV3Broken,
+  serializeLayout,
 } from '../../src/format/header.js';
 import { SectorBitmap } from '../../src/format/bitmap.js';
 import type { FileHandleLike, FileSystem } from '../../src/io/file.js';
@@ -77,19 +74,6 @@ export interface BuiltCow {
 
 export const FIXTURE_MTIME = 1_600_000_000;
 
-function serialize(layout: HeaderLayout, fields: Parameters<typeof serializeV3>[0]): Uint8Array {
-  switch (layout) {
-    case 'v1':
-      return serializeV1(fields);
-    case 'v2':
-      return serializeV2(fields);
-    case 'v3':
-      return serializeV3(fields);
-    case 'v3-broken':
-      return serializeV3Broken(fields);
-  }
-}
-
 /**
  * Writes a backing file and a COW file over it in `dir`. Unallocated sectors of the COW's data
  * area hold garbage (0xEE), so a merge that reads them where the bit is clear is caught.
@@ -105,7 +89,7 @@ export function buildCow(dir: string, spec: CowSpec): BuiltCow {
   fs.writeFileSync(backingPath, backing);
   fs.utimesSync(backingPath, mtime, mtime);
 
-  const headerBytes = serialize(spec.layout ?? 'v3', {
+  const headerBytes = serializeLayout(spec.layout ?? 'v3', {
     backingFile: backingPath,
     mtime,
     size: spec.size,
