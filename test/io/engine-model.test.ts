@@ -279,4 +279,59 @@ describe('engine against an in-memory model, I/O completing in random order', ()
     fs.mode = 'immediate';
     await dev.close();
   });
+
+  it('no starvation: a read completes while writes to its sectors never stop, and a write completes while reads never stop', async () => {
+    for (let seed = 800; seed < 810; seed++) {
+      const random = seededRandom(seed);
+      const { fs } = await memoryImage(8192, random);
+      const dev = await openMemoryCow(fs);
+      fs.mode = 'random';
+      fs.random = random;
+      let stop = false;
+      const streams: Promise<void>[] = [];
+      // Four endless writers over sectors 0-1, 3-4, 5-6 and 7, each issuing again as soon as it
+      // resolves; the read spans all of them. It must not wait for a moment with no write active.
+      const writers: Array<[number, number]> = [[0, 1024], [1536, 1024], [2560, 1024], [3584, 512]];
+      for (const [offset, length] of writers) {
+        streams.push(
+          (async () => {
+            while (!stop) await dev.write(offset, randomBytes(random, length));
+          })(),
+        );
+      }
+      let steps = 0;
+      const read = dev.read(0, 4096);
+      let readDone = false;
+      void read.then(() => (readDone = true));
+      while (!readDone && steps < 5000) {
+        fs.step();
+        steps++;
+        await new Promise<void>((resolve) => setImmediate(resolve));
+      }
+      expect(readDone, `seed ${seed}: read still waiting after ${steps} steps`).toBe(true);
+      // Now endless readers, and one write that must get through.
+      stop = true;
+      await fs.drive(Promise.all(streams));
+      let readersStop = false;
+      const readers = Array.from({ length: 4 }, () =>
+        (async () => {
+          while (!readersStop) await dev.read(0, 4096);
+        })(),
+      );
+      const write = dev.write(512, randomBytes(random, 1024));
+      let writeDone = false;
+      void write.then(() => (writeDone = true));
+      steps = 0;
+      while (!writeDone && steps < 5000) {
+        fs.step();
+        steps++;
+        await new Promise<void>((resolve) => setImmediate(resolve));
+      }
+      expect(writeDone, `seed ${seed}: write still waiting after ${steps} steps`).toBe(true);
+      readersStop = true;
+      await fs.drive(Promise.all(readers));
+      fs.mode = 'immediate';
+      await dev.close();
+    }
+  });
 });
