@@ -341,8 +341,11 @@ async function readCowData(image: CowImage, buffer: Uint8Array, start: number, e
   return readCowRun(image, buffer, 0, start, end);
 }
 
-/** A window whose allocated bytes are under 1/8 of its span reads run by run. */
-const SPARSE_WINDOW_RATIO = 8;
+/**
+ * A separate read costs about as much as copying this many bytes of holes (a thread-pool round
+ * trip against memcpy of zero pages), so a span reads run by run only when its runs are fewer.
+ */
+const BYTES_PER_SEPARATE_READ = 256 * 1024;
 
 async function readCowRun(image: CowImage, buffer: Uint8Array, offset: number, start: number, end: number): Promise<void> {
   const position = image.geometry.dataOffset + start;
@@ -442,8 +445,7 @@ async function mergeWindow(
   if (runs.length > 0) {
     const spanStart = runs[0].start;
     const spanEnd = runs[runs.length - 1].end;
-    const allocated = runs.reduce((sum, run) => sum + run.end - run.start, 0);
-    if (allocated * SPARSE_WINDOW_RATIO < spanEnd - spanStart) {
+    if (runs.length * BYTES_PER_SEPARATE_READ < spanEnd - spanStart) {
       // Few runs in a wide span: read each straight into place rather than the span's holes.
       await Promise.all(runs.map((run) => readCowRun(image, window, run.start - windowStart, run.start, run.end)));
     } else {
