@@ -8,6 +8,33 @@ export function temporaryNameFor(destination: string): string {
   return path.join(path.dirname(destination), `.${path.basename(destination)}.ubdcow-${process.pid}-${random}.tmp`);
 }
 
+function isRunning(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+/**
+ * Removes temporary files an earlier ubdcow left for `destination` when it was killed (SIGKILL
+ * allows no cleanup), recognised by name and by their process no longer running. Best effort.
+ */
+export async function removeStaleTemporaries(fs: FileSystem, destination: string): Promise<string[]> {
+  const prefix = `.${path.basename(destination)}.ubdcow-`;
+  const names = await fs.readdir(path.dirname(destination)).catch(() => [] as string[]);
+  const removed: string[] = [];
+  for (const name of names) {
+    if (!name.startsWith(prefix) || !name.endsWith('.tmp')) continue;
+    const pid = Number(/^(\d+)-[a-z0-9]+\.tmp$/.exec(name.slice(prefix.length))?.[1]);
+    if (!Number.isInteger(pid) || pid === process.pid || isRunning(pid)) continue;
+    const full = path.join(path.dirname(destination), name);
+    if (await fs.unlink(full).then(() => true, () => false)) removed.push(full);
+  }
+  return removed;
+}
+
 /**
  * Writes a file under a temporary name in the same folder, syncs it, then puts it in place:
  * with link() when it must not replace anything (atomic no-clobber), rename() when it may.
@@ -19,6 +46,7 @@ export async function writeNewFile(
   replace: boolean,
   fill: (file: FileHandleLike) => Promise<void>,
 ): Promise<void> {
+  await removeStaleTemporaries(fs, destination);
   const temporary = temporaryNameFor(destination);
   let file: FileHandleLike;
   try {

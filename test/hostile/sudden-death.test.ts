@@ -250,7 +250,7 @@ afterAll(() => {
       `A real \`node bin/ubdcow commit\` on a ${DISK_SIZE >> 20} MiB disk (about half allocated in the COW), killed with SIGKILL: ${ANY_MOMENT * 100}% of kills at a random moment of a whole run, the rest at a random moment after it began changing files ` +
         `(temporary file or journal seen); then \`ubdcow commit\` again. Full runs: ${Object.entries(durations).map(([m, d]) => `${m} ${d}`).join('; ')}.`,
       'After every kill: a new image is absent or complete and its inputs are unchanged; in place, the COW bitmap is empty only if the backing file already holds the merged disk. After every re-run: the right image.',
-      `Temporary files left behind by killed new-file commits (SIGKILL allows no cleanup; they are hidden \`.OUT.ubdcow-PID-*.tmp\` siblings, removed by hand): ${leftoverTemporaryFiles}.`,
+      `Temporary files left behind by killed new-file commits (SIGKILL allows no cleanup; hidden \`.OUT.ubdcow-PID-*.tmp\` siblings): ${leftoverTemporaryFiles}; every re-run removed them (their process was gone).`,
     ],
     rows: [
       ...tally.rows('mode', ['kills', 'killed mid-run', 'finished first', 're-run right', 'failed']),
@@ -306,6 +306,9 @@ describe('SIGKILL during ubdcow commit, then commit again', () => {
         if (!(mode.name === 'new file' && fs.existsSync(files.out))) {
           const rerun = await commit(mode.argv(files));
           if (rerun.status !== 0) problems.push(`re-run failed (exit ${rerun.status}): ${rerun.stderr.trim()}`);
+          // The re-run removes what the killed run left (its process is gone).
+          const remaining = temporaryFiles(files.dir);
+          if (remaining.length > 0) problems.push(`temporary files still there after the re-run: ${remaining.join(', ')}`);
         }
         problems.push(...mode.afterRerun(files, image, pristineCow));
         if (problems.length === 0) tally.add(mode.name, 're-run right');
