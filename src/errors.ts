@@ -1,4 +1,14 @@
 /**
+ * Messages name files, and a file name (or a backing path read from a damaged header) may hold
+ * control characters; escaped, every message stays one line on a terminal.
+ */
+export function oneLine(message: string): string {
+  return message.replace(/[\x00-\x1f\x7f]/g, (c) =>
+    c === '\n' ? '\\n' : c === '\t' ? '\\t' : `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`,
+  );
+}
+
+/**
  * Errors that reach users. Every failure the CLI reports is one of these, so it can print one line
  * (no stack trace) and pick the exit code; anything else is a bug and is reported as such.
  */
@@ -9,7 +19,7 @@ export class UbdcowError extends Error {
   readonly file?: string;
 
   constructor(code: string, message: string, options: { file?: string; cause?: unknown } = {}) {
-    super(message, options.cause === undefined ? undefined : { cause: options.cause });
+    super(oneLine(message), options.cause === undefined ? undefined : { cause: options.cause });
     this.name = 'UbdcowError';
     this.code = code;
     this.file = options.file;

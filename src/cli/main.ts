@@ -1,5 +1,5 @@
 import yargs, { type Argv } from 'yargs';
-import { UbdcowError } from '../errors.js';
+import { UbdcowError, oneLine } from '../errors.js';
 import { commands } from './commands.js';
 
 /** Exit codes: 0 success; 1 failure (diff: images differ, check: problems found); 2 trouble for diff/check. */
@@ -26,7 +26,7 @@ function reportError(command: string, err: unknown, debug: boolean): number {
     process.stderr.write(`${prefix}: ${err.message}\n`);
     if (debug && err.stack) process.stderr.write(`${err.stack}\n`);
   } else {
-    const message = err instanceof Error ? err.message : String(err);
+    const message = oneLine(err instanceof Error ? err.message : String(err));
     process.stderr.write(`${prefix}: internal error: ${message} (run with --debug for details)\n`);
     if (debug && err instanceof Error && err.stack) process.stderr.write(`${err.stack}\n`);
   }

@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import fc from 'fast-check';
-import { CowFormatError } from '../../src/errors.js';
+import { CowFormatError, UbdcowError } from '../../src/errors.js';
 import {
   COW_MAGIC,
   type CowHeader,
@@ -452,5 +452,13 @@ describe('validateHeader on its own', () => {
 
   it('refuses sector size 0 before anything else', () => {
     expect(thrown(() => validateHeader({ ...header, sectorSize: 0, alignment: 0 })).code).toBe('bad-sector-size');
+  });
+});
+
+describe('error messages stay on one line', () => {
+  it('escapes control characters a damaged backing path brings into a message', () => {
+    const err = new UbdcowError('backing-missing', '/t\nmp/base\timg\x01: cannot open backing file');
+    expect(err.message).toBe('/t\\nmp/base\\timg\\x01: cannot open backing file');
+    expect(new CowFormatError('x', 'backing_file', 'a\nb', 'c').message).not.toContain('\n');
   });
 });
