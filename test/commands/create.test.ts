@@ -4,8 +4,9 @@ import { describe, expect, it } from 'vitest';
 import { UbdcowError } from '../../src/errors.js';
 import { parseHeader, serializeV3 } from '../../src/format/header.js';
 import { absoluteBackingPath, createCow } from '../../src/commands/create.js';
-import { type FileHandleLike, type FileSystem, nodeFileSystem } from '../../src/io/file.js';
+import { type FileSystem, nodeFileSystem } from '../../src/io/file.js';
 import { inFolder, useTempDir } from '../helpers/tmp.js';
+import { wrapHandle } from '../helpers/wrap-handle.js';
 
 const tmp = useTempDir();
 
@@ -255,19 +256,11 @@ describe('createCow', () => {
         async open(file, mode) {
           const handle = await nodeFileSystem.open(file, mode);
           if (mode !== 'wx') return handle;
-          const failing: FileHandleLike = {
-            read: handle.read.bind(handle),
-            write: handle.write.bind(handle),
-            datasync: handle.datasync.bind(handle),
-            sync: handle.sync.bind(handle),
-            truncate: handle.truncate.bind(handle),
-            stat: handle.stat.bind(handle),
-            close: handle.close.bind(handle),
+          return wrapHandle(handle, {
             [step]: async () => {
               throw Object.assign(new Error('injected'), { code: step === 'truncate' ? 'ENOSPC' : 'EIO' });
             },
-          };
-          return failing;
+          });
         },
       };
     }

@@ -9,6 +9,7 @@ import { type FileSystem, nodeFileSystem } from '../../src/io/file.js';
 import { type SectorWrite, writeCowSectors } from '../../bench/util.js';
 import { ensureBuiltCli, run } from '../helpers/tools.js';
 import { useTempDir } from '../helpers/tmp.js';
+import { wrapHandle } from '../helpers/wrap-handle.js';
 
 /** A planned COW write: which sectors, and whether to write the backing's own bytes back. */
 interface Pick {
@@ -94,20 +95,13 @@ function countingFs(): { fs: FileSystem; bytesRead: Map<string, number> } {
     ...nodeFileSystem,
     async open(file, mode) {
       const handle = await nodeFileSystem.open(file, mode);
-      return {
-        fd: handle.fd,
+      return wrapHandle(handle, {
         read: async (buffer, offset, length, position) => {
           const got = await handle.read(buffer, offset, length, position);
           bytesRead.set(file, (bytesRead.get(file) ?? 0) + got);
           return got;
         },
-        write: handle.write.bind(handle),
-        datasync: handle.datasync.bind(handle),
-        sync: handle.sync.bind(handle),
-        truncate: handle.truncate.bind(handle),
-        stat: handle.stat.bind(handle),
-        close: handle.close.bind(handle),
-      };
+      });
     },
   };
   return { fs, bytesRead };

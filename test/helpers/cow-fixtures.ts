@@ -18,18 +18,9 @@ import {
 import { SectorBitmap } from '../../src/format/bitmap.js';
 import type { FileHandleLike, FileSystem } from '../../src/io/file.js';
 import { nodeFileSystem } from '../../src/io/file.js';
+import { seededRandom } from '../../bench/util.js';
 
-/** A small deterministic generator (mulberry32), so a failing case can be rebuilt from its seed. */
-export function seededRandom(seed: number): () => number {
-  let state = seed >>> 0;
-  return () => {
-    state = (state + 0x6d2b79f5) >>> 0;
-    let t = state;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+export { seededRandom };
 
 export function randomBytes(random: () => number, length: number): Uint8Array {
   const bytes = new Uint8Array(length);

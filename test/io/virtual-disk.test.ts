@@ -11,6 +11,7 @@ import { openImage } from '../../src/io/image.js';
 import { openVirtualDisk } from '../../src/io/virtual-disk.js';
 import { type SectorWrite, writeCowSectors } from '../../bench/util.js';
 import { useTempDir } from '../helpers/tmp.js';
+import { wrapHandle } from '../helpers/wrap-handle.js';
 
 const SECTOR = 512;
 
@@ -38,20 +39,12 @@ function recordingFs(): { fs: FileSystem; reads: Array<{ file: string; position:
     ...nodeFileSystem,
     async open(file, mode) {
       const handle = await nodeFileSystem.open(file, mode);
-      return {
-        ...handle,
-        fd: handle.fd,
+      return wrapHandle(handle, {
         read: (buffer, offset, length, position) => {
           reads.push({ file, position, length });
           return handle.read(buffer, offset, length, position);
         },
-        write: handle.write.bind(handle),
-        datasync: handle.datasync.bind(handle),
-        sync: handle.sync.bind(handle),
-        truncate: handle.truncate.bind(handle),
-        stat: handle.stat.bind(handle),
-        close: handle.close.bind(handle),
-      };
+      });
     },
   };
   return { fs, reads };
