@@ -213,9 +213,9 @@ class Engine implements CowDevice {
     return this.readSpan(fromCow, buffer, 0, length, offset).then(() => buffer);
   }
 
+  /** The general path; `fastRead` has checked the range already. */
   private async doRead(offset: number, buffer: Uint8Array): Promise<Uint8Array> {
     const length = buffer.length;
-    this.checkRange(offset, length, 'read');
     if (length === 0) return buffer;
     const first = Math.floor(offset / this.sectorSize);
     const end = Math.ceil((offset + length) / this.sectorSize);
