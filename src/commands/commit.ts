@@ -2,6 +2,7 @@ import * as path from 'node:path';
 import { CowFormatError, UbdcowError, fromSystemError } from '../errors.js';
 import { writeNewFile } from '../io/atomic.js';
 import { type FileHandleLike, type FileSystem, nodeFileSystem } from '../io/file.js';
+import { ImageWriter } from '../io/image-writer.js';
 import { type BackingReport, type CowImage, type SectorExtent, allocatedExtents, checkBacking, openImage, statImageFile } from '../io/image.js';
 import { lockCowFile } from '../io/lock.js';
 import { findSiblingCows } from './siblings.js';
@@ -276,8 +277,13 @@ async function commitToNewFile(cowPath: string, output: string, options: CommitO
     const backing = await openBacking(fs, report.path, 'r');
     let writtenBytes = 0;
     try {
-      await writeNewFile(fs, output, force, async (out) => {
-        writtenBytes = await writeMergedImage(image, backing, report.path, out, output, chunkBytes, options.onProgress);
+      await writeNewFile(fs, output, force, async (out, temporaryPath) => {
+        const writer = await ImageWriter.open(fs, out, temporaryPath);
+        try {
+          writtenBytes = await writeMergedImage(image, backing, report.path, { file: out, writer, path: output }, chunkBytes, options.onProgress);
+        } finally {
+          await writer.close();
+        }
       });
     } finally {
       await backing.close().catch(() => undefined);
@@ -364,8 +370,7 @@ async function writeMergedImage(
   image: CowImage,
   backing: FileHandleLike,
   backingPath: string,
-  out: FileHandleLike,
-  outputPath: string,
+  output: MergedImageOutput,
   windowBytes: number,
   onProgress: CommitOptions['onProgress'],
 ): Promise<number> {
@@ -376,7 +381,7 @@ async function writeMergedImage(
   let done = 0;
   onProgress?.(0, size);
   // A few windows in flight keep the disk and the thread pool busy; each has its own buffers.
-  const idle = Array.from({ length: WINDOWS_IN_FLIGHT }, () => ({ window: new Uint8Array(windowBytes), cowData: new Uint8Array(windowBytes) }));
+  const idle = Array.from({ length: WINDOWS_IN_FLIGHT }, () => ({ window: output.writer.allocate(windowBytes), cowData: new Uint8Array(windowBytes) }));
   const inFlight = new Set<Promise<void>>();
   let failure: unknown;
   let backgroundSync: Promise<void> | undefined;
@@ -390,16 +395,16 @@ async function writeMergedImage(
     }
     while (idle.length === 0) await Promise.race(inFlight);
     const buffers = idle.pop()!;
-    const task = mergeWindow(image, backing, backingPath, out, outputPath, buffers, windowStart, length, runs).then(
+    const task = mergeWindow(image, backing, backingPath, output, buffers, windowStart, length, runs).then(
       (bytes) => {
         written += bytes;
         done += length;
         onProgress?.(done, size);
-        if (written - syncedUpTo >= BACKGROUND_SYNC_BYTES && backgroundSync === undefined) {
+        if (!output.writer.isDirect && written - syncedUpTo >= BACKGROUND_SYNC_BYTES && backgroundSync === undefined) {
           // Start write-back while the copy goes on, so the final fsync has little left to do.
           syncedUpTo = written;
-          backgroundSync = out.datasync().finally(() => (backgroundSync = undefined));
-          backgroundSync.catch((err: unknown) => (failure ??= fromSystemError(err, outputPath, 'sync')));
+          backgroundSync = output.file.datasync().finally(() => (backgroundSync = undefined));
+          backgroundSync.catch((err: unknown) => (failure ??= fromSystemError(err, output.path, 'sync')));
         }
       },
       (err: unknown) => {
@@ -416,11 +421,18 @@ async function writeMergedImage(
   await backgroundSync?.catch(() => undefined);
   if (failure !== undefined) throw failure;
   try {
-    await out.truncate(size);
+    await output.file.truncate(size);
   } catch (err) {
-    throw fromSystemError(err, outputPath, 'set the length of');
+    throw fromSystemError(err, output.path, 'set the length of');
   }
   return written;
+}
+
+/** The new image being written: its descriptor, the writer in front of it, the name to report. */
+interface MergedImageOutput {
+  file: FileHandleLike;
+  writer: ImageWriter;
+  path: string;
 }
 
 const WINDOWS_IN_FLIGHT = 3;
@@ -431,8 +443,7 @@ async function mergeWindow(
   image: CowImage,
   backing: FileHandleLike,
   backingPath: string,
-  out: FileHandleLike,
-  outputPath: string,
+  output: MergedImageOutput,
   buffers: { window: Uint8Array; cowData: Uint8Array },
   windowStart: number,
   length: number,
@@ -453,7 +464,7 @@ async function mergeWindow(
       for (const run of runs) window.set(cowData.subarray(run.start - spanStart, run.end - spanStart), run.start - windowStart);
     }
   }
-  return writeNonZeroBlocks(out, outputPath, window.subarray(0, length), windowStart);
+  return writeNonZeroBlocks(output, window.subarray(0, length), windowStart);
 }
 
 const zeroBlock = new Uint8Array(HOLE_BLOCK_BYTES);
@@ -463,12 +474,16 @@ function isZero(bytes: Uint8Array): boolean {
 }
 
 /** Writes the non-zero blocks of `data` (file offset `position`), coalescing neighbours. */
-async function writeNonZeroBlocks(out: FileHandleLike, outputPath: string, data: Uint8Array, position: number): Promise<number> {
+async function writeNonZeroBlocks(output: MergedImageOutput, data: Uint8Array, position: number): Promise<number> {
   let written = 0;
   let runStart = -1;
   const flush = async (end: number) => {
     if (runStart < 0) return;
-    await writeAll(out, outputPath, data, runStart, end - runStart, position + runStart);
+    try {
+      await output.writer.write(data, runStart, end - runStart, position + runStart);
+    } catch (err) {
+      throw fromSystemError(err, output.path, 'write');
+    }
     written += end - runStart;
     runStart = -1;
   };

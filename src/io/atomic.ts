@@ -44,7 +44,7 @@ export async function writeNewFile(
   fs: FileSystem,
   destination: string,
   replace: boolean,
-  fill: (file: FileHandleLike) => Promise<void>,
+  fill: (file: FileHandleLike, temporaryPath: string) => Promise<void>,
 ): Promise<void> {
   await removeStaleTemporaries(fs, destination);
   const temporary = temporaryNameFor(destination);
@@ -58,7 +58,7 @@ export async function writeNewFile(
   let linked = false;
   try {
     try {
-      await fill(file);
+      await fill(file, temporary);
       await file.sync();
     } finally {
       await file.close();

@@ -30,7 +30,34 @@ export interface FileStat {
   rdev: number;
 }
 
-export type OpenMode = 'r' | 'r+' | 'wx';
+/**
+ * 'r' read-only, 'r+' read-write, 'wx' create a new file (fails if it exists), 'w-direct' write
+ * an existing file bypassing the page cache (O_DIRECT): buffers from alignedBuffer(), positions
+ * and lengths multiples of DIRECT_IO_ALIGNMENT. File systems without direct I/O refuse it with
+ * EINVAL, at open or at the first write.
+ */
+export type OpenMode = 'r' | 'r+' | 'wx' | 'w-direct';
+
+/** Alignment (memory, file position, length) that direct I/O needs on any Linux block device. */
+export const DIRECT_IO_ALIGNMENT = 4096;
+
+const WASM_PAGE_BYTES = 64 * 1024;
+
+// A global in Node; the ES library types this project compiles against do not declare it.
+declare const WebAssembly: { Memory: new (descriptor: { initial: number; maximum: number }) => { buffer: ArrayBuffer } };
+
+/**
+ * A zeroed buffer whose memory starts on a page boundary, as direct I/O needs. JavaScript cannot
+ * align an ArrayBuffer, but a WebAssembly memory is mapped whole pages at a time.
+ */
+export function alignedBuffer(bytes: number): Uint8Array {
+  const pages = Math.max(1, Math.ceil(bytes / WASM_PAGE_BYTES));
+  return new Uint8Array(new WebAssembly.Memory({ initial: pages, maximum: pages }).buffer, 0, bytes);
+}
+
+function nodeOpenFlags(mode: OpenMode): string | number {
+  return mode === 'w-direct' ? fs.constants.O_WRONLY | fs.constants.O_DIRECT : mode;
+}
 
 export interface FileSystem {
   open(path: string, mode: OpenMode): Promise<FileHandleLike>;
@@ -170,7 +197,7 @@ class NodeFileHandle implements FileHandleLike {
 
 export const nodeFileSystem: FileSystem = {
   async open(path, mode) {
-    return new NodeFileHandle(await fsp.open(path, mode, 0o644));
+    return new NodeFileHandle(await fsp.open(path, nodeOpenFlags(mode), 0o644));
   },
   async stat(path) {
     return toFileStat(await fsp.stat(path));
