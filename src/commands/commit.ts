@@ -580,8 +580,8 @@ async function commitInPlace(cowPath: string, options: CommitOptions): Promise<C
   }
 }
 
-/** Writes in flight at once: small writes are dominated by thread-pool round trips, not the disk. */
-const WRITES_IN_FLIGHT = 16;
+/** Async writes in flight at once (when the files offer no blocking calls). */
+const WRITES_IN_FLIGHT = 32;
 
 /** Copies every allocated run from the COW's data area to the same place in the backing file. */
 async function copyAllocatedIntoBacking(
@@ -593,21 +593,67 @@ async function copyAllocatedIntoBacking(
   onProgress: CommitOptions['onProgress'],
 ): Promise<void> {
   const cowData = new Uint8Array(windowBytes);
+  const blocking = hasBlockingCalls(image.file) && hasBlockingCalls(backing);
   let done = 0;
   onProgress?.(0, totalBytes);
   for await (const { runs } of allocatedWindows(image, windowBytes)) {
-    const spanStart = runs[0].start;
-    await readCowData(image, cowData, spanStart, runs[runs.length - 1].end);
-    for (let i = 0; i < runs.length; i += WRITES_IN_FLIGHT) {
-      await Promise.all(
-        runs
-          .slice(i, i + WRITES_IN_FLIGHT)
-          .map((run) => writeAll(backing, backingPath, cowData, run.start - spanStart, run.end - run.start, run.start)),
-      );
+    if (blocking) {
+      copyRunsBlocking(image, backing, backingPath, cowData, runs);
+      // One window (at most a few milliseconds of system calls) per turn of the event loop.
+      await new Promise((resolve) => setImmediate(resolve));
+    } else {
+      await copyRunsAsync(image, backing, backingPath, cowData, runs);
     }
     for (const run of runs) done += run.end - run.start;
     onProgress?.(done, totalBytes);
   }
+}
+
+type BlockingHandle = FileHandleLike & Required<Pick<FileHandleLike, 'readSync' | 'writeSync'>>;
+
+function hasBlockingCalls(file: FileHandleLike): file is BlockingHandle {
+  return file.readSync !== undefined && file.writeSync !== undefined;
+}
+
+/**
+ * One window's runs, each read from the COW and written to the backing file with blocking calls:
+ * scattered runs are small, and for small pieces the system call is cheap but the thread-pool
+ * round trip is not (see FileHandleLike.readSync).
+ */
+function copyRunsBlocking(image: CowImage, backing: BlockingHandle, backingPath: string, buffer: Uint8Array, runs: WindowRuns['runs']): void {
+  const file = image.file as BlockingHandle;
+  for (const run of runs) {
+    const length = run.end - run.start;
+    const position = image.geometry.dataOffset + run.start;
+    let got: number;
+    try {
+      got = file.readSync(buffer, 0, length, position);
+    } catch (err) {
+      throw fromSystemError(err, image.path, 'read');
+    }
+    if (got < length) {
+      throw new CowFormatError('truncated', 'file length', position + got, `at least ${position + length} bytes`, image.path);
+    }
+    try {
+      backing.writeSync(buffer, 0, length, run.start);
+    } catch (err) {
+      throw fromSystemError(err, backingPath, 'write');
+    }
+  }
+}
+
+/** One window's runs with async calls: the span read once, the runs written WRITES_IN_FLIGHT at a time. */
+async function copyRunsAsync(image: CowImage, backing: FileHandleLike, backingPath: string, buffer: Uint8Array, runs: WindowRuns['runs']): Promise<void> {
+  const spanStart = runs[0].start;
+  await readCowData(image, buffer, spanStart, runs[runs.length - 1].end);
+  let next = 0;
+  const writeRuns = async () => {
+    while (next < runs.length) {
+      const run = runs[next++];
+      await writeAll(backing, backingPath, buffer, run.start - spanStart, run.end - run.start, run.start);
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(WRITES_IN_FLIGHT, runs.length) }, writeRuns));
 }
 
 /**

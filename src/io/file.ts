@@ -10,6 +10,14 @@ export interface FileHandleLike {
   read(buffer: Uint8Array, offset: number, length: number, position: number): Promise<number>;
   /** Writes all `length` bytes or throws. */
   write(buffer: Uint8Array, offset: number, length: number, position: number): Promise<void>;
+  /**
+   * Blocking variants of read and write, for batch work that moves thousands of small pieces:
+   * there a thread-pool round trip costs 5-10 times the system call itself (in-place commit of
+   * 9,640 scattered 4 KiB runs: 45 ms blocking against 250-680 ms async). Optional: file systems
+   * without them get the async calls. Callers keep each blocking stretch short.
+   */
+  readSync?(buffer: Uint8Array, offset: number, length: number, position: number): number;
+  writeSync?(buffer: Uint8Array, offset: number, length: number, position: number): void;
   datasync(): Promise<void>;
   sync(): Promise<void>;
   truncate(length: number): Promise<void>;
@@ -160,6 +168,24 @@ class NodeFileHandle implements FileHandleLike {
       // Argument errors are thrown synchronously by fs; FileHandle rejected with them.
       this.settled();
       reject(err);
+    }
+  }
+
+  readSync(buffer: Uint8Array, offset: number, length: number, position: number): number {
+    if (this.closing) throw fileClosedError('read');
+    let done = 0;
+    while (done < length) {
+      const bytes = fs.readSync(this.handle.fd, buffer, offset + done, length - done, position + done);
+      if (bytes === 0) break;
+      done += bytes;
+    }
+    return done;
+  }
+
+  writeSync(buffer: Uint8Array, offset: number, length: number, position: number): void {
+    if (this.closing) throw fileClosedError('write');
+    for (let done = 0; done < length; ) {
+      done += fs.writeSync(this.handle.fd, buffer, offset + done, length - done, position + done);
     }
   }
 

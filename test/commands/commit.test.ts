@@ -7,7 +7,7 @@ import { commitCow, commitJournalPath, readCommitJournal } from '../../src/comma
 import { parseHeader } from '../../src/format/header.js';
 import type { HeaderLayout } from '../../src/format/header.js';
 import { checkBacking, openImage } from '../../src/io/image.js';
-import { nodeFileSystem } from '../../src/io/file.js';
+import { type FileSystem, nodeFileSystem } from '../../src/io/file.js';
 import { UbdcowError } from '../../src/errors.js';
 import {
   type BuiltCow,
@@ -22,6 +22,7 @@ import {
   snapshot,
 } from '../helpers/cow-fixtures.js';
 import { useTempDir } from '../helpers/tmp.js';
+import { wrapHandle } from '../helpers/wrap-handle.js';
 import { ensureBuiltCli, repoRoot } from '../helpers/tools.js';
 
 const layouts: HeaderLayout[] = ['v1', 'v2', 'v3', 'v3-broken'];
@@ -245,6 +246,27 @@ describe('commitCow to a new file', () => {
     await expectUbdcowError(commitCow(built.cowPath, { output: path.join(tmp.path, 'out.img') }), 'truncated', /file length is .*allocated sectors lie past the end/);
     await expectUbdcowError(commitCow(built.cowPath), 'truncated');
     expect(snapshot(tmp.path, files)).toEqual(before);
+  });
+
+  it.each(['blocking', 'async'] as const)('a COW that shrinks during an in-place commit (%s reads) is reported as truncated, never merged as zeros', async (calls) => {
+    const built = buildCow(tmp.path, { size: 256 << 10, extents: [{ start: 40, end: 60 }, { start: 400, end: 420 }] });
+    const backingBefore = readFile(built.backingPath);
+    const { dataOffset } = built.geometry;
+    // Reads of the data area find the end of the file, as if it had been cut after the up-front check.
+    const shrinking: FileSystem = {
+      ...nodeFileSystem,
+      async open(file, mode) {
+        const handle = await nodeFileSystem.open(file, mode);
+        const isCow = path.resolve(file) === path.resolve(built.cowPath);
+        if (calls === 'blocking') {
+          return isCow ? { ...wrapHandle(handle, {}), readSync: (b, o, l, p) => (p >= dataOffset ? 0 : handle.readSync!(b, o, l, p)), writeSync: handle.writeSync!.bind(handle) } : handle;
+        }
+        return wrapHandle(handle, isCow ? { read: async (b, o, l, p) => (p >= dataOffset ? 0 : handle.read(b, o, l, p)) } : {});
+      },
+    };
+    await expectUbdcowError(commitCow(built.cowPath, { fs: shrinking }), 'truncated', /file length/);
+    expectSameBytes(readFile(built.backingPath), backingBefore);
+    expect(countSetBits(built.cowPath, built.geometry)).toBe(40);
   });
 });
 

@@ -54,7 +54,21 @@ export class FaultyFileSystem implements FileSystem {
   private wrap(handle: FileHandleLike, file: string): FileHandleLike {
     const name = path.basename(file);
     const counted = <T>(kind: StepKind, call: string, run: () => Promise<T>) => this.counted(kind, call, run);
+    const step = (kind: StepKind, call: string) => this.step(kind, call);
+    const blocking: Pick<FileHandleLike, 'readSync' | 'writeSync'> = {};
+    if (handle.readSync && handle.writeSync) {
+      const { readSync, writeSync } = { readSync: handle.readSync.bind(handle), writeSync: handle.writeSync.bind(handle) };
+      blocking.readSync = (buffer, offset, length, position) => {
+        step('read', `read ${name} @${position}+${length}`);
+        return readSync(buffer, offset, length, position);
+      };
+      blocking.writeSync = (buffer, offset, length, position) => {
+        step('write', `write ${name} @${position}+${length}`);
+        writeSync(buffer, offset, length, position);
+      };
+    }
     return {
+      ...blocking,
       get fd() {
         return handle.fd;
       },

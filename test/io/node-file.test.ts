@@ -52,6 +52,31 @@ describe('nodeFileSystem handles', () => {
     await handle.close();
   });
 
+  it('blocking calls: the same bytes at the same places, short count at EOF, errors as system errors, EBADF once closing', async () => {
+    const file = path.join(tmp.path, 'blocking');
+    const handle = await openNew(file);
+    const data = pattern(3 * 1024 * 1024 + 17, 4);
+    handle.writeSync!(data, 5, data.length - 5, 100);
+    const back = new Uint8Array(data.length);
+    expect(handle.readSync!(back, 0, data.length, 100)).toBe(data.length - 5);
+    expect(Buffer.from(back.subarray(0, data.length - 5)).equals(Buffer.from(data.subarray(5)))).toBe(true);
+    expect(handle.readSync!(back, 0, 64, 10 << 20)).toBe(0);
+    // The async and blocking views agree.
+    const viaAsync = new Uint8Array(4096);
+    expect(await handle.read(viaAsync, 0, 4096, 100)).toBe(4096);
+    expect(viaAsync).toEqual(data.subarray(5, 4101));
+    const closed = handle.close();
+    expect(() => handle.readSync!(back, 0, 16, 0)).toThrow(expect.objectContaining({ code: 'EBADF', syscall: 'read' }));
+    expect(() => handle.writeSync!(data, 0, 16, 0)).toThrow(expect.objectContaining({ code: 'EBADF', syscall: 'write' }));
+    await closed;
+    const readOnly = await nodeFileSystem.open(file, 'r');
+    expect(() => readOnly.writeSync!(data, 0, 16, 0)).toThrow(expect.objectContaining({ code: 'EBADF' }));
+    await readOnly.close();
+    const folder = await nodeFileSystem.open(tmp.path, 'r');
+    expect(() => folder.readSync!(back, 0, 16, 0)).toThrow(expect.objectContaining({ code: 'EISDIR' }));
+    await folder.close();
+  });
+
   it('writes and reads a multi-megabyte range whole', async () => {
     const file = path.join(tmp.path, 'large');
     const data = pattern(3 * 1024 * 1024 + 17, 9);
