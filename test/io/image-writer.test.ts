@@ -5,7 +5,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { DIRECT_IO_ALIGNMENT, type FileSystem, alignedBuffer, nodeFileSystem } from '../../src/io/file.js';
+import { DIRECT_IO_ALIGNMENT, type FileHandleLike, type FileSystem, alignedBuffer, nodeFileSystem } from '../../src/io/file.js';
 import { ImageWriter } from '../../src/io/image-writer.js';
 import { useTempDir } from '../helpers/tmp.js';
 import { wrapHandle } from '../helpers/wrap-handle.js';
@@ -60,117 +60,109 @@ const PIECES: Array<[number, number]> = [
   [4 * 65536, SIZE],
 ];
 
+/** nodeFileSystem, with each O_DIRECT handle it opens passed through `change`. */
+function changingDirectHandles(change: (handle: FileHandleLike) => FileHandleLike): FileSystem {
+  return {
+    ...nodeFileSystem,
+    async open(target, mode) {
+      const handle = await nodeFileSystem.open(target, mode);
+      return mode === 'w-direct' ? change(handle) : handle;
+    },
+  };
+}
+
+function systemError(code: string, call: string): NodeJS.ErrnoException {
+  return Object.assign(new Error(`${code}: injected, ${call}`), { code });
+}
+
 describe('ImageWriter', () => {
   const tmp = useTempDir();
 
-  it('writes aligned blocks through an O_DIRECT descriptor and the tail through the ordinary one', async (context) => {
-    if (!directIoWorks(tmp.path)) context.skip(`${tmp.path}: this file system refuses O_DIRECT, so only the fallback can be tested here`);
+  /** A new file in the test folder with an ImageWriter over it, and a way to check what it holds. */
+  async function newImage(fileSystem: FileSystem, seed: number) {
     const file = path.join(tmp.path, 'image');
     const out = await nodeFileSystem.open(file, 'wx');
-    const directWrites: number[] = [];
-    const recordingFs: FileSystem = {
-      ...nodeFileSystem,
-      async open(target, mode) {
-        const handle = await nodeFileSystem.open(target, mode);
-        if (mode !== 'w-direct') return handle;
-        expect(openFlags(handle.fd!) & fs.constants.O_DIRECT).toBe(fs.constants.O_DIRECT);
-        return wrapHandle(handle, {
-          write: (buffer, offset, length, position) => {
-            directWrites.push(position, length);
-            return handle.write(buffer, offset, length, position);
-          },
-        });
+    const writer = await ImageWriter.open(fileSystem, out, file);
+    const buffer = writer.allocate(SIZE);
+    buffer.set(pattern(SIZE, seed));
+    return {
+      writer,
+      buffer,
+      out,
+      async closeAndCheck() {
+        await writer.close();
+        await out.close();
+        expectFileHolds(file, pattern(SIZE, seed));
       },
     };
-    const writer = await ImageWriter.open(recordingFs, out, file);
-    expect(writer.isDirect).toBe(true);
-    const buffer = writer.allocate(SIZE);
-    buffer.set(pattern(SIZE, 1));
-    await writeInPieces(writer, buffer, PIECES);
-    await writer.close();
-    await out.close();
-    expectFileHolds(file, pattern(SIZE, 1));
+  }
+
+  it('writes aligned blocks through an O_DIRECT descriptor and the tail through the ordinary one', async (context) => {
+    if (!directIoWorks(tmp.path)) context.skip(`${tmp.path}: this file system refuses O_DIRECT, so only the fallback can be tested here`);
+    let directBytes = 0;
+    const recording = changingDirectHandles((handle) => {
+      expect(openFlags(handle.fd!) & fs.constants.O_DIRECT).toBe(fs.constants.O_DIRECT);
+      return wrapHandle(handle, {
+        write: (buffer, offset, length, position) => {
+          directBytes += length;
+          return handle.write(buffer, offset, length, position);
+        },
+      });
+    });
+    const image = await newImage(recording, 1);
+    expect(image.writer.isDirect).toBe(true);
+    await writeInPieces(image.writer, image.buffer, PIECES);
+    await image.closeAndCheck();
     // Every byte up to the last whole 4 KiB block went direct; only the 1234-byte tail did not.
-    const directBytes = directWrites.filter((_, i) => i % 2 === 1).reduce((sum, length) => sum + length, 0);
     expect(directBytes).toBe(SIZE - (SIZE % DIRECT_IO_ALIGNMENT));
   });
 
   it('falls back to ordinary writes where the file system refuses O_DIRECT at open', async () => {
-    const file = path.join(tmp.path, 'image');
-    const out = await nodeFileSystem.open(file, 'wx');
-    const refusingFs: FileSystem = {
+    const refusing: FileSystem = {
       ...nodeFileSystem,
       async open(target, mode) {
-        if (mode === 'w-direct') throw Object.assign(new Error('EINVAL: invalid argument, open'), { code: 'EINVAL' });
+        if (mode === 'w-direct') throw systemError('EINVAL', 'open');
         return nodeFileSystem.open(target, mode);
       },
     };
-    const writer = await ImageWriter.open(refusingFs, out, file);
-    expect(writer.isDirect).toBe(false);
-    const buffer = writer.allocate(SIZE);
-    buffer.set(pattern(SIZE, 2));
-    await writeInPieces(writer, buffer, PIECES);
-    await writer.close();
-    await out.close();
-    expectFileHolds(file, pattern(SIZE, 2));
+    const image = await newImage(refusing, 2);
+    expect(image.writer.isDirect).toBe(false);
+    await writeInPieces(image.writer, image.buffer, PIECES);
+    await image.closeAndCheck();
   });
 
   it('switches to ordinary writes for good when a direct write is refused (EINVAL), losing nothing', async () => {
-    const file = path.join(tmp.path, 'image');
-    const out = await nodeFileSystem.open(file, 'wx');
     let directAttempts = 0;
     let directClosed = false;
-    const flakyFs: FileSystem = {
-      ...nodeFileSystem,
-      async open(target, mode) {
-        const handle = await nodeFileSystem.open(target, mode);
-        if (mode !== 'w-direct') return handle;
-        return wrapHandle(handle, {
-          write: async () => {
-            directAttempts++;
-            throw Object.assign(new Error('EINVAL: invalid argument, write'), { code: 'EINVAL' });
-          },
-          close: () => {
-            directClosed = true;
-            return handle.close();
-          },
-        });
-      },
-    };
-    const writer = await ImageWriter.open(flakyFs, out, file);
-    expect(writer.isDirect).toBe(true);
-    const buffer = writer.allocate(SIZE);
-    buffer.set(pattern(SIZE, 3));
-    await writer.write(buffer, 0, 65536, 0);
-    expect(writer.isDirect).toBe(false);
+    const refusingWrites = changingDirectHandles((handle) =>
+      wrapHandle(handle, {
+        write: async () => {
+          directAttempts++;
+          throw systemError('EINVAL', 'write');
+        },
+        close: () => {
+          directClosed = true;
+          return handle.close();
+        },
+      }),
+    );
+    const image = await newImage(refusingWrites, 3);
+    expect(image.writer.isDirect).toBe(true);
+    await writeInPieces(image.writer, image.buffer, PIECES.slice(0, 1));
+    expect(image.writer.isDirect).toBe(false);
     expect(directClosed).toBe(true);
-    await writeInPieces(writer, buffer, PIECES.slice(1));
+    await writeInPieces(image.writer, image.buffer, PIECES.slice(1));
     expect(directAttempts).toBe(1);
-    await writer.close();
-    await out.close();
-    expectFileHolds(file, pattern(SIZE, 3));
+    await image.closeAndCheck();
   });
 
   it('passes other errors of a direct write on (a full disk is not a reason to retry)', async () => {
-    const file = path.join(tmp.path, 'image');
-    const out = await nodeFileSystem.open(file, 'wx');
-    const fullFs: FileSystem = {
-      ...nodeFileSystem,
-      async open(target, mode) {
-        const handle = await nodeFileSystem.open(target, mode);
-        if (mode !== 'w-direct') return handle;
-        return wrapHandle(handle, {
-          write: async () => {
-            throw Object.assign(new Error('ENOSPC: no space left on device, write'), { code: 'ENOSPC' });
-          },
-        });
-      },
-    };
-    const writer = await ImageWriter.open(fullFs, out, file);
-    const buffer = writer.allocate(65536);
-    await expect(writer.write(buffer, 0, 65536, 0)).rejects.toMatchObject({ code: 'ENOSPC' });
-    await writer.close();
-    await out.close();
+    const full = changingDirectHandles((handle) => wrapHandle(handle, { write: async () => Promise.reject(systemError('ENOSPC', 'write')) }));
+    const image = await newImage(full, 4);
+    await expect(image.writer.write(image.buffer, 0, 65536, 0)).rejects.toMatchObject({ code: 'ENOSPC' });
+    expect(image.writer.isDirect).toBe(true);
+    await image.writer.close();
+    await image.out.close();
   });
 
   it('hands out page-aligned buffers (what O_DIRECT needs of memory)', async (context) => {
