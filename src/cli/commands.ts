@@ -43,7 +43,7 @@ const inspect: CommandModule = {
     y
       .positional('cow', { type: 'string', describe: 'COW file', demandOption: true })
       .option('json', { type: 'boolean', describe: 'Print one JSON object (fields in README)' })
-      .option('backing', { type: 'string', describe: 'Check this backing file instead of the one in the header' })
+      .option('backing', { alias: 'b', type: 'string', describe: 'Check this backing file instead of the one in the header' })
       .example('$0 inspect vm1.cow --json', 'Machine-readable report'),
   handler: async (argv) => {
     const { inspectCow } = await import('../commands/inspect.js');

@@ -150,7 +150,7 @@ const cat: CommandModule = {
       .positional('image', { type: 'string', describe: 'COW file (or raw image)', demandOption: true })
       .option('offset', { type: 'string', describe: 'First byte (e.g. 0, 1M, 0x100000)' })
       .option('length', { type: 'string', describe: 'Number of bytes (default: to the end)' })
-      .option('backing', { type: 'string', describe: 'Backing file instead of the one in the header' })
+      .option('backing', { alias: 'b', type: 'string', describe: 'Backing file instead of the one in the header' })
       .example('$0 cat vm1.cow | md5sum', 'Checksum of the disk the guest sees')
       .example('$0 cat vm1.cow --offset 1M --length 4K | xxd', 'Look at 4 KiB'),
   handler: async (argv) => {

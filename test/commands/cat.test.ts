@@ -146,7 +146,7 @@ describe('ubdcow cat (CLI)', () => {
       { at: 5000, count: 3000 },
     ]);
     await writeCowSectors(cowFile, writes);
-    return { cowFile, disk: merged(backing, writes) };
+    return { cowFile, backingFile, disk: merged(backing, writes) };
   }
 
   it('streams the whole disk to a pipe (md5sum and cmp agree)', async () => {
@@ -165,6 +165,19 @@ describe('ubdcow cat (CLI)', () => {
     const result = spawnSync('node', [cli, 'cat', cowFile, '--offset', '1M', '--length', '0x1800'], { maxBuffer: 1 << 26 });
     expect(result.status).toBe(0);
     expect(Buffer.from(result.stdout).equals(disk.subarray(1 << 20, (1 << 20) + 0x1800))).toBe(true);
+  });
+
+  it('reads a moved backing file given with -b (the same disk), and refuses the missing one without it', async () => {
+    const { cowFile, backingFile, disk } = await fixture(4 * 1024 * 1024);
+    const moved = path.join(tmp.path, 'moved-base.img');
+    fs.renameSync(backingFile, moved);
+    const result = spawnSync('node', [cli, 'cat', cowFile, '-b', moved], { maxBuffer: 1 << 26 });
+    expect(result.status, String(result.stderr)).toBe(0);
+    expect(Buffer.from(result.stdout).equals(disk)).toBe(true);
+    const missing = run('node', [cli, 'cat', cowFile]);
+    expect(missing.status).toBe(1);
+    expect(missing.stdout).toBe('');
+    expect(missing.stderr).toMatch(/^ubdcow cat: .*base\.img.*\n$/);
   });
 
   it('stops quietly when the reader closes the pipe early', async () => {
