@@ -9,6 +9,7 @@ import { catImage } from '../../src/commands/cat.js';
 import { type SectorWrite, writeCowSectors } from '../../bench/util.js';
 import { ensureBuiltCli, missingTools, run, titleWithSkipReason } from '../helpers/tools.js';
 import { useTempDir } from '../helpers/tmp.js';
+import { type SectorPick, mergedDisk, pickedWrites } from '../helpers/sector-writes.js';
 
 const SECTOR = 512;
 
@@ -18,19 +19,8 @@ async function collect(chunks: AsyncIterable<Uint8Array>): Promise<Buffer> {
   return Buffer.concat(parts);
 }
 
-function merged(backing: Uint8Array, writes: SectorWrite[]): Buffer {
-  const disk = Buffer.from(backing);
-  for (const { sector, data } of writes) disk.set(data, sector * SECTOR);
-  return disk;
-}
-
-function randomWrites(size: number, picks: Array<{ at: number; count: number; zero?: boolean }>): SectorWrite[] {
-  const sectors = Math.ceil(size / SECTOR);
-  return picks.map(({ at, count, zero }) => {
-    const sector = at % sectors;
-    const length = Math.min(size, (sector + count) * SECTOR) - sector * SECTOR;
-    return { sector, data: zero ? Buffer.alloc(length) : randomBytes(length) };
-  });
+function randomWrites(size: number, picks: Array<SectorPick & { zero?: boolean }>): SectorWrite[] {
+  return pickedWrites(size, picks, { fill: (pick, start, end) => (pick.zero ? Buffer.alloc(end - start) : randomBytes(end - start)) });
 }
 
 const md5 = (bytes: Uint8Array) => createHash('md5').update(bytes).digest('hex');
@@ -58,7 +48,7 @@ describe('catImage', () => {
             await createCow(cowFile, backingFile);
             const writes = randomWrites(size, picks);
             await writeCowSectors(cowFile, writes);
-            const expected = merged(backing, writes);
+            const expected = mergedDisk(backing, writes);
             expect((await collect(catImage(cowFile, { chunkBytes: Math.max(chunkBytes, 512) }))).equals(expected)).toBe(true);
             const offset = offsetSeed % (size + 1);
             const length = lengthSeed === undefined ? undefined : lengthSeed % (size - offset + 1);
@@ -127,7 +117,7 @@ describe.skipIf(mooMissing.length > 0)(titleWithSkipReason('catImage against uml
     const fromCat = await collect(catImage(cowFile));
     expect(fromCat.length).toBe(fromMoo.length);
     expect(md5(fromCat)).toBe(md5(fromMoo));
-    expect(fromCat.equals(merged(backing, writes))).toBe(true);
+    expect(fromCat.equals(mergedDisk(backing, writes))).toBe(true);
   });
 });
 
@@ -146,7 +136,7 @@ describe('ubdcow cat (CLI)', () => {
       { at: 5000, count: 3000 },
     ]);
     await writeCowSectors(cowFile, writes);
-    return { cowFile, backingFile, disk: merged(backing, writes) };
+    return { cowFile, backingFile, disk: mergedDisk(backing, writes) };
   }
 
   it('streams the whole disk to a pipe (md5sum and cmp agree)', async () => {

@@ -10,6 +10,7 @@ import { type SectorWrite, writeCowSectors } from '../../bench/util.js';
 import { ensureBuiltCli, run } from '../helpers/tools.js';
 import { useTempDir } from '../helpers/tmp.js';
 import { wrapHandle } from '../helpers/wrap-handle.js';
+import { mergedDisk, pickedWrites } from '../helpers/sector-writes.js';
 
 /** A planned COW write: which sectors, and whether to write the backing's own bytes back. */
 interface Pick {
@@ -25,21 +26,12 @@ const sizeArb = fc.oneof(fc.integer({ min: 1, max: 160 * 512 + 511 }), fc.intege
 const chunkArb = fc.constantFrom(512, 1536, 4096, 1 << 20);
 const windowArb = fc.constantFrom(4, 1 << 20);
 
+/** Random writes, or (`same`) writes of the bytes the backing already holds there. */
 function writesFor(backing: Uint8Array, sectorSize: number, picks: Pick[]): SectorWrite[] {
-  const size = backing.length;
-  const sectors = Math.ceil(size / sectorSize);
-  return picks.map(({ at, count, same }) => {
-    const sector = at % sectors;
-    const start = sector * sectorSize;
-    const end = Math.min(size, (sector + count) * sectorSize);
-    return { sector, data: same ? backing.slice(start, end) : randomBytes(end - start) };
+  return pickedWrites(backing.length, picks, {
+    sectorSize,
+    fill: (pick, start, end) => (pick.same ? backing.slice(start, end) : randomBytes(end - start)),
   });
-}
-
-function merged(backing: Uint8Array, sectorSize: number, writes: SectorWrite[]): Buffer {
-  const disk = Buffer.from(backing);
-  for (const { sector, data } of writes) disk.set(data, sector * sectorSize);
-  return disk;
 }
 
 /** Sector-aligned byte ranges covered by the writes, merged, clipped to the disk size. */
@@ -127,7 +119,7 @@ describe('diffImages', () => {
     await createCow(file, backingFile, { sectorSize });
     const writes = writesFor(backing, sectorSize, picks);
     await writeCowSectors(file, writes);
-    return { file, writes, disk: merged(backing, sectorSize, writes) };
+    return { file, writes, disk: mergedDisk(backing, writes, sectorSize) };
   }
 
   function writeBacking(dir: string, size: number): { file: string; bytes: Buffer } {
@@ -167,7 +159,7 @@ describe('diffImages', () => {
           const b = await cowWith(dir, 'b.cow', backing.file, backing.bytes, []);
           const bWrites = picksB.length % 3 === 0 ? a.writes : writesFor(backing.bytes, 512, picksB);
           await writeCowSectors(b.file, bWrites);
-          const diskB = merged(backing.bytes, 512, bWrites);
+          const diskB = mergedDisk(backing.bytes, bWrites);
           const { fs: counting, bytesRead } = countingFs();
           const result = await diffImages(a.file, b.file, { chunkBytes, bitmapWindowBytes: windowBytes, fs: counting });
           expect(result.mode).toBe('same-backing');

@@ -9,28 +9,12 @@ import { computeGeometry } from '../../src/format/geometry.js';
 import { type FileSystem, nodeFileSystem } from '../../src/io/file.js';
 import { openImage } from '../../src/io/image.js';
 import { openVirtualDisk } from '../../src/io/virtual-disk.js';
-import { type SectorWrite, writeCowSectors } from '../../bench/util.js';
+import { writeCowSectors } from '../../bench/util.js';
 import { useTempDir } from '../helpers/tmp.js';
+import { mergedDisk, pickedWrites } from '../helpers/sector-writes.js';
 import { wrapHandle } from '../helpers/wrap-handle.js';
 
 const SECTOR = 512;
-
-/** The disk a guest sees: the backing with the COW writes laid over it. */
-function merged(backing: Uint8Array, writes: SectorWrite[]): Uint8Array {
-  const disk = Uint8Array.from(backing);
-  for (const { sector, data } of writes) disk.set(data.subarray(0, Math.max(0, disk.length - sector * SECTOR)), sector * SECTOR);
-  return disk;
-}
-
-/** Random sector writes inside a disk of `size` bytes (the last sector may be partial). */
-function writesFor(size: number, picks: Array<{ at: number; count: number }>): SectorWrite[] {
-  const sectors = Math.ceil(size / SECTOR);
-  return picks.map(({ at, count }) => {
-    const sector = at % sectors;
-    const end = Math.min(sectors, sector + count);
-    return { sector, data: randomBytes(Math.min(size, end * SECTOR) - sector * SECTOR) };
-  });
-}
 
 /** A FileSystem that remembers every read: file, position, length. */
 function recordingFs(): { fs: FileSystem; reads: Array<{ file: string; position: number; length: number }> } {
@@ -84,9 +68,9 @@ describe('openVirtualDisk', () => {
           fs.writeFileSync(backingFile, backing);
           const cowFile = path.join(dir, 'disk.cow');
           await createCow(cowFile, backingFile);
-          const writes = writesFor(size, picks);
+          const writes = pickedWrites(size, picks);
           await writeCowSectors(cowFile, writes);
-          const expected = merged(backing, writes);
+          const expected = mergedDisk(backing, writes);
           const disk = await openVirtualDisk(cowFile, { bitmapWindowBytes: windowBytes });
           try {
             expect(disk.kind).toBe('cow');
