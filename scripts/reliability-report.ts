@@ -12,6 +12,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import type { FigureRecord } from '../test/hostile/figures.js';
 
 const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const figuresDir = path.join(repoRoot, 'test-results', 'reliability');
@@ -24,27 +25,14 @@ const END = '<!-- figures:end -->';
 const SECTION_ORDER = ['malformed', 'fuzz', 'failing-disks', 'failing-engine', 'sudden-death'];
 const MODES = ['default', 'heavy'] as const;
 
-interface Section {
-  section: string;
-  recordedAt: string;
-  mode: string;
-  node: string;
-  title: string;
-  notes?: string[];
-  rows: Array<Record<string, string | number>>;
-  totals: Record<string, number>;
-  failures: string[];
-  knownBugs?: Array<{ description: string; cases: number; example: string }>;
-}
-
-function readSections(mode: string): Section[] {
+function readSections(mode: string): FigureRecord[] {
   const dir = path.join(figuresDir, mode);
   if (!fs.existsSync(dir)) return [];
   const sections = fs
     .readdirSync(dir)
     .filter((name) => name.endsWith('.json'))
-    .map((name) => JSON.parse(fs.readFileSync(path.join(dir, name), 'utf8')) as Section);
-  const rank = (s: Section) => (SECTION_ORDER.includes(s.section) ? SECTION_ORDER.indexOf(s.section) : SECTION_ORDER.length);
+    .map((name) => JSON.parse(fs.readFileSync(path.join(dir, name), 'utf8')) as FigureRecord);
+  const rank = (s: FigureRecord) => (SECTION_ORDER.includes(s.section) ? SECTION_ORDER.indexOf(s.section) : SECTION_ORDER.length);
   return sections.sort((a, b) => rank(a) - rank(b) || a.section.localeCompare(b.section));
 }
 
@@ -53,8 +41,8 @@ function escapeCell(value: string | number): string {
 }
 
 /** Markdown tables; rows whose first column differs (different tallies) get tables of their own. */
-function tables(rows: Section['rows']): string[] {
-  const groups = new Map<string, Section['rows']>();
+function tables(rows: FigureRecord['rows']): string[] {
+  const groups = new Map<string, FigureRecord['rows']>();
   for (const row of rows) {
     const key = Object.keys(row).join('\u0000');
     groups.set(key, [...(groups.get(key) ?? []), row]);
@@ -69,7 +57,7 @@ function tables(rows: Section['rows']): string[] {
   return out;
 }
 
-function renderSection(section: Section): string {
+function renderSection(section: FigureRecord): string {
   const parts = [`#### ${section.title}`];
   for (const note of section.notes ?? []) parts.push(note);
   parts.push(...tables(section.rows));
@@ -82,7 +70,7 @@ function renderSection(section: Section): string {
   return parts.join('\n\n');
 }
 
-function renderMode(mode: string, sections: Section[]): string {
+function renderMode(mode: string, sections: FigureRecord[]): string {
   const dates = sections.map((s) => s.recordedAt).sort();
   const first = dates[0].slice(0, 10);
   const last = dates[dates.length - 1].slice(0, 10);

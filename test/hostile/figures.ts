@@ -28,10 +28,20 @@ export interface FigureSection {
   knownBugs?: Array<{ description: string; cases: number; example: string }>;
 }
 
+/** What one section's JSON file holds: its figures and when, how and where they were recorded. */
+export interface FigureRecord extends FigureSection {
+  section: string;
+  /** ISO time. */
+  recordedAt: string;
+  mode: 'default' | 'heavy';
+  /** Node version. */
+  node: string;
+}
+
 export function recordFigures(section: string, figures: FigureSection): void {
   const dir = path.join(FIGURES_DIR, HEAVY ? 'heavy' : 'default');
   fs.mkdirSync(dir, { recursive: true });
-  const record = {
+  const record: FigureRecord = {
     section,
     recordedAt: new Date().toISOString(),
     mode: HEAVY ? 'heavy' : 'default',
