@@ -3,7 +3,7 @@ import { CowFormatError, fromSystemError } from '../errors.js';
 import { type FileSystem, nodeFileSystem } from '../io/file.js';
 import { type BackingReport, type CowImage, allocatedExtents, checkBacking, openImage } from '../io/image.js';
 import { isCowFileLocked, lockCowFile } from '../io/lock.js';
-import { commitJournalPath, readCommitJournal } from './commit.js';
+import { interruptedCommitMessage, readCommitJournal } from './commit.js';
 
 export interface CheckOptions {
   /** Fix what can be fixed safely: bitmap bits set past the last sector. Nothing else is changed. */
@@ -102,7 +102,7 @@ export async function checkCow(cowPath: string, options: CheckOptions = {}): Pro
     if (interrupted) {
       result.problems.push({
         code: 'commit-interrupted',
-        message: `${cowPath}: an in-place commit was interrupted (${commitJournalPath(cowPath)} exists); run \`ubdcow commit ${cowPath}\` again to finish it`,
+        message: interruptedCommitMessage(cowPath),
         repairable: false,
       });
     }

@@ -1,9 +1,9 @@
 import * as path from 'node:path';
 import { CowFormatError, UbdcowError, fromSystemError } from '../errors.js';
-import { writeNewFile } from '../io/atomic.js';
+import { existsError, writeNewFile } from '../io/atomic.js';
 import { type FileHandleLike, type FileSystem, nodeFileSystem } from '../io/file.js';
 import { ImageWriter } from '../io/image-writer.js';
-import { type BackingReport, type CowImage, type SectorExtent, allocatedExtents, checkBacking, openImage, statImageFile } from '../io/image.js';
+import { BITMAP_CHUNK_BYTES, type BackingReport, type CowImage, type SectorExtent, allocatedExtents, checkBacking, openImage, statImageFile } from '../io/image.js';
 import { lockCowFile } from '../io/lock.js';
 import { findSiblingCows } from './siblings.js';
 import { rewriteHeader } from './rebase.js';
@@ -92,6 +92,11 @@ export interface CommitJournal {
 
 export function commitJournalPath(cowPath: string): string {
   return `${cowPath}.ubdcow-commit`;
+}
+
+/** What to tell the user when the journal of an interrupted in-place commit of `cowPath` is there. */
+export function interruptedCommitMessage(cowPath: string, suffix = ''): string {
+  return `${cowPath}: an in-place commit was interrupted (${commitJournalPath(cowPath)} exists); run \`ubdcow commit ${cowPath}\` again to finish it${suffix}`;
 }
 
 /** The journal of an interrupted in-place commit of `cowPath`, if there is one. */
@@ -219,7 +224,7 @@ async function readFully(file: FileHandleLike, filePath: string, buffer: Uint8Ar
   }
 }
 
-async function writeAll(file: FileHandleLike, filePath: string, buffer: Uint8Array, offset: number, length: number, position: number): Promise<void> {
+async function writeAll(file: Pick<FileHandleLike, 'write'>, filePath: string, buffer: Uint8Array, offset: number, length: number, position: number): Promise<void> {
   try {
     await file.write(buffer, offset, length, position);
   } catch (err) {
@@ -258,18 +263,14 @@ async function commitToNewFile(cowPath: string, output: string, options: CommitO
   const chunkBytes = roundChunk(options.chunkBytes);
   const outputExists = await refuseOutputOverCow(fs, cowPath, output);
   if (outputExists && !force) {
-    throw new UbdcowError('exists', `${output}: already exists (use --force to overwrite)`, { file: output });
+    throw existsError(output);
   }
   // A read lock suffices: it conflicts with the write lock a running UML holds or would take.
   const image = await openImage(cowPath, { fs, mode: 'r' });
   try {
     await lockCowFile(image.file, cowPath, { exclusive: false });
     if (await readCommitJournal(fs, cowPath)) {
-      throw new UbdcowError(
-        'commit-interrupted',
-        `${cowPath}: an in-place commit was interrupted (${commitJournalPath(cowPath)} exists); run \`ubdcow commit ${cowPath}\` again to finish it`,
-        { file: cowPath },
-      );
+      throw new UbdcowError('commit-interrupted', interruptedCommitMessage(cowPath), { file: cowPath });
     }
     const report = await checkBacking(image.header, options.backing, fs);
     const overridden = judgeBacking(cowPath, report, force);
@@ -342,23 +343,22 @@ async function* allocatedWindows(image: CowImage, windowBytes: number): AsyncGen
   if (current) yield current;
 }
 
-/** Reads the COW data area behind [start, end) of the disk into `buffer`; a short read means truncation. */
-async function readCowData(image: CowImage, buffer: Uint8Array, start: number, end: number): Promise<void> {
-  return readCowRun(image, buffer, 0, start, end);
-}
-
 /**
  * A separate read costs about as much as copying this many bytes of holes (a thread-pool round
  * trip against memcpy of zero pages), so a span reads run by run only when its runs are fewer.
  */
 const BYTES_PER_SEPARATE_READ = 256 * 1024;
 
+/** Reads the COW data area behind [start, end) of the disk into `buffer` at `offset`; a short read means truncation. */
 async function readCowRun(image: CowImage, buffer: Uint8Array, offset: number, start: number, end: number): Promise<void> {
-  const position = image.geometry.dataOffset + start;
-  const got = await readFully(image.file, image.path, buffer, offset, end - start, position);
-  if (got < end - start) {
-    throw new CowFormatError('truncated', 'file length', position + got, `at least ${image.geometry.dataOffset + end} bytes`, image.path);
-  }
+  const got = await readFully(image.file, image.path, buffer, offset, end - start, image.geometry.dataOffset + start);
+  if (got < end - start) throw dataAreaEndsEarly(image, start, end, got);
+}
+
+/** The COW file ended `got` bytes into the data behind [start, end) of the disk. */
+function dataAreaEndsEarly(image: CowImage, start: number, end: number, got: number): CowFormatError {
+  const { dataOffset } = image.geometry;
+  return new CowFormatError('truncated', 'file length', dataOffset + start + got, `at least ${dataOffset + end} bytes`, image.path);
 }
 
 /**
@@ -460,7 +460,7 @@ async function mergeWindow(
       // Few runs in a wide span: read each straight into place rather than the span's holes.
       await Promise.all(runs.map((run) => readCowRun(image, window, run.start - windowStart, run.start, run.end)));
     } else {
-      await readCowData(image, cowData, spanStart, spanEnd);
+      await readCowRun(image, cowData, 0, spanStart, spanEnd);
       for (const run of runs) window.set(cowData.subarray(run.start - spanStart, run.end - spanStart), run.start - windowStart);
     }
   }
@@ -479,11 +479,7 @@ async function writeNonZeroBlocks(output: MergedImageOutput, data: Uint8Array, p
   let runStart = -1;
   const flush = async (end: number) => {
     if (runStart < 0) return;
-    try {
-      await output.writer.write(data, runStart, end - runStart, position + runStart);
-    } catch (err) {
-      throw fromSystemError(err, output.path, 'write');
-    }
+    await writeAll(output.writer, output.path, data, runStart, end - runStart, position + runStart);
     written += end - runStart;
     runStart = -1;
   };
@@ -624,16 +620,13 @@ function copyRunsBlocking(image: CowImage, backing: BlockingHandle, backingPath:
   const file = image.file as BlockingHandle;
   for (const run of runs) {
     const length = run.end - run.start;
-    const position = image.geometry.dataOffset + run.start;
     let got: number;
     try {
-      got = file.readSync(buffer, 0, length, position);
+      got = file.readSync(buffer, 0, length, image.geometry.dataOffset + run.start);
     } catch (err) {
       throw fromSystemError(err, image.path, 'read');
     }
-    if (got < length) {
-      throw new CowFormatError('truncated', 'file length', position + got, `at least ${position + length} bytes`, image.path);
-    }
+    if (got < length) throw dataAreaEndsEarly(image, run.start, run.end, got);
     try {
       backing.writeSync(buffer, 0, length, run.start);
     } catch (err) {
@@ -645,7 +638,7 @@ function copyRunsBlocking(image: CowImage, backing: BlockingHandle, backingPath:
 /** One window's runs with async calls: the span read once, the runs written WRITES_IN_FLIGHT at a time. */
 async function copyRunsAsync(image: CowImage, backing: FileHandleLike, backingPath: string, buffer: Uint8Array, runs: WindowRuns['runs']): Promise<void> {
   const spanStart = runs[0].start;
-  await readCowData(image, buffer, spanStart, runs[runs.length - 1].end);
+  await readCowRun(image, buffer, 0, spanStart, runs[runs.length - 1].end);
   let next = 0;
   const writeRuns = async () => {
     while (next < runs.length) {
@@ -662,7 +655,7 @@ async function copyRunsAsync(image: CowImage, backing: FileHandleLike, backingPa
  */
 async function emptyCow(image: CowImage, backingMtime: number): Promise<void> {
   const { bitmapOffset, bitmapLength, dataOffset, fileLength } = image.geometry;
-  const zeros = new Uint8Array(Math.min(bitmapLength, 1 << 20));
+  const zeros = new Uint8Array(Math.min(bitmapLength, BITMAP_CHUNK_BYTES));
   try {
     for (let at = 0; at < bitmapLength; at += zeros.length) {
       await image.file.write(zeros, 0, Math.min(zeros.length, bitmapLength - at), bitmapOffset + at);

@@ -11,7 +11,7 @@ import {
 import { type CowGeometry, computeGeometry } from '../format/geometry.js';
 import { type FileSystem, nodeFileSystem, sizeOf } from '../io/file.js';
 import { statImageFile } from '../io/image.js';
-import { writeNewFile } from '../io/atomic.js';
+import { existsError, writeNewFile } from '../io/atomic.js';
 
 export interface CreateOptions {
   /** Replace an existing file (uml_mkcow -f). */
@@ -91,7 +91,7 @@ async function refuseExisting(fs: FileSystem, file: string): Promise<void> {
     () => true,
     (err: NodeJS.ErrnoException) => (err.code === 'ENOENT' ? false : Promise.reject(fromSystemError(err, file, 'check whether it exists'))),
   );
-  if (exists) throw new UbdcowError('exists', `${file}: already exists (use --force to overwrite)`, { file });
+  if (exists) throw existsError(file);
 }
 
 

@@ -5,7 +5,7 @@ import { type FileHandleLike, type FileSystem, nodeFileSystem, sizeOf } from '..
 import { isoTime, openImage, statImageFile } from '../io/image.js';
 import { lockCowFile } from '../io/lock.js';
 import { absoluteBackingPath } from './create.js';
-import { commitJournalPath, readCommitJournal } from './commit.js';
+import { interruptedCommitMessage, readCommitJournal } from './commit.js';
 
 export interface RebaseOptions {
   /** Skip the size and mtime checks (and a failed --compare). */
@@ -58,11 +58,7 @@ export async function rebaseCow(cowPath: string, newBacking: string, options: Re
     await lockCowFile(image.file, cowPath);
     const { header } = image;
     if (!options.unsafe && (await readCommitJournal(fs, cowPath))) {
-      throw new UbdcowError(
-        'commit-interrupted',
-        `${cowPath}: an in-place commit was interrupted (${commitJournalPath(cowPath)} exists); run \`ubdcow commit ${cowPath}\` again to finish it first`,
-        { file: cowPath },
-      );
+      throw new UbdcowError('commit-interrupted', interruptedCommitMessage(cowPath, ' first'), { file: cowPath });
     }
     const stat = await statImageFile(fs, newBacking, 'backing file');
     const size = await sizeOf(stat).catch((err) => {

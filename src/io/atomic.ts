@@ -40,6 +40,11 @@ export async function removeStaleTemporaries(fs: FileSystem, destination: string
  * with link() when it must not replace anything (atomic no-clobber), rename() when it may.
  * The destination never holds a half-written file, and on failure it is untouched.
  */
+/** The refusal to replace `file`, wherever a command finds it already there. */
+export function existsError(file: string): UbdcowError {
+  return new UbdcowError('exists', `${file}: already exists (use --force to overwrite)`, { file });
+}
+
 export async function writeNewFile(
   fs: FileSystem,
   destination: string,
@@ -77,7 +82,7 @@ export async function writeNewFile(
     if (linked) await fs.unlink(destination).catch(() => undefined);
     await fs.unlink(temporary).catch(() => undefined);
     if ((err as NodeJS.ErrnoException).code === 'EEXIST') {
-      throw new UbdcowError('exists', `${destination}: already exists (use --force to overwrite)`, { file: destination });
+      throw existsError(destination);
     }
     throw fromSystemError(err, destination, 'write');
   }
