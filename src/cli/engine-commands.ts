@@ -1,7 +1,7 @@
 import * as fs from 'node:fs';
 import type { CommandModule } from 'yargs';
 import { UbdcowError, fromSystemError } from '../errors.js';
-import { CliExit } from './main.js';
+import { CliExit } from './exit.js';
 import { parseByteCount, toJson } from './format.js';
 
 function ignoreBrokenPipe(): void {

@@ -1,13 +1,7 @@
 import yargs, { type Argv } from 'yargs';
 import { UbdcowError, oneLine } from '../errors.js';
 import { commands } from './commands.js';
-
-/** Exit codes: 0 success; 1 failure (diff: images differ, check: problems found); 2 trouble for diff/check. */
-export class CliExit extends Error {
-  constructor(readonly exitCode: number) {
-    super(`exit ${exitCode}`);
-  }
-}
+import { CliExit } from './exit.js';
 
 function commandName(argv: string[]): string {
   return argv.find((arg) => !arg.startsWith('-')) ?? 'ubdcow';

@@ -1,4 +1,5 @@
 import type { CommandModule } from 'yargs';
+import { CliExit } from './exit.js';
 import { formatBytes, out, toJson, warn } from './format.js';
 import { createByteProgress, progressWanted } from './progress.js';
 
@@ -10,11 +11,6 @@ function seconds(ms: number): string {
   return `${(ms / 1000).toFixed(1)} s`;
 }
 
-/** Ends the command with an exit code that is an answer, not an error (check: 1 = problems). */
-async function exitWith(code: number): Promise<never> {
-  const { CliExit } = await import('./main.js');
-  throw new CliExit(code);
-}
 
 const commit: CommandModule = {
   command: 'commit <cow> [out]',
@@ -114,7 +110,7 @@ const check: CommandModule = {
       if (result.clean) out(`${result.file}: ${result.repaired.length > 0 ? 'clean after repair' : 'clean'}`);
       else out(`${result.file}: ${result.problems.filter((problem) => !problem.repaired).length} problem(s)`);
     }
-    if (!result.clean) await exitWith(1);
+    if (!result.clean) throw new CliExit(1);
   },
 };
 

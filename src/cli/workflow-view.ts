@@ -2,6 +2,7 @@ import type { CommandModule } from 'yargs';
 import { UbdcowError } from '../errors.js';
 import type { DiffResult } from '../commands/diff.js';
 import type { MapResult } from '../commands/map.js';
+import { CliExit } from './exit.js';
 import { formatBytes, formatTable, out, parseByteCount, toJson, warn } from './format.js';
 
 /* The read-only workflow commands: diff, map, cat. Handlers import their modules lazily. */
@@ -72,10 +73,7 @@ const diff: CommandModule = {
     if (argv.json) out(toJson(diffJson(a, b, result, sectors)));
     else if (argv.stat) out(formatDiffStat(a, b, result));
     else if (result.ranges.length > 0) out(formatDiffRanges(result, sectors));
-    if (!result.identical) {
-      const { CliExit } = await import('./main.js');
-      throw new CliExit(1);
-    }
+    if (!result.identical) throw new CliExit(1);
   },
 };
 
