@@ -88,14 +88,6 @@ export class BitmapWriter {
     return found;
   }
 
-  get inFlight(): number {
-    return this.pending.size;
-  }
-
-  get waitingCount(): number {
-    return this.waiting.length;
-  }
-
   private pendingUpdatesOverlapping(sectorStart: number, sectorEnd: number): BitmapUpdate[] {
     const found: BitmapUpdate[] = [];
     for (const slice of this.pending) {

@@ -137,9 +137,7 @@ class Engine implements CowDevice {
 
   flush(): Promise<void> {
     if (this.closing) return Promise.reject(this.closedError('flush'));
-    return this.options.readOnly ? Promise.resolve() : this.cowSync.request().catch((err) => {
-      throw fromSystemError(err, this.path, 'flush');
-    });
+    return this.readOnly ? Promise.resolve() : this.syncCow();
   }
 
   close(): Promise<void> {
@@ -147,14 +145,17 @@ class Engine implements CowDevice {
     return this.closing;
   }
 
+  /** Makes everything written so far durable (one fdatasync shared by concurrent callers). */
+  private syncCow(): Promise<void> {
+    return this.cowSync.request().catch((err) => {
+      throw fromSystemError(err, this.path, 'flush');
+    });
+  }
+
   private async drainAndClose(): Promise<void> {
     if (this.active > 0) await new Promise<void>((resolve) => (this.drained = resolve));
     let failure: unknown;
-    try {
-      if (!this.options.readOnly) await this.cowSync.request();
-    } catch (err) {
-      failure = fromSystemError(err, this.path, 'flush');
-    }
+    if (!this.readOnly) await this.syncCow().catch((err) => (failure = err));
     await this.cow.close().catch((err) => (failure ??= err));
     await this.backing.close().catch((err) => (failure ??= err));
     if (failure) throw failure;
@@ -273,7 +274,7 @@ class Engine implements CowDevice {
   }
 
   private async doWrite(offset: number, data: Uint8Array): Promise<void> {
-    if (this.options.readOnly) {
+    if (this.readOnly) {
       throw new UbdcowError('read-only', `${this.path}: device is open read-only`, { file: this.path });
     }
     this.checkRange(offset, data.length, 'write');

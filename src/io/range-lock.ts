@@ -26,10 +26,6 @@ export class RangeLock {
     });
   }
 
-  get size(): number {
-    return this.holders.length;
-  }
-
   private grant(holder: Holder): void {
     holder.granted = true;
     holder.grant();
