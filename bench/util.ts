@@ -102,8 +102,16 @@ export function ensureBuilt(): void {
   if (result.status !== 0) throw new Error(`build failed:\n${result.stdout}${result.stderr}`);
 }
 
+const toolFound = new Map<string, boolean>();
+
+/** True when `name` is an executable on PATH (asked once per name). */
 export function hasTool(name: string): boolean {
-  return spawnSync('which', [name], { stdio: 'ignore' }).status === 0;
+  let present = toolFound.get(name);
+  if (present === undefined) {
+    present = spawnSync('which', [name], { stdio: 'ignore' }).status === 0;
+    toolFound.set(name, present);
+  }
+  return present;
 }
 
 export interface Machine {

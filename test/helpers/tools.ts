@@ -1,22 +1,9 @@
 import { execFileSync, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { hasTool, repoRoot } from '../../bench/util.js';
 
-/** The repository root (this file lives in test/helpers). */
-export const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
-
-const found = new Map<string, boolean>();
-
-/** True when `name` is an executable on PATH. */
-export function hasTool(name: string): boolean {
-  let present = found.get(name);
-  if (present === undefined) {
-    present = spawnSync('which', [name], { stdio: 'ignore' }).status === 0;
-    found.set(name, present);
-  }
-  return present;
-}
+export { hasTool, repoRoot };
 
 /** The tools among `names` that are not installed. */
 export function missingTools(...names: string[]): string[] {
