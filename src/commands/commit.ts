@@ -3,7 +3,7 @@ import { CowFormatError, UbdcowError, fromSystemError } from '../errors.js';
 import { existsError, writeNewFile } from '../io/atomic.js';
 import { type FileHandleLike, type FileSystem, nodeFileSystem } from '../io/file.js';
 import { ImageWriter } from '../io/image-writer.js';
-import { BITMAP_CHUNK_BYTES, type BackingReport, type CowImage, type SectorExtent, allocatedExtents, checkBacking, openImage, statImageFile } from '../io/image.js';
+import { BITMAP_CHUNK_BYTES, type BackingReport, type CowImage, type SectorExtent, allocatedExtents, checkBacking, openImage, openImageFile, statImageFile } from '../io/image.js';
 import { lockCowFile } from '../io/lock.js';
 import { findSiblingCows } from './siblings.js';
 import { rewriteHeader } from './rebase.js';
@@ -208,12 +208,8 @@ function judgeBacking(cowPath: string, report: BackingReport, force: boolean): s
 }
 
 async function openBacking(fs: FileSystem, backingPath: string, mode: 'r' | 'r+'): Promise<FileHandleLike> {
-  await statImageFile(fs, backingPath, 'backing file');
-  try {
-    return await fs.open(backingPath, mode);
-  } catch (err) {
-    throw fromSystemError(err, backingPath, mode === 'r' ? 'read backing file' : 'open backing file for writing');
-  }
+  const action = mode === 'r' ? 'read backing file' : 'open backing file for writing';
+  return (await openImageFile(fs, backingPath, 'backing file', mode, action)).handle;
 }
 
 async function readFully(file: FileHandleLike, filePath: string, buffer: Uint8Array, offset: number, length: number, position: number): Promise<number> {

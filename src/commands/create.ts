@@ -10,7 +10,7 @@ import {
 } from '../format/header.js';
 import { type CowGeometry, computeGeometry } from '../format/geometry.js';
 import { type FileSystem, nodeFileSystem, sizeOf } from '../io/file.js';
-import { statImageFile } from '../io/image.js';
+import { probeReadable, statImageFile } from '../io/image.js';
 import { existsError, writeNewFile } from '../io/atomic.js';
 
 export interface CreateOptions {
@@ -43,12 +43,7 @@ export async function absoluteBackingPath(backing: string, fs: FileSystem = node
 export async function createCow(cowPath: string, backing: string, options: CreateOptions = {}): Promise<CreateResult> {
   const fs = options.fs ?? nodeFileSystem;
   const backingStat = await statImageFile(fs, backing, 'backing file');
-  try {
-    const probe = await fs.open(backing, 'r');
-    await probe.close();
-  } catch (err) {
-    throw fromSystemError(err, backing, 'read backing file');
-  }
+  await probeReadable(fs, backing, 'backing file');
   const size = await sizeOf(backingStat).catch((err) => {
     throw fromSystemError(err, backing, 'find the size of backing file');
   });

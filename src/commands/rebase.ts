@@ -2,7 +2,7 @@ import * as path from 'node:path';
 import { CowFormatError, UbdcowError, fromSystemError } from '../errors.js';
 import { type CowHeader, serializeSameLayout } from '../format/header.js';
 import { type FileHandleLike, type FileSystem, nodeFileSystem, sizeOf } from '../io/file.js';
-import { isoTime, openImage, statImageFile } from '../io/image.js';
+import { isoTime, openImage, probeReadable, statImageFile } from '../io/image.js';
 import { lockCowFile } from '../io/lock.js';
 import { absoluteBackingPath } from './create.js';
 import { interruptedCommitMessage, readCommitJournal } from './commit.js';
@@ -76,12 +76,7 @@ export async function rebaseCow(cowPath: string, newBacking: string, options: Re
         file: newBacking,
       });
     }
-    try {
-      const probe = await fs.open(newBacking, 'r');
-      await probe.close();
-    } catch (err) {
-      throw fromSystemError(err, newBacking, 'read backing file');
-    }
+    await probeReadable(fs, newBacking, 'backing file');
     const stored = await absoluteBackingPath(newBacking, fs).catch((err) => {
       throw fromSystemError(err, newBacking, 'resolve backing file path');
     });

@@ -40,16 +40,36 @@ export async function statImageFile(fs: FileSystem, file: string, what: string):
   return stat;
 }
 
+/** statImageFile, then open; an error opening names the file and `action`. The caller closes the handle. */
+export async function openImageFile(
+  fs: FileSystem,
+  file: string,
+  what: string,
+  mode: OpenMode = 'r',
+  action = `open ${what}`,
+): Promise<{ handle: FileHandleLike; stat: FileStat }> {
+  const stat = await statImageFile(fs, file, what);
+  try {
+    return { handle: await fs.open(file, mode), stat };
+  } catch (err) {
+    throw fromSystemError(err, file, action);
+  }
+}
+
+/** Proves `file` can be opened for reading (opened and closed again); errors say "read <what>". */
+export async function probeReadable(fs: FileSystem, file: string, what: string): Promise<void> {
+  try {
+    const probe = await fs.open(file, 'r');
+    await probe.close();
+  } catch (err) {
+    throw fromSystemError(err, file, `read ${what}`);
+  }
+}
+
 /** Opens and validates a COW file; the caller closes `image.file`. */
 export async function openImage(file: string, options: OpenImageOptions = {}): Promise<CowImage> {
   const fs = options.fs ?? nodeFileSystem;
-  await statImageFile(fs, file, 'COW file');
-  let handle: FileHandleLike;
-  try {
-    handle = await fs.open(file, options.mode ?? 'r');
-  } catch (err) {
-    throw fromSystemError(err, file, 'open COW file');
-  }
+  const { handle } = await openImageFile(fs, file, 'COW file', options.mode ?? 'r');
   try {
     return await readImage(file, handle);
   } catch (err) {

@@ -3,7 +3,7 @@ import { UbdcowError, fromSystemError } from '../errors.js';
 import { COW_MAGIC } from '../format/header.js';
 import { SectorBitmap } from '../format/bitmap.js';
 import { type FileHandleLike, type FileSystem, nodeFileSystem, sizeOf } from './file.js';
-import { BITMAP_CHUNK_BYTES, type CowImage, type SectorExtent, allocatedExtents, openImage, statImageFile } from './image.js';
+import { BITMAP_CHUNK_BYTES, type CowImage, type SectorExtent, allocatedExtents, openImage, openImageFile } from './image.js';
 
 /** Which file a virtual disk's unwritten sectors come from, for telling "same base" apart. */
 export interface FileIdentity {
@@ -75,13 +75,7 @@ export async function openVirtualDisk(file: string, options: OpenVirtualDiskOpti
 
 /** True when the file starts with the COW magic; parseHeader then decides whether it is valid. */
 async function looksLikeCow(fs: FileSystem, file: string): Promise<boolean> {
-  await statImageFile(fs, file, 'disk image');
-  let handle: FileHandleLike;
-  try {
-    handle = await fs.open(file, 'r');
-  } catch (err) {
-    throw fromSystemError(err, file, 'open disk image');
-  }
+  const { handle } = await openImageFile(fs, file, 'disk image');
   try {
     const start = new Uint8Array(4);
     const got = await handle.read(start, 0, 4, 0).catch((err) => {
@@ -137,13 +131,7 @@ async function readExactly(
 }
 
 async function openRawDisk(file: string, fs: FileSystem, what: string): Promise<VirtualDisk> {
-  const stat = await statImageFile(fs, file, what);
-  let handle: FileHandleLike;
-  try {
-    handle = await fs.open(file, 'r');
-  } catch (err) {
-    throw fromSystemError(err, file, `open ${what}`);
-  }
+  const { handle, stat } = await openImageFile(fs, file, what);
   try {
     const size = await sizeOf(stat).catch((err) => {
       throw fromSystemError(err, file, `find the size of ${what}`);
