@@ -1,7 +1,7 @@
 import * as path from 'node:path';
 import { CowFormatError, UbdcowError, fromSystemError } from '../errors.js';
 import { existsError, writeNewFile } from '../io/atomic.js';
-import { type FileHandleLike, type FileSystem, nodeFileSystem } from '../io/file.js';
+import { type FileHandleLike, type FileSystem, nodeFileSystem, readExactly } from '../io/file.js';
 import { ImageWriter } from '../io/image-writer.js';
 import { BITMAP_CHUNK_BYTES, type BackingReport, type CowImage, type SectorExtent, allocatedExtents, checkBacking, openImage, openImageFile, statImageFile } from '../io/image.js';
 import { lockCowFile } from '../io/lock.js';
@@ -347,8 +347,8 @@ const BYTES_PER_SEPARATE_READ = 256 * 1024;
 
 /** Reads the COW data area behind [start, end) of the disk into `buffer` at `offset`; a short read means truncation. */
 async function readCowRun(image: CowImage, buffer: Uint8Array, offset: number, start: number, end: number): Promise<void> {
-  const got = await readFully(image.file, image.path, buffer, offset, end - start, image.geometry.dataOffset + start);
-  if (got < end - start) throw dataAreaEndsEarly(image, start, end, got);
+  const target = { buffer, offset, length: end - start, position: image.geometry.dataOffset + start };
+  await readExactly(image.file, image.path, 'read', target, (got) => dataAreaEndsEarly(image, start, end, got));
 }
 
 /** The COW file ended `got` bytes into the data behind [start, end) of the disk. */

@@ -3,7 +3,7 @@ import type { SectorBitmap } from '../format/bitmap.js';
 import type { CowGeometry } from '../format/geometry.js';
 import type { CowHeader } from '../format/header.js';
 import { BitmapWriter } from './bitmap-writer.js';
-import { type FileHandleLike, type FileSystem, nodeFileSystem } from './file.js';
+import { type FileHandleLike, type FileSystem, nodeFileSystem, readExactly } from './file.js';
 import { GroupSync } from './group-sync.js';
 import { type CowImage, checkBacking, openImage, readWholeBitmap } from './image.js';
 import { RangeLock } from './range-lock.js';
@@ -257,20 +257,12 @@ class Engine implements CowDevice {
   }
 
   private async readSpan(fromCow: boolean, buffer: Uint8Array, bufferOffset: number, length: number, diskOffset: number): Promise<void> {
-    const file = fromCow ? this.cow : this.backing;
+    const file = fromCow ? this.path : this.header.backingFile;
     const position = fromCow ? this.geometry.dataOffset + diskOffset : diskOffset;
-    let got: number;
-    try {
-      got = await file.read(buffer, bufferOffset, length, position);
-    } catch (err) {
-      throw fromSystemError(err, fromCow ? this.path : this.header.backingFile, 'read');
-    }
-    if (got < length) {
+    await readExactly(fromCow ? this.cow : this.backing, file, 'read', { buffer, offset: bufferOffset, length, position }, (got) => {
       const where = fromCow ? `${this.path}: data area` : `${this.header.backingFile}: backing file`;
-      throw new UbdcowError('truncated', `${where} ends at ${position + got}, expected data up to ${position + length}`, {
-        file: fromCow ? this.path : this.header.backingFile,
-      });
-    }
+      return new UbdcowError('truncated', `${where} ends at ${position + got}, expected data up to ${position + length}`, { file });
+    });
   }
 
   private async doWrite(offset: number, data: Uint8Array): Promise<void> {

@@ -1,5 +1,6 @@
 import * as fsp from 'node:fs/promises';
 import * as fs from 'node:fs';
+import { fromSystemError } from '../errors.js';
 
 /**
  * The small file interface everything above the OS goes through, so tests can record, delay,
@@ -25,6 +26,27 @@ export interface FileHandleLike {
   close(): Promise<void>;
   /** The OS file descriptor, when there is one (needed for POSIX record locks). */
   readonly fd?: number;
+}
+
+/**
+ * Reads exactly `length` bytes. An I/O error becomes fromSystemError(err, file, action); a short
+ * read (the file ends early) becomes the error `onShort(got)` builds, so each caller names its
+ * own kind of truncation.
+ */
+export async function readExactly(
+  handle: FileHandleLike,
+  file: string,
+  action: string,
+  target: { buffer: Uint8Array; offset: number; length: number; position: number },
+  onShort: (got: number) => Error,
+): Promise<void> {
+  let got: number;
+  try {
+    got = await handle.read(target.buffer, target.offset, target.length, target.position);
+  } catch (err) {
+    throw fromSystemError(err, file, action);
+  }
+  if (got < target.length) throw onShort(got);
 }
 
 export interface FileStat {

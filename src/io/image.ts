@@ -3,7 +3,7 @@ import { CowFormatError, UbdcowError, fromSystemError } from '../errors.js';
 import { type CowHeader, MAX_HEADER_SIZE, parseHeader } from '../format/header.js';
 import { type CowGeometry, computeGeometry } from '../format/geometry.js';
 import { SectorBitmap } from '../format/bitmap.js';
-import { type FileHandleLike, type FileStat, type FileSystem, type OpenMode, nodeFileSystem, sizeOf } from './file.js';
+import { type FileHandleLike, type FileStat, type FileSystem, type OpenMode, nodeFileSystem, readExactly, sizeOf } from './file.js';
 
 /** An open COW file: its parsed header, geometry and handle. */
 export interface CowImage {
@@ -130,15 +130,9 @@ export async function* bitmapSlices(image: CowImage, chunkBytes = BITMAP_CHUNK_B
   const buffer = new Uint8Array(Math.min(chunkBytes, Math.max(bitmapLength, 1)));
   for (let byte = 0; byte < bitmapLength; byte += buffer.length) {
     const length = Math.min(buffer.length, bitmapLength - byte);
-    let got: number;
-    try {
-      got = await image.file.read(buffer, 0, length, bitmapOffset + byte);
-    } catch (err) {
-      throw fromSystemError(err, image.path, 'read the bitmap of');
-    }
-    if (got < length) {
-      throw new CowFormatError('truncated-bitmap', 'bitmap', `${bitmapOffset + byte + got} bytes into the file`, `${bitmapLength} bytes from offset ${bitmapOffset}`, image.path);
-    }
+    await readExactly(image.file, image.path, 'read the bitmap of', { buffer, offset: 0, length, position: bitmapOffset + byte }, (got) =>
+      new CowFormatError('truncated-bitmap', 'bitmap', `${bitmapOffset + byte + got} bytes into the file`, `${bitmapLength} bytes from offset ${bitmapOffset}`, image.path),
+    );
     const firstSector = byte * 8;
     const bits = Math.min(length * 8, coveredSectors - firstSector);
     yield new SectorBitmap(buffer.subarray(0, length), bits, firstSector);
@@ -173,15 +167,9 @@ export async function* allocatedExtents(image: CowImage, chunkBytes = BITMAP_CHU
 export async function readWholeBitmap(image: CowImage): Promise<SectorBitmap> {
   const { bitmapOffset, bitmapLength, coveredSectors } = image.geometry;
   const bytes = new Uint8Array(bitmapLength);
-  let got: number;
-  try {
-    got = await image.file.read(bytes, 0, bitmapLength, bitmapOffset);
-  } catch (err) {
-    throw fromSystemError(err, image.path, 'read the bitmap of');
-  }
-  if (got < bitmapLength) {
-    throw new CowFormatError('truncated-bitmap', 'bitmap', `${got} bytes`, `${bitmapLength} bytes`, image.path);
-  }
+  await readExactly(image.file, image.path, 'read the bitmap of', { buffer: bytes, offset: 0, length: bitmapLength, position: bitmapOffset }, (got) =>
+    new CowFormatError('truncated-bitmap', 'bitmap', `${got} bytes`, `${bitmapLength} bytes`, image.path),
+  );
   return new SectorBitmap(bytes, coveredSectors);
 }
 

@@ -2,7 +2,7 @@ import * as path from 'node:path';
 import { UbdcowError, fromSystemError } from '../errors.js';
 import { COW_MAGIC } from '../format/header.js';
 import { SectorBitmap } from '../format/bitmap.js';
-import { type FileHandleLike, type FileSystem, nodeFileSystem, sizeOf } from './file.js';
+import { type FileHandleLike, type FileSystem, nodeFileSystem, readExactly, sizeOf } from './file.js';
 import { BITMAP_CHUNK_BYTES, type CowImage, type SectorExtent, allocatedExtents, openImage, openImageFile } from './image.js';
 
 /** Which file a virtual disk's unwritten sectors come from, for telling "same base" apart. */
@@ -106,7 +106,7 @@ function checkRange(disk: { path: string; size: number }, offset: number, length
 }
 
 /** Reads exactly `length` bytes or says which file ended where. */
-async function readExactly(
+async function readDiskBytes(
   handle: FileHandleLike,
   file: string,
   what: string,
@@ -115,19 +115,13 @@ async function readExactly(
   length: number,
   position: number,
 ): Promise<void> {
-  let got: number;
-  try {
-    got = await handle.read(into, at, length, position);
-  } catch (err) {
-    throw fromSystemError(err, file, `read ${what}`);
-  }
-  if (got < length) {
-    throw new UbdcowError(
+  await readExactly(handle, file, `read ${what}`, { buffer: into, offset: at, length, position }, (got) =>
+    new UbdcowError(
       'short-read',
       `${file}: ${what} ends early: got ${got} of ${length} bytes at byte ${position}, expected all of them (is the file truncated?)`,
       { file },
-    );
-  }
+    ),
+  );
 }
 
 async function openRawDisk(file: string, fs: FileSystem, what: string): Promise<VirtualDisk> {
@@ -147,7 +141,7 @@ async function openRawDisk(file: string, fs: FileSystem, what: string): Promise<
       async read(offset, length, into) {
         checkRange(disk, offset, length, into);
         const buffer = into ?? new Uint8Array(length);
-        await readExactly(handle, file, what, buffer, 0, length, offset);
+        await readDiskBytes(handle, file, what, buffer, 0, length, offset);
         return buffer.subarray(0, length);
       },
       close: () => handle.close(),
@@ -183,7 +177,7 @@ class BitmapWindow {
     const firstByte = firstSector / 8;
     const length = Math.min(this.buffer.length, bitmapLength - firstByte);
     this.slice = undefined;
-    await readExactly(this.image.file, this.image.path, 'the bitmap of', this.buffer, 0, length, bitmapOffset + firstByte);
+    await readDiskBytes(this.image.file, this.image.path, 'the bitmap of', this.buffer, 0, length, bitmapOffset + firstByte);
     const bits = Math.min(length * 8, coveredSectors - firstSector);
     this.slice = new SectorBitmap(this.buffer.subarray(0, length), bits, firstSector);
     return this.slice;
@@ -218,7 +212,7 @@ async function openCowDisk(file: string, options: OpenVirtualDiskOptions, fs: Fi
     const backingDisk = backing;
 
     const readAllocated = (buffer: Uint8Array, at: number, length: number, offset: number) =>
-      readExactly(image.file, file, 'the COW data area', buffer, at, length, geometry.dataOffset + offset);
+      readDiskBytes(image.file, file, 'the COW data area', buffer, at, length, geometry.dataOffset + offset);
 
     const readFromBacking = async (buffer: Uint8Array, at: number, length: number, offset: number): Promise<void> => {
       if (!backingDisk) {
