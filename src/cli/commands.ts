@@ -1,5 +1,5 @@
 import type { CommandModule } from 'yargs';
-import { formatBytes, formatTable, out, toJson, warn } from './format.js';
+import { formatBytes, formatTable, note, out, plural, toJson, warn } from './format.js';
 import { engineCommands } from './engine-commands.js';
 import { workflowCommitCommands } from './workflow-commit.js';
 import { workflowCommands } from './workflow-view.js';
@@ -31,13 +31,14 @@ const create: CommandModule = {
     if (argv.json) {
       out(toJson({ file: result.path, ...result.header, ...result.geometry }));
     } else {
-      out(`created ${result.path}: ${formatBytes(result.header.size)} over ${result.header.backingFile}`);
+      note(`created ${result.path}: ${formatBytes(result.header.size)} over ${result.header.backingFile}`);
     }
   },
 };
 
 const inspect: CommandModule = {
   command: 'inspect <cow>',
+  aliases: ['info'],
   describe: 'Show a COW file\'s header, layout, allocation and backing state',
   builder: (y) =>
     y
@@ -69,7 +70,7 @@ const inspect: CommandModule = {
         ['data offset', report.dataOffset],
         [
           'allocated',
-          `${report.allocated.sectors} sectors, ${formatBytes(report.allocated.bytes)} (${report.allocated.percent}%) in ${report.extents} extents`,
+          `${report.allocated.sectors} sectors, ${formatBytes(report.allocated.bytes)} (${report.allocated.percent}%) in ${plural(report.extents, 'extent')}`,
         ],
         [
           'file size',

@@ -2,7 +2,7 @@ import * as fs from 'node:fs';
 import type { CommandModule } from 'yargs';
 import { UbdcowError, fromSystemError } from '../errors.js';
 import { CliExit } from './exit.js';
-import { parseByteCount, toJson } from './format.js';
+import { note, out, parseByteCount, toJson } from './format.js';
 
 function ignoreBrokenPipe(): void {
   process.stdout.on('error', (err: NodeJS.ErrnoException) => {
@@ -63,7 +63,8 @@ const write: CommandModule = {
       sync: Boolean(argv.sync),
       expectedLength,
     });
-    process.stdout.write(argv.json ? `${toJson(result)}\n` : `wrote ${result.bytes} bytes at offset ${result.offset}\n`);
+    if (argv.json) out(toJson(result));
+    else note(`wrote ${result.bytes} bytes at offset ${result.offset}`);
   },
 };
 

@@ -37,12 +37,34 @@ export function parseByteCount(option: string, text: string): number {
   return value;
 }
 
-/** A line on stdout. */
+let quiet = false;
+
+/** `-q/--quiet`: no warnings and no confirmations; the data a command was asked for still prints. */
+export function setQuiet(value: boolean): void {
+  quiet = value;
+}
+
+export function isQuiet(): boolean {
+  return quiet;
+}
+
+/** A line of the data the command was asked for (a report, ranges, JSON): printed even with -q. */
 export function out(text: string): void {
   process.stdout.write(text.endsWith('\n') ? text : `${text}\n`);
 }
 
-/** Warnings on stderr, one line each, named after the command. */
+/** A confirmation of what was done ("created …", "committed …"): silent with -q, like qemu-img -q. */
+export function note(text: string): void {
+  if (!quiet) out(text);
+}
+
+/** Warnings on stderr, one line each, named after the command; silent with -q. */
 export function warn(command: string, warnings: string[]): void {
+  if (quiet) return;
   for (const warning of warnings) process.stderr.write(`ubdcow ${command}: warning: ${warning}\n`);
+}
+
+/** `n thing` / `n things`: "1 extent", "2 extents", "0 extents". */
+export function plural(count: number, singular: string, pluralForm = `${singular}s`): string {
+  return `${count} ${count === 1 ? singular : pluralForm}`;
 }

@@ -1,10 +1,26 @@
-import yargs, { type Argv } from 'yargs';
+import yargs, { type Argv, type CommandModule } from 'yargs';
 import { UbdcowError, oneLine } from '../errors.js';
 import { commands } from './commands.js';
 import { CliExit } from './exit.js';
+import { setQuiet } from './format.js';
+
+/** Options every command takes (yargs adds help and version itself). */
+const globalOptions = ['debug', 'quiet', 'q', 'output', 'help', 'h', 'version', 'V'];
 
 function commandName(argv: string[]): string {
-  return argv.find((arg) => !arg.startsWith('-')) ?? 'ubdcow';
+  const first = argv.find((arg) => !arg.startsWith('-')) ?? 'ubdcow';
+  return commands.find((command) => commandAliases(command).includes(first)) ? canonicalName(first) : first;
+}
+
+function commandAliases(command: CommandModule): string[] {
+  const names = [String(command.command).split(' ')[0]];
+  const aliases = command.aliases === undefined ? [] : Array.isArray(command.aliases) ? command.aliases : [command.aliases];
+  return [...names, ...aliases.map(String)];
+}
+
+function canonicalName(name: string): string {
+  const command = commands.find((c) => commandAliases(c).includes(name));
+  return command ? commandAliases(command)[0] : name;
 }
 
 /** Commands whose exit code 1 means an answer ("different", "problems"), so errors use 2. */
@@ -27,21 +43,81 @@ function reportError(command: string, err: unknown, debug: boolean): number {
   return errorExitCode(command);
 }
 
+/** The options a command's builder declares, with their aliases, found by running it on a probe. */
+function knownOptions(command: CommandModule): Set<string> {
+  const probe = yargs([]);
+  if (typeof command.builder === 'function') command.builder(probe);
+  else if (command.builder) probe.options(command.builder);
+  const options = (probe as unknown as { getOptions(): { key: Record<string, unknown>; alias: Record<string, string[]> } }).getOptions();
+  const names = new Set<string>(globalOptions);
+  for (const key of Object.keys(options.key)) names.add(key);
+  for (const [key, aliases] of Object.entries(options.alias)) {
+    names.add(key);
+    for (const alias of aliases) names.add(alias);
+  }
+  return names;
+}
+
+/**
+ * yargs checks positional counts before unknown options, so `check --bogus vm.cow` would be
+ * reported as a missing argument (the unknown option swallowed the file name): name it instead.
+ */
+function unknownOption(argv: string[]): string | undefined {
+  const name = commandName(argv);
+  const command = commands.find((c) => commandAliases(c)[0] === name);
+  if (!command) return undefined;
+  const known = knownOptions(command);
+  for (const arg of argv) {
+    if (arg === '--') break;
+    const match = /^--?(?:no-)?([^=]+)/.exec(arg);
+    if (!match || arg === '-') continue;
+    const option = arg.startsWith('--') ? match[1] : arg.slice(1, 2);
+    const camel = option.replace(/-([a-z])/g, (_, c: string) => c.toUpperCase());
+    if (!known.has(option) && !known.has(camel) && !/^-\d/.test(arg)) return arg.split('=')[0];
+  }
+  return undefined;
+}
+
 export function buildParser(argv: string[]): Argv {
   let parser = yargs(argv)
     .scriptName('ubdcow')
     .usage('$0 <command> [options]\n\nCopy-on-write disk images in the User-Mode Linux ubd format.')
     .option('debug', { type: 'boolean', describe: 'Show stack traces on errors', global: true })
+    .option('quiet', { alias: 'q', type: 'boolean', describe: 'No warnings or confirmations; errors and requested data still print', global: true })
+    .option('output', {
+      type: 'string',
+      choices: ['human', 'json'],
+      describe: 'Output format (--output=json is --json, as in qemu-img)',
+      global: true,
+    })
+    .middleware((args) => {
+      setQuiet(Boolean(args.quiet));
+      if (args.output === 'json') {
+        const name = canonicalName(String(args._[0] ?? ''));
+        const command = commands.find((c) => commandAliases(c)[0] === name);
+        if (command && !knownOptions(command).has('json')) {
+          throw new UbdcowError('usage', `--output=json: ${name} has no JSON output (see ubdcow ${name} --help)`);
+        }
+        args.json = true;
+      }
+    }, true)
     .strict()
     .demandCommand(1, 'name a command')
     .recommendCommands()
+    .completion('completion', 'Print a bash/zsh completion script (source it from your shell profile)')
     .help()
     .alias('h', 'help')
     .version()
+    .alias('V', 'version')
     .wrap(Math.min(100, process.stdout.columns || 100))
-    .epilogue('Exit codes: 0 success; 1 failure (diff: images differ; check: problems found); 2 diff/check could not answer.')
+    .epilogue(
+      'Exit codes: 0 success; 1 failure (diff: images differ; check: problems found); 2 diff/check could not answer. ' +
+        'JSON output (--json or --output=json) carries "schemaVersion"; fields are listed in the README.',
+    )
     .fail((message, err) => {
       if (err) throw err;
+      const unknown = unknownOption(argv);
+      if (unknown) throw new UbdcowError('usage', `unknown option ${unknown} (see ubdcow ${commandName(argv)} --help)`);
       throw new UbdcowError('usage', `${message} (see --help)`);
     });
   for (const command of commands) parser = parser.command(command);

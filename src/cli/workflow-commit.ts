@@ -1,6 +1,6 @@
 import type { CommandModule } from 'yargs';
 import { CliExit } from './exit.js';
-import { formatBytes, out, toJson, warn } from './format.js';
+import { formatBytes, note, out, plural, toJson, warn } from './format.js';
 import { createByteProgress, progressWanted } from './progress.js';
 
 /* Handlers import their command modules lazily so `ubdcow --help` stays fast. */
@@ -38,7 +38,7 @@ const commit: CommandModule = {
         array: true,
         describe: 'In place: also look in this folder for other COWs over the same backing (the COW\'s and the backing\'s folders are always searched)',
       })
-      .option('progress', { alias: 'p', type: 'boolean', describe: 'Show a progress bar (default: only when stderr is a terminal)' })
+      .option('progress', { alias: 'p', type: 'boolean', describe: 'Show a progress bar (default: only when stderr is a terminal; --no-progress never)' })
       .option('json', { type: 'boolean', describe: 'Print the result as JSON' })
       .example('$0 commit vm1.cow merged.img', 'Write the merged disk to a new sparse file merged.img')
       .example('$0 commit -p vm1.cow', 'Merge into the backing file in place, then empty vm1.cow')
@@ -67,7 +67,7 @@ const commit: CommandModule = {
       return;
     }
     warn('commit', [...result.overridden.map((what) => `${what} (overridden by --force)`), ...result.warnings]);
-    const copied = `${formatBytes(result.allocatedBytes)} from the COW in ${result.extents} extent${result.extents === 1 ? '' : 's'}`;
+    const copied = `${formatBytes(result.allocatedBytes)} from the COW in ${plural(result.extents, 'extent')}`;
     const resumed = result.resumed ? ' (finished an interrupted commit)' : '';
     if (result.mode === 'new-file') {
       out(
@@ -75,7 +75,7 @@ const commit: CommandModule = {
       );
     } else {
       const after = result.emptied ? `${result.cow} emptied and re-pointed at it` : `${result.cow} left unchanged`;
-      out(`committed ${result.cow} into ${result.output}${resumed}: ${copied} in ${seconds(result.durationMs)}; ${after}`);
+      note(`committed ${result.cow} into ${result.output}${resumed}: ${copied} in ${seconds(result.durationMs)}; ${after}`);
     }
   },
 };
@@ -138,7 +138,7 @@ const rebase: CommandModule = {
     warn('rebase', result.overridden.map((what) => `${what} (overridden by --unsafe)`));
     if (result.comparison && !result.comparison.compared) warn('rebase', [`not compared: ${result.comparison.reason}`]);
     const compared = result.comparison?.compared ? (result.comparison.equal ? ' (contents compared: equal)' : ' (contents differ)') : '';
-    out(`rebased ${result.file}: ${result.oldBacking} -> ${result.newBacking}${compared}`);
+    note(`rebased ${result.file}: ${result.oldBacking} -> ${result.newBacking}${compared}`);
   },
 };
 

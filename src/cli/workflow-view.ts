@@ -3,7 +3,7 @@ import { UbdcowError } from '../errors.js';
 import type { DiffResult } from '../commands/diff.js';
 import type { MapResult } from '../commands/map.js';
 import { CliExit } from './exit.js';
-import { formatBytes, formatTable, out, parseByteCount, toJson, warn } from './format.js';
+import { formatBytes, formatTable, out, parseByteCount, plural, toJson, warn } from './format.js';
 
 /* The read-only workflow commands: diff, map, cat. Handlers import their modules lazily. */
 
@@ -26,7 +26,7 @@ export function formatDiffStat(a: string, b: string | undefined, result: DiffRes
     ['a', a],
     ['b', b ?? (result.mode === 'allocation' ? '(allocation of a)' : '(backing file of a)')],
     ['mode', result.mode],
-    [verdict, `${formatBytes(result.differingBytes)} (${result.differingBytes} bytes) in ${result.extents} extents, of ${formatBytes(size)}`],
+    [verdict, `${formatBytes(result.differingBytes)} (${result.differingBytes} bytes) in ${plural(result.extents, 'extent')}, of ${formatBytes(size)}`],
   ];
   if (result.sizeA !== result.sizeB) rows.push(['sizes', `a ${result.sizeA} bytes, b ${result.sizeB} bytes`]);
   return formatTable(rows);
