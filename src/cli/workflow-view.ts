@@ -21,13 +21,17 @@ export function formatDiffRanges(result: DiffResult, sectors: boolean): string {
 
 export function formatDiffStat(a: string, b: string | undefined, result: DiffResult): string {
   const size = Math.max(result.sizeA, result.sizeB);
-  const verdict = result.identical ? 'identical' : result.mode === 'allocation' ? 'allocated' : 'differing';
   const rows: Array<[string, string | number]> = [
     ['a', a],
     ['b', b ?? (result.mode === 'allocation' ? '(allocation of a)' : '(backing file of a)')],
     ['mode', result.mode],
-    [verdict, `${formatBytes(result.differingBytes)} (${result.differingBytes} bytes) in ${plural(result.extents, 'extent')}, of ${formatBytes(size)}`],
   ];
+  if (result.identical) {
+    rows.push(['result', result.mode === 'allocation' ? 'nothing allocated' : `identical (${formatBytes(size)} compared)`]);
+  } else {
+    const verdict = result.mode === 'allocation' ? 'allocated' : 'differing';
+    rows.push([verdict, `${formatBytes(result.differingBytes)} (${result.differingBytes} bytes) in ${plural(result.extents, 'range')}, of ${formatBytes(size)}`]);
+  }
   if (result.sizeA !== result.sizeB) rows.push(['sizes', `a ${result.sizeA} bytes, b ${result.sizeB} bytes`]);
   return formatTable(rows);
 }
@@ -48,15 +52,15 @@ const diff: CommandModule = {
       .positional('b', { type: 'string', describe: 'Second COW file or raw image (omit to compare a COW with its backing)' })
       .option('json', { type: 'boolean', describe: 'Print one JSON object' })
       .option('stat', { type: 'boolean', describe: 'Print a summary (bytes and extents) instead of the ranges' })
-      .option('sectors', { type: 'boolean', describe: 'Print ranges as first sector and sector count' })
+      .option('sectors', { type: 'boolean', describe: 'Whole sectors: print ranges as first sector and sector count' })
       .option('allocated', { type: 'boolean', describe: 'One COW: list allocated sectors instead of comparing with the backing' })
       .option('backing-a', { type: 'string', describe: 'Backing file for a, instead of the one in its header' })
       .option('backing-b', { type: 'string', describe: 'Backing file for b, instead of the one in its header' })
       .example('$0 diff vm1.cow', 'Sectors vm1.cow changed relative to its backing file')
       .example('$0 diff vm1.cow vm2.cow --stat', 'How much two COWs over one backing differ')
       .epilogue(
-        'Ranges are sector-aligned byte ranges, merged when adjacent. If the disks differ in size, ' +
-          'everything from the sector holding the end of the smaller one counts as different. ' +
+        'Ranges are the exact differing bytes (`offset length`), merged when adjacent; --sectors widens them to whole sectors. ' +
+          'If the disks differ in size, everything past the end of the smaller one counts as different. ' +
           'Exit codes: 0 identical, 1 different, 2 could not compare.',
       ),
   handler: async (argv) => {
@@ -65,6 +69,7 @@ const diff: CommandModule = {
     const b = argv.b === undefined ? undefined : String(argv.b);
     const result = await diffImages(a, b, {
       allocated: Boolean(argv.allocated),
+      granularity: argv.sectors ? 'sector' : 'byte',
       backingA: argv['backing-a'] as string | undefined,
       backingB: argv['backing-b'] as string | undefined,
     });

@@ -28,18 +28,24 @@ export interface DiffOptions {
   chunkBytes?: number;
   /** Bitmap bytes each COW keeps in memory at a time. */
   bitmapWindowBytes?: number;
+  /**
+   * `byte` (default): ranges are exactly the bytes that differ. `sector`: every sector holding a
+   * differing byte counts whole (what the disk's sectors say; `--sectors` on the command line).
+   */
+  granularity?: 'byte' | 'sector';
 }
 
 export interface DiffResult {
   identical: boolean;
-  /** Differing ranges, sector-aligned (the last may end at the end of the larger disk), merged, in order. */
+  /** Differing ranges, merged, in order: exact bytes, or whole sectors with granularity `sector`. */
   ranges: ByteRange[];
   differingBytes: number;
   /** Number of ranges. */
   extents: number;
   mode: DiffMode;
-  /** The granularity of the ranges in bytes. */
+  /** The sector size of the disks (the unit of `granularity: 'sector'` and of allocation). */
   sectorSize: number;
+  granularity: 'byte' | 'sector';
   sizeA: number;
   sizeB: number;
   warnings: string[];
@@ -63,6 +69,7 @@ export const DIFF_CHUNK_BYTES = 1 << 20;
 export async function diffImages(a: string, b?: string, options: DiffOptions = {}): Promise<DiffResult> {
   const fs = options.fs;
   const chunkBytes = options.chunkBytes ?? DIFF_CHUNK_BYTES;
+  const exact = (options.granularity ?? 'byte') === 'byte';
   if (b === undefined) {
     if (options.backingB !== undefined) {
       throw new UbdcowError('usage', `a backing file for a second image (${options.backingB}) needs a second image`);
@@ -77,7 +84,7 @@ export async function diffImages(a: string, b?: string, options: DiffOptions = {
       if (disk.kind !== 'cow') {
         throw new UbdcowError('not-a-cow', `${a}: is not a UML COW file (no COW magic); give a second image to compare it with`, { file: a });
       }
-      return options.allocated ? await listAllocation(disk) : await diffCowWithBacking(disk, chunkBytes);
+      return options.allocated ? await listAllocation(disk) : await diffCowWithBacking(disk, chunkBytes, exact);
     } finally {
       await disk.close();
     }
@@ -89,7 +96,7 @@ export async function diffImages(a: string, b?: string, options: DiffOptions = {
   try {
     const diskB = await openVirtualDisk(b, { fs, backing: options.backingB, bitmapWindowBytes: options.bitmapWindowBytes });
     try {
-      return await diffTwoDisks(diskA, diskB, chunkBytes);
+      return await diffTwoDisks(diskA, diskB, chunkBytes, exact);
     } finally {
       await diskB.close();
     }
@@ -112,7 +119,15 @@ class RangeCollector {
   }
 }
 
-function resultOf(collector: RangeCollector, mode: DiffMode, sectorSize: number, sizeA: number, sizeB: number, warnings: string[]): DiffResult {
+function resultOf(
+  collector: RangeCollector,
+  mode: DiffMode,
+  sectorSize: number,
+  sizeA: number,
+  sizeB: number,
+  warnings: string[],
+  exact: boolean,
+): DiffResult {
   return {
     identical: collector.ranges.length === 0,
     ranges: collector.ranges,
@@ -120,6 +135,7 @@ function resultOf(collector: RangeCollector, mode: DiffMode, sectorSize: number,
     extents: collector.ranges.length,
     mode,
     sectorSize,
+    granularity: exact ? 'byte' : 'sector',
     sizeA,
     sizeB,
     warnings,
@@ -129,19 +145,19 @@ function resultOf(collector: RangeCollector, mode: DiffMode, sectorSize: number,
 async function listAllocation(disk: VirtualDisk): Promise<DiffResult> {
   const collector = new RangeCollector();
   for await (const extent of allocatedByteExtents(disk)) collector.add(extent.start, extent.end - extent.start);
-  return resultOf(collector, 'allocation', disk.sectorSize, disk.size, disk.size, disk.warnings);
+  return resultOf(collector, 'allocation', disk.sectorSize, disk.size, disk.size, disk.warnings, false);
 }
 
-async function diffCowWithBacking(disk: VirtualDisk, chunkBytes: number): Promise<DiffResult> {
+async function diffCowWithBacking(disk: VirtualDisk, chunkBytes: number, exact: boolean): Promise<DiffResult> {
   const backing = disk.backing;
   if (!backing || !disk.readBacking) throw new Error('diffCowWithBacking needs the backing file open');
   const before: Readable = { read: disk.readBacking };
-  const comparer = new ChunkComparer(disk.sectorSize, chunkBytes);
+  const comparer = new ChunkComparer(disk.sectorSize, chunkBytes, exact);
   const collector = new RangeCollector();
   for await (const extent of allocatedByteExtents(disk)) {
     await comparer.compare(disk, before, extent.start, extent.end, collector);
   }
-  return resultOf(collector, 'cow-vs-backing', disk.sectorSize, disk.size, backing.size, disk.warnings);
+  return resultOf(collector, 'cow-vs-backing', disk.sectorSize, disk.size, backing.size, disk.warnings, exact);
 }
 
 function sameBase(a: VirtualDisk, b: VirtualDisk): boolean {
@@ -153,24 +169,25 @@ function sameBase(a: VirtualDisk, b: VirtualDisk): boolean {
   return [a, b].every((disk) => !disk.cow || (disk.cow.header.size === size && disk.cow.header.mtime === mtime));
 }
 
-async function diffTwoDisks(a: VirtualDisk, b: VirtualDisk, chunkBytes: number): Promise<DiffResult> {
+async function diffTwoDisks(a: VirtualDisk, b: VirtualDisk, chunkBytes: number, exact: boolean): Promise<DiffResult> {
   const sectorSize = Math.max(a.sectorSize, b.sectorSize);
-  const comparer = new ChunkComparer(sectorSize, chunkBytes);
+  const comparer = new ChunkComparer(sectorSize, chunkBytes, exact);
   const collector = new RangeCollector();
   const warnings = [...a.warnings.map((w) => `${a.path}: ${w}`), ...b.warnings.map((w) => `${b.path}: ${w}`)];
   if (sameBase(a, b)) {
     for await (const extent of unionOfAllocation(a, b, sectorSize)) {
       await comparer.compare(a, b, extent.start, extent.end, collector);
     }
-    return resultOf(collector, 'same-backing', sectorSize, a.size, b.size, warnings);
+    return resultOf(collector, 'same-backing', sectorSize, a.size, b.size, warnings, exact);
   }
   const smaller = Math.min(a.size, b.size);
   const larger = Math.max(a.size, b.size);
-  // The sector that holds the end of the smaller disk has bytes on one side only: it differs.
-  const comparedEnd = a.size === b.size ? smaller : Math.floor(smaller / sectorSize) * sectorSize;
+  // Past the end of the smaller disk, bytes exist on one side only: they differ (in sector
+  // units, so does the whole sector holding that end).
+  const comparedEnd = a.size === b.size || exact ? smaller : Math.floor(smaller / sectorSize) * sectorSize;
   await comparer.compare(a, b, 0, comparedEnd, collector);
   collector.add(comparedEnd, larger - comparedEnd);
-  return resultOf(collector, 'full', sectorSize, a.size, b.size, warnings);
+  return resultOf(collector, 'full', sectorSize, a.size, b.size, warnings, exact);
 }
 
 /** Byte extents allocated in either disk, merged, widened to whole `sectorSize` units. */
@@ -215,6 +232,8 @@ class ChunkComparer {
   constructor(
     private readonly sectorSize: number,
     chunkBytes: number,
+    /** Report the differing bytes themselves rather than whole sectors. */
+    private readonly exact: boolean,
   ) {
     const bytes = Math.max(sectorSize, Math.floor(chunkBytes / sectorSize) * sectorSize);
     this.bufferA = Buffer.alloc(bytes);
@@ -230,7 +249,17 @@ class ChunkComparer {
       if (Buffer.compare(chunkA, chunkB) === 0) continue;
       for (let at = 0; at < length; at += sectorSize) {
         const sectorEnd = Math.min(at + sectorSize, length);
-        if (bufferA.compare(bufferB, at, sectorEnd, at, sectorEnd) !== 0) collector.add(offset + at, sectorEnd - at);
+        if (bufferA.compare(bufferB, at, sectorEnd, at, sectorEnd) === 0) continue;
+        if (!this.exact) {
+          collector.add(offset + at, sectorEnd - at);
+          continue;
+        }
+        for (let byte = at; byte < sectorEnd; byte++) {
+          if (bufferA[byte] === bufferB[byte]) continue;
+          const runStart = byte;
+          while (byte < sectorEnd && bufferA[byte] !== bufferB[byte]) byte++;
+          collector.add(offset + runStart, byte - runStart);
+        }
       }
     }
   }

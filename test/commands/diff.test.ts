@@ -71,6 +71,30 @@ function naiveDiff(a: Uint8Array, b: Uint8Array, sectorSize: number): ByteRange[
   return ranges;
 }
 
+/** Every byte changed, so byte and sector granularity agree on these writes. */
+function inverted(bytes: Uint8Array): Uint8Array {
+  return bytes.map((byte) => byte ^ 0xff);
+}
+
+/** The byte-granularity reference: runs of differing bytes; past the smaller disk's end, all differ. */
+function naiveByteDiff(a: Uint8Array, b: Uint8Array): ByteRange[] {
+  const ranges: ByteRange[] = [];
+  const smaller = Math.min(a.length, b.length);
+  for (let at = 0; at < smaller; at++) {
+    if (a[at] === b[at]) continue;
+    const start = at;
+    while (at < smaller && a[at] !== b[at]) at++;
+    ranges.push({ offset: start, length: at - start });
+  }
+  const tail = Math.max(a.length, b.length) - smaller;
+  if (tail > 0) {
+    const last = ranges[ranges.length - 1];
+    if (last && last.offset + last.length === smaller) last.length += tail;
+    else ranges.push({ offset: smaller, length: tail });
+  }
+  return ranges;
+}
+
 const total = (ranges: ByteRange[]) => ranges.reduce((sum, range) => sum + range.length, 0);
 
 function expectResult(result: Awaited<ReturnType<typeof diffImages>>, expected: ByteRange[]): void {
@@ -135,7 +159,7 @@ describe('diffImages', () => {
         inCase(async (dir) => {
           const backing = writeBacking(dir, size);
           const cow = await cowWith(dir, 'a.cow', backing.file, backing.bytes, picks, sectorSize);
-          const result = await diffImages(cow.file, undefined, { chunkBytes, bitmapWindowBytes: windowBytes });
+          const result = await diffImages(cow.file, undefined, { chunkBytes, bitmapWindowBytes: windowBytes, granularity: 'sector' });
           expect(result.mode).toBe('cow-vs-backing');
           expect(result.sectorSize).toBe(sectorSize);
           expectResult(result, naiveDiff(cow.disk, backing.bytes, sectorSize));
@@ -161,7 +185,7 @@ describe('diffImages', () => {
           await writeCowSectors(b.file, bWrites);
           const diskB = mergedDisk(backing.bytes, bWrites);
           const { fs: counting, bytesRead } = countingFs();
-          const result = await diffImages(a.file, b.file, { chunkBytes, bitmapWindowBytes: windowBytes, fs: counting });
+          const result = await diffImages(a.file, b.file, { chunkBytes, bitmapWindowBytes: windowBytes, fs: counting, granularity: 'sector' });
           expect(result.mode).toBe('same-backing');
           expectResult(result, naiveDiff(a.disk, diskB, 512));
           const union = writtenRanges(size, 512, [...a.writes, ...bWrites]);
@@ -202,7 +226,7 @@ describe('diffImages', () => {
               fs.writeFileSync(rawFile, raw);
             }
             const [first, second, diskFirst, diskSecond] = cowFirst ? [cow.file, rawFile, cow.disk, raw] : [rawFile, cow.file, raw, cow.disk];
-            const result = await diffImages(first, second, { chunkBytes });
+            const result = await diffImages(first, second, { chunkBytes, granularity: 'sector' });
             expect(result.mode).toBe(rawKind === 'own-backing' ? 'same-backing' : 'full');
             expect([result.sizeA, result.sizeB]).toEqual([diskFirst.length, diskSecond.length]);
             expectResult(result, naiveDiff(diskFirst, diskSecond, 512));
@@ -228,9 +252,13 @@ describe('diffImages', () => {
             const fileB = path.join(dir, 'b.img');
             fs.writeFileSync(fileA, bytesA);
             fs.writeFileSync(fileB, b);
-            const result = await diffImages(fileA, fileB, { chunkBytes });
+            const result = await diffImages(fileA, fileB, { chunkBytes, granularity: 'sector' });
             expect(result.mode).toBe('full');
             expectResult(result, naiveDiff(bytesA, b, 512));
+            // The default: exactly the differing bytes.
+            const exact = await diffImages(fileA, fileB, { chunkBytes });
+            expect(exact.granularity).toBe('byte');
+            expectResult(exact, naiveByteDiff(bytesA, b));
           }),
       ),
       { numRuns: 80 },
@@ -243,7 +271,7 @@ describe('diffImages', () => {
       const b = Buffer.alloc(1100, 1);
       fs.writeFileSync(path.join(dir, 'a.img'), a);
       fs.writeFileSync(path.join(dir, 'b.img'), b);
-      const result = await diffImages(path.join(dir, 'a.img'), path.join(dir, 'b.img'));
+      const result = await diffImages(path.join(dir, 'a.img'), path.join(dir, 'b.img'), { granularity: 'sector' });
       expect(result.ranges).toEqual([{ offset: 1024, length: 976 }]);
       expect([result.sizeA, result.sizeB]).toEqual([2000, 1100]);
     });
@@ -255,7 +283,7 @@ describe('diffImages', () => {
       const a = await cowWith(dir, 'a.cow', backing.file, backing.bytes, [{ at: 3, count: 2, same: false }]);
       const b = await cowWith(dir, 'b.cow', backing.file, backing.bytes, []);
       fs.utimesSync(backing.file, 1_000_000, 1_000_000);
-      const result = await diffImages(a.file, b.file);
+      const result = await diffImages(a.file, b.file, { granularity: 'sector' });
       expect(result.mode).toBe('full');
       expectResult(result, naiveDiff(a.disk, backing.bytes, 512));
       expect(result.warnings.join('\n')).toMatch(/a\.cow: backing file .*base\.img has mtime 1000000/);
@@ -288,9 +316,9 @@ describe('ubdcow diff (CLI)', () => {
     // Sectors 4-5 rewritten with the same bytes, 8-11 with new ones, 12 with the same again.
     await writeCowSectors(cowFile, [
       { sector: 4, data: backing.subarray(4 * 512, 6 * 512) },
-      { sector: 8, data: randomBytes(4 * 512) },
+      { sector: 8, data: inverted(backing.subarray(8 * 512, 12 * 512)) },
       { sector: 12, data: backing.subarray(12 * 512, 13 * 512) },
-      { sector: 40, data: randomBytes(512) },
+      { sector: 40, data: inverted(backing.subarray(40 * 512, 41 * 512)) },
     ]);
     return { backingFile, cowFile };
   }
@@ -306,6 +334,27 @@ describe('ubdcow diff (CLI)', () => {
     const allocated = run('node', [cli, 'diff', cowFile, '--allocated', '--sectors']);
     expect(allocated.status).toBe(1);
     expect(allocated.stdout).toBe('4 2\n8 5\n40 1\n');
+  });
+
+  it('reports the exact bytes by default: one changed byte of a raw image is "offset 1"', async () => {
+    const { backingFile } = await fixture();
+    const copy = path.join(tmp.path, 'copy.img');
+    const bytes = fs.readFileSync(backingFile);
+    bytes[4097] ^= 0x5a;
+    bytes[4098] ^= 0x5a;
+    bytes[9000] ^= 0x01;
+    fs.writeFileSync(copy, bytes);
+    const result = run('node', [cli, 'diff', backingFile, copy]);
+    expect(result.status).toBe(1);
+    expect(result.stdout).toBe('4097 2\n9000 1\n');
+    const sectors = run('node', [cli, 'diff', backingFile, copy, '--sectors']);
+    expect(sectors.stdout).toBe('8 1\n17 1\n');
+    const stat = run('node', [cli, 'diff', backingFile, copy, '--stat']);
+    expect(stat.stdout).toMatch(/differing: +3 B \(3 bytes\) in 2 ranges, of 32\.0 KiB/);
+    const same = run('node', [cli, 'diff', backingFile, backingFile, '--stat']);
+    expect(same.status).toBe(0);
+    expect(same.stdout).toMatch(/result: +identical \(32\.0 KiB compared\)/);
+    expect(same.stdout).not.toMatch(/0 bytes/);
   });
 
   it('exits 0 with no output for identical images', async () => {
@@ -330,6 +379,7 @@ describe('ubdcow diff (CLI)', () => {
       identical: false,
       mode: 'same-backing',
       sectorSize: 512,
+      granularity: 'sector',
       sizeA: 64 * 512,
       sizeB: 64 * 512,
       differingBytes: 5 * 512,
@@ -347,7 +397,7 @@ describe('ubdcow diff (CLI)', () => {
     const result = run('node', [cli, 'diff', cowFile, '--stat']);
     expect(result.status).toBe(1);
     expect(result.stdout).toMatch(/mode: +cow-vs-backing/);
-    expect(result.stdout).toMatch(/differing: +2\.50 KiB \(2560 bytes\) in 2 extents, of 32\.0 KiB/);
+    expect(result.stdout).toMatch(/differing: +2\.50 KiB \(2560 bytes\) in 2 ranges, of 32\.0 KiB/);
   });
 
   it('exits 2 with one line naming the file when it cannot compare', async () => {
