@@ -60,6 +60,8 @@ const friendlyErrno: Record<string, string> = {
   EFBIG: 'file too large',
   EBUSY: 'device or resource busy',
   EAGAIN: 'resource temporarily unavailable',
+  ENAMETOOLONG: 'file name too long',
+  ERANGE: 'the current folder\'s path is longer than the system allows (PATH_MAX); run from a shorter folder or give absolute paths',
 };
 
 /** Turns a Node system error into a UbdcowError naming the file and the operation. */

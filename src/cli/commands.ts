@@ -22,6 +22,7 @@ const create: CommandModule = {
       .example('$0 create vm1.cow base.img', 'New empty COW over base.img'),
   handler: async (argv) => {
     const { createCow } = await import('../commands/create.js');
+    const { layoutFields } = await import('../commands/inspect.js');
     const result = await createCow(String(argv.cow), String(argv.backing), {
       force: Boolean(argv.force),
       sectorSize: argv['sector-size'] as number,
@@ -29,7 +30,8 @@ const create: CommandModule = {
     });
     warn('create', result.warnings);
     if (argv.json) {
-      out(toJson({ file: result.path, ...result.header, ...result.geometry }));
+      // inspect --json's names, so one vocabulary serves both.
+      out(toJson({ file: result.path, ...layoutFields(result.header, result.geometry), fileSize: result.geometry.fileLength, warnings: result.warnings }));
     } else {
       note(`created ${result.path}: ${formatBytes(result.header.size)} over ${result.header.backingFile}`);
     }

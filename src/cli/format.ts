@@ -21,8 +21,15 @@ export function formatTable(rows: Array<[string, string | number]>): string {
   return rows.map(([label, value]) => `${`${label}:`.padEnd(width + 2)}${value}`).join('\n');
 }
 
-export function toJson(value: unknown): string {
-  return JSON.stringify(value, null, 2);
+/**
+ * The version of the JSON the commands print. Fields may be added within a version; a field is
+ * renamed, removed or changes meaning only with a new version.
+ */
+export const JSON_SCHEMA_VERSION = 1;
+
+/** A command's JSON output: an object, with `schemaVersion` first. */
+export function toJson(value: object): string {
+  return JSON.stringify({ schemaVersion: JSON_SCHEMA_VERSION, ...value }, null, 2);
 }
 
 const sizeUnits: Record<string, number> = { '': 1, b: 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40, p: 2 ** 50 };

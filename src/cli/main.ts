@@ -78,8 +78,20 @@ function unknownOption(argv: string[]): string | undefined {
   return undefined;
 }
 
+/**
+ * yargs asks for the working directory, which fails when its path is longer than PATH_MAX; the
+ * commands work there all the same (relative opens do not need the path), so give yargs a stand-in.
+ */
+function workingDirectoryOrRoot(): string {
+  try {
+    return process.cwd();
+  } catch {
+    return '/';
+  }
+}
+
 export function buildParser(argv: string[]): Argv {
-  let parser = yargs(argv)
+  let parser = yargs(argv, workingDirectoryOrRoot())
     .scriptName('ubdcow')
     .usage('$0 <command> [options]\n\nCopy-on-write disk images in the User-Mode Linux ubd format.')
     .option('debug', { type: 'boolean', describe: 'Show stack traces on errors', global: true })

@@ -36,7 +36,7 @@ export function formatDiffStat(a: string, b: string | undefined, result: DiffRes
   return formatTable(rows);
 }
 
-function diffJson(a: string, b: string | undefined, result: DiffResult, sectors: boolean): unknown {
+function diffJson(a: string, b: string | undefined, result: DiffResult, sectors: boolean): object {
   const ranges = sectors
     ? result.ranges.map((range) => ({ ...range, sector: range.offset / result.sectorSize, sectors: Math.ceil(range.length / result.sectorSize) }))
     : result.ranges;

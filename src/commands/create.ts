@@ -12,6 +12,8 @@ import { type CowGeometry, computeGeometry } from '../format/geometry.js';
 import { type FileSystem, nodeFileSystem, sizeOf } from '../io/file.js';
 import { probeReadable, statImageFile } from '../io/image.js';
 import { existsError, writeNewFile } from '../io/atomic.js';
+import { looksLikeCow } from '../io/virtual-disk.js';
+import { ubdOptionWarnings } from './ubd-option.js';
 
 export interface CreateOptions {
   /** Replace an existing file (uml_mkcow -f). */
@@ -44,6 +46,14 @@ export async function createCow(cowPath: string, backing: string, options: Creat
   const fs = options.fs ?? nodeFileSystem;
   const backingStat = await statImageFile(fs, backing, 'backing file');
   await probeReadable(fs, backing, 'backing file');
+  if (!options.force && backingStat.kind === 'file' && (await looksLikeCow(fs, backing))) {
+    throw new UbdcowError(
+      'backing-is-cow',
+      `${backing}: is itself a UML COW file, and the ubd driver cannot stack COW files (it would read the COW file as raw data); ` +
+        `merge it first (ubdcow commit ${backing} merged.img) and create over merged.img, or use -f to create anyway`,
+      { file: backing },
+    );
+  }
   const size = await sizeOf(backingStat).catch((err) => {
     throw fromSystemError(err, backing, 'find the size of backing file');
   });
@@ -65,7 +75,7 @@ export async function createCow(cowPath: string, backing: string, options: Creat
   let geometry: CowGeometry;
   let warnings: string[];
   try {
-    warnings = validateHeader(header);
+    warnings = [...validateHeader(header), ...ubdOptionWarnings(cowPath, backingFile)];
     geometry = computeGeometry(header);
     bytes = serializeV3(header);
   } catch (err) {

@@ -1,4 +1,5 @@
-import type { HeaderLayout } from '../format/header.js';
+import type { CowGeometry } from '../format/geometry.js';
+import type { CowHeader, HeaderLayout } from '../format/header.js';
 import type { FileSystem } from '../io/file.js';
 import { type BackingReport, allocatedExtents, checkBacking, isoTime, openImage } from '../io/image.js';
 
@@ -41,6 +42,28 @@ export interface InspectReport {
   warnings: string[];
 }
 
+/** The header and geometry as `inspect --json` names them (also what `create --json` prints). */
+export function layoutFields(header: CowHeader, geometry: CowGeometry) {
+  return {
+    version: header.version,
+    layout: header.layout,
+    byteOrder: header.littleEndian ? ('little-endian' as const) : ('big-endian' as const),
+    backingFile: header.backingFile,
+    mtime: header.mtime,
+    mtimeIso: isoTime(header.mtime),
+    size: header.size,
+    sectorSize: header.sectorSize,
+    alignment: header.alignment,
+    cowFormat: header.cowFormat,
+    headerSize: geometry.headerSize,
+    bitmapOffset: geometry.bitmapOffset,
+    bitmapLength: geometry.bitmapLength,
+    dataOffset: geometry.dataOffset,
+    sectors: geometry.sectors,
+    coveredSectors: geometry.coveredSectors,
+  };
+}
+
 export async function inspectCow(cowPath: string, options: InspectOptions = {}): Promise<InspectReport> {
   const image = await openImage(cowPath, { fs: options.fs });
   try {
@@ -63,22 +86,7 @@ export async function inspectCow(cowPath: string, options: InspectOptions = {}):
     }
     return {
       file: cowPath,
-      version: header.version,
-      layout: header.layout,
-      byteOrder: header.littleEndian ? 'little-endian' : 'big-endian',
-      backingFile: header.backingFile,
-      mtime: header.mtime,
-      mtimeIso: isoTime(header.mtime),
-      size: header.size,
-      sectorSize: header.sectorSize,
-      alignment: header.alignment,
-      cowFormat: header.cowFormat,
-      headerSize: geometry.headerSize,
-      bitmapOffset: geometry.bitmapOffset,
-      bitmapLength: geometry.bitmapLength,
-      dataOffset: geometry.dataOffset,
-      sectors: geometry.sectors,
-      coveredSectors: geometry.coveredSectors,
+      ...layoutFields(header, geometry),
       allocated: {
         sectors: allocatedSectors,
         bytes: allocatedBytes,

@@ -103,6 +103,22 @@ export interface FileSystem {
   utimes(path: string, atime: number, mtime: number): Promise<void>;
 }
 
+/** "a directory", "a character device or socket": how messages name a kind of file. */
+export function describeKind(kind: FileStat['kind']): string {
+  switch (kind) {
+    case 'file':
+      return 'a regular file';
+    case 'directory':
+      return 'a directory';
+    case 'block-device':
+      return 'a block device';
+    case 'fifo':
+      return 'a FIFO (named pipe)';
+    default:
+      return 'a character device, socket or other special file';
+  }
+}
+
 function kindOf(stats: fs.Stats): FileStat['kind'] {
   if (stats.isFile()) return 'file';
   if (stats.isDirectory()) return 'directory';

@@ -3,7 +3,7 @@ import { CowFormatError, UbdcowError, fromSystemError } from '../errors.js';
 import { type CowHeader, MAX_HEADER_SIZE, parseHeader } from '../format/header.js';
 import { type CowGeometry, computeGeometry } from '../format/geometry.js';
 import { SectorBitmap } from '../format/bitmap.js';
-import { type FileHandleLike, type FileStat, type FileSystem, type OpenMode, nodeFileSystem, readExactly, sizeOf } from './file.js';
+import { type FileHandleLike, type FileStat, type FileSystem, type OpenMode, describeKind, nodeFileSystem, readExactly, sizeOf } from './file.js';
 
 /** An open COW file: its parsed header, geometry and handle. */
 export interface CowImage {
@@ -27,6 +27,12 @@ export interface OpenImageOptions {
 
 /** Refuses what cannot be a disk image before opening it (opening a FIFO would block). */
 export async function statImageFile(fs: FileSystem, file: string, what: string): Promise<FileStat> {
+  if (file === '-' || file === '') {
+    throw new UbdcowError(
+      'usage',
+      `no file name given for the ${what} ('-', standard input, is not supported: images are read at random offsets); save it to a file and name that`,
+    );
+  }
   let stat: FileStat;
   try {
     stat = await fs.stat(file);
@@ -35,7 +41,7 @@ export async function statImageFile(fs: FileSystem, file: string, what: string):
   }
   if (stat.kind === 'directory') throw new UbdcowError('not-a-file', `${file}: is a directory, expected a ${what}`, { file });
   if (stat.kind !== 'file' && stat.kind !== 'block-device') {
-    throw new UbdcowError('not-a-file', `${file}: is a ${stat.kind}, expected a ${what} (a regular file or block device)`, { file });
+    throw new UbdcowError('not-a-file', `${file}: is ${describeKind(stat.kind)}, expected a ${what} (a regular file or block device)`, { file });
   }
   return stat;
 }
@@ -199,7 +205,7 @@ export async function checkBacking(header: CowHeader, override?: string, fs: Fil
     return { path: backingPath, state, expected, problem: fromSystemError(err, backingPath, 'open backing file').message };
   }
   if (stat.kind !== 'file' && stat.kind !== 'block-device') {
-    return { path: backingPath, state: 'not-a-file', expected, problem: `${backingPath}: backing file is a ${stat.kind}` };
+    return { path: backingPath, state: 'not-a-file', expected, problem: `${backingPath}: backing file is ${describeKind(stat.kind)}` };
   }
   const actual = { size: await sizeOf(stat), mtime: stat.mtime };
   if (actual.size !== expected.size) {

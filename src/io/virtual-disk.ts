@@ -73,8 +73,8 @@ export async function openVirtualDisk(file: string, options: OpenVirtualDiskOpti
   return openRawDisk(file, fs, 'disk image');
 }
 
-/** True when the file starts with the COW magic; parseHeader then decides whether it is valid. */
-async function looksLikeCow(fs: FileSystem, file: string): Promise<boolean> {
+/** True when the file starts with the COW magic (either byte order); parseHeader then decides whether it is valid. */
+export async function looksLikeCow(fs: FileSystem, file: string): Promise<boolean> {
   const { handle } = await openImageFile(fs, file, 'disk image');
   try {
     const start = new Uint8Array(4);

@@ -374,6 +374,7 @@ describe('ubdcow diff (CLI)', () => {
     expect(result.status).toBe(1);
     const parsed = JSON.parse(result.stdout);
     expect(parsed).toEqual({
+      schemaVersion: 1,
       a: cowFile,
       b: backingFile,
       identical: false,

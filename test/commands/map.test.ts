@@ -146,6 +146,7 @@ describe('ubdcow map (CLI)', () => {
     const result = run('node', [cli, 'map', cowFile, '--json']);
     expect(result.status).toBe(0);
     expect(JSON.parse(result.stdout)).toEqual({
+      schemaVersion: 1,
       file: cowFile,
       size: 256 * 512,
       allocatedBytes: 9 * 512,

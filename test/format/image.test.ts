@@ -109,7 +109,7 @@ describe('openImage', () => {
     execFileSync('mkfifo', [fifo]);
     const fifoErr = (await openImage(fifo).catch((e: unknown) => e)) as UbdcowError;
     expect(fifoErr.code).toBe('not-a-file');
-    expect(fifoErr.message).toBe(`${fifo}: is a fifo, expected a COW file (a regular file or block device)`);
+    expect(fifoErr.message).toBe(`${fifo}: is a FIFO (named pipe), expected a COW file (a regular file or block device)`);
   });
 
   it('passes header warnings on', async () => {

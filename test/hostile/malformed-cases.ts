@@ -243,7 +243,7 @@ export const MALFORMED_CASES: MalformedCase[] = [
     description: 'a FIFO where the COW should be (opening it would block)',
     group: 'not-a-file',
     names: 'cow',
-    mentions: /is a fifo/,
+    mentions: /is a FIFO/,
     damage: (f) => replaceBy(f.cowPath, (file) => execFileSync('mkfifo', [file])),
   },
   {
