@@ -121,8 +121,8 @@ const rebase: CommandModule = {
     y
       .positional('cow', { type: 'string', describe: 'COW file', demandOption: true })
       .positional('new-backing', { type: 'string', describe: 'The backing file\'s new location', demandOption: true })
-      .option('unsafe', { alias: 'u', type: 'boolean', describe: 'Skip the size and mtime checks' })
-      .option('compare', { type: 'boolean', describe: 'Also compare the contents of the old and new backing files when both exist' })
+      .option('unsafe', { alias: 'u', type: 'boolean', describe: 'Accept a new backing whose mtime differs (its mtime is stored); sizes must still match' })
+      .option('compare', { type: 'boolean', describe: 'Compare the old and new backing files\' contents; equal contents accept (and store) a new mtime' })
       .option('json', { type: 'boolean', describe: 'Print the result as JSON' })
       .example('$0 rebase vm1.cow /srv/images/base.img', 'After moving base.img (keep its mtime: mv, cp -p, rsync -t)'),
   handler: async (argv) => {
@@ -135,10 +135,12 @@ const rebase: CommandModule = {
       out(toJson(result));
       return;
     }
-    warn('rebase', result.overridden.map((what) => `${what} (overridden by --unsafe)`));
+    const acceptedBy = result.comparison?.equal ? 'accepted: contents compared equal' : 'overridden by --unsafe';
+    warn('rebase', result.overridden.map((what) => `${what} (${acceptedBy})`));
     if (result.comparison && !result.comparison.compared) warn('rebase', [`not compared: ${result.comparison.reason}`]);
     const compared = result.comparison?.compared ? (result.comparison.equal ? ' (contents compared: equal)' : ' (contents differ)') : '';
-    note(`rebased ${result.file}: ${result.oldBacking} -> ${result.newBacking}${compared}`);
+    const storedMtime = result.overridden.length > 0 ? `; stored its mtime ${result.mtime}, so UML accepts it` : '';
+    note(`rebased ${result.file}: ${result.oldBacking} -> ${result.newBacking}${compared}${storedMtime}`);
   },
 };
 

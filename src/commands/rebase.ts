@@ -8,9 +8,12 @@ import { absoluteBackingPath } from './create.js';
 import { interruptedCommitMessage, readCommitJournal } from './commit.js';
 
 export interface RebaseOptions {
-  /** Skip the size and mtime checks (and a failed --compare). */
+  /** Accept a new backing whose mtime differs (and a failed --compare): the user vouches for it. */
   unsafe?: boolean;
-  /** Also compare the old and new backing files' contents, when both exist. */
+  /**
+   * Also compare the old and new backing files' contents, when both exist; equal contents accept
+   * a new backing whose mtime differs (a plain `cp` of the base).
+   */
   compare?: boolean;
   fs?: FileSystem;
 }
@@ -21,10 +24,12 @@ export interface RebaseResult {
   oldBacking: string;
   /** The absolute path now stored in the header. */
   newBacking: string;
-  /** False when --unsafe let a size or mtime mismatch through. */
+  /** False when --unsafe let an mtime mismatch through. */
   checked: boolean;
-  /** Size/mtime mismatches --unsafe let through. */
+  /** Mismatches --unsafe (or an equal --compare) accepted. */
   overridden: string[];
+  /** The mtime now in the header: the new backing's, so UML's mtime check passes. */
+  mtime: number;
   /** Present when --compare was asked for. */
   comparison?: { compared: boolean; equal?: boolean; firstDifference?: number; reason?: string };
 }
@@ -48,8 +53,10 @@ export async function rewriteHeader(file: FileHandleLike, cowPath: string, heade
 
 /**
  * Points a COW file at a moved or copied backing file, after checking that its size and mtime are
- * what the header recorded (the kernel's "Switching backing file" check). Only the header's path
- * changes; mtime and size are kept.
+ * what the header recorded (the kernel's "Switching backing file" check). A new backing with
+ * another mtime (a copy) is accepted when --compare finds the contents equal or --unsafe vouches
+ * for it, and its mtime is then stored, so UML opens the COW. A new backing of another size is
+ * always refused: the size fixes the COW's layout, and UML refuses a size mismatch.
  */
 export async function rebaseCow(cowPath: string, newBacking: string, options: RebaseOptions = {}): Promise<RebaseResult> {
   const fs = options.fs ?? nodeFileSystem;
@@ -64,17 +71,25 @@ export async function rebaseCow(cowPath: string, newBacking: string, options: Re
     const size = await sizeOf(stat).catch((err) => {
       throw fromSystemError(err, newBacking, 'find the size of backing file');
     });
+    if (size !== header.size) {
+      throw new UbdcowError(
+        'backing-mismatch',
+        `${newBacking}: size is ${size} bytes, expected ${header.size} (the header's size); not the same backing file, and a COW cannot be re-pointed at a disk of another size (UML refuses it)`,
+        { file: newBacking },
+      );
+    }
     const mismatches: string[] = [];
-    if (size !== header.size) mismatches.push(`${newBacking}: size is ${size} bytes, expected ${header.size} (the header's size)`);
     if (stat.mtime !== header.mtime) {
       mismatches.push(
         `${newBacking}: mtime is ${stat.mtime} (${isoTime(stat.mtime)}), expected ${header.mtime} (${isoTime(header.mtime)}, the header's mtime)`,
       );
     }
-    if (mismatches.length > 0 && !options.unsafe) {
-      throw new UbdcowError('backing-mismatch', `${mismatches[0]}; not the same backing file (use --unsafe to rebase anyway)`, {
-        file: newBacking,
-      });
+    if (mismatches.length > 0 && !options.unsafe && !options.compare) {
+      throw new UbdcowError(
+        'backing-mismatch',
+        `${mismatches[0]}; not the same backing file (use --compare to check the contents, or --unsafe to rebase anyway)`,
+        { file: newBacking },
+      );
     }
     await probeReadable(fs, newBacking, 'backing file');
     const stored = await absoluteBackingPath(newBacking, fs).catch((err) => {
@@ -90,14 +105,22 @@ export async function rebaseCow(cowPath: string, newBacking: string, options: Re
           { file: newBacking },
         );
       }
+      if (!comparison.compared && mismatches.length > 0 && !options.unsafe) {
+        throw new UbdcowError(
+          'backing-mismatch',
+          `${mismatches[0]}, and the contents could not be compared (${comparison.reason}); use --unsafe to rebase anyway`,
+          { file: newBacking },
+        );
+      }
     }
-    await rewriteHeader(image.file, cowPath, { ...header, backingFile: stored });
+    await rewriteHeader(image.file, cowPath, { ...header, backingFile: stored, mtime: stat.mtime });
     return {
       file: cowPath,
       oldBacking: header.backingFile,
       newBacking: stored,
       checked: mismatches.length === 0,
       overridden: mismatches,
+      mtime: stat.mtime,
       comparison,
     };
   } finally {
