@@ -2,7 +2,7 @@ import * as fs from 'node:fs';
 import type { CommandModule } from 'yargs';
 import { UbdcowError, fromSystemError } from '../errors.js';
 import { CliExit } from './exit.js';
-import { note, out, parseByteCount, toJson } from './format.js';
+import { note, out, parseByteCount, toJson, warn } from './format.js';
 
 function ignoreBrokenPipe(): void {
   process.stdout.on('error', (err: NodeJS.ErrnoException) => {
@@ -28,6 +28,7 @@ const read: CommandModule = {
       offset: parseByteCount('offset', String(argv.offset)),
       length: argv.length === undefined ? undefined : parseByteCount('length', String(argv.length)),
       backing: argv.backing as string | undefined,
+      onWarning: (warning) => warn('read', [warning]),
     });
   },
 };

@@ -12,12 +12,15 @@ export interface ReadOptions {
   length?: number;
   backing?: string;
   fs?: FileSystem;
+  /** Told about things worth a word that do not stop reading (e.g. a backing mtime mismatch). */
+  onWarning?: (warning: string) => void;
 }
 
 /** Reads the virtual disk through the engine (read-only), a chunk at a time, into `sink`. */
 export async function readThroughEngine(cowPath: string, sink: (chunk: Uint8Array) => Promise<void>, options: ReadOptions = {}): Promise<number> {
   const dev = await openCow(cowPath, { readOnly: true, backing: options.backing, fs: options.fs });
   try {
+    for (const warning of dev.warnings) options.onWarning?.(warning);
     const offset = options.offset ?? 0;
     if (offset > dev.size) {
       throw new UbdcowError('out-of-range', `${cowPath}: offset ${offset} is past the end of the disk (${dev.size} bytes)`, { file: cowPath });

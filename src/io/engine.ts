@@ -5,7 +5,7 @@ import type { CowHeader } from '../format/header.js';
 import { BitmapWriter } from './bitmap-writer.js';
 import { type FileHandleLike, type FileSystem, nodeFileSystem, readExactly } from './file.js';
 import { GroupSync } from './group-sync.js';
-import { type CowImage, checkBacking, openImage, readWholeBitmap } from './image.js';
+import { type CowImage, checkBacking, mtimeMismatchFix, openImage, readWholeBitmap } from './image.js';
 import { RangeLock } from './range-lock.js';
 import { lockCowFile } from './lock.js';
 
@@ -34,6 +34,8 @@ export interface CowDevice {
   readonly header: CowHeader;
   readonly geometry: CowGeometry;
   readonly readOnly: boolean;
+  /** Worth telling the user, not stopping for (read-only: a backing mtime mismatch). */
+  readonly warnings: string[];
   /** Exactly `length` bytes from `offset`. */
   read(offset: number, length: number): Promise<Uint8Array>;
   /** Fills `buffer` with the disk's bytes from `offset` (lets callers reuse buffers, like pread). */
@@ -57,7 +59,13 @@ export async function openCow(cowPath: string, options: OpenCowOptions = {}): Pr
     // Held until the COW file is closed.
     if (options.lock ?? true) await lockCowFile(image.file, image.path, { exclusive: !readOnly });
     const backing = await checkBacking(image.header, options.backing, fs);
-    if (backing.state !== 'ok') {
+    const warnings: string[] = [];
+    if (backing.state === 'mtime-mismatch') {
+      const problem = `${cowPath}: ${backing.problem}`;
+      // Reading goes on (the bytes are most likely right); writing refuses, as the kernel does.
+      if (!readOnly) throw new UbdcowError('backing-mtime-mismatch', `${problem}; refusing to write (${mtimeMismatchFix(cowPath, backing.path)})`, { file: cowPath });
+      warnings.push(`${problem} (the kernel would refuse it; ${mtimeMismatchFix(cowPath, backing.path)})`);
+    } else if (backing.state !== 'ok') {
       throw new UbdcowError(`backing-${backing.state}`, `${cowPath}: ${backing.problem ?? `backing file ${backing.path} is ${backing.state}`}`, { file: cowPath });
     }
     let backingFile: FileHandleLike;
@@ -68,7 +76,7 @@ export async function openCow(cowPath: string, options: OpenCowOptions = {}): Pr
     }
     opened.push(backingFile);
     const bitmap = await readWholeBitmap(image);
-    return new Engine(image, backingFile, bitmap, { readOnly, sync: options.sync ?? false });
+    return new Engine(image, backingFile, bitmap, { readOnly, sync: options.sync ?? false, warnings });
   } catch (err) {
     for (const file of opened) await file.close().catch(() => undefined);
     throw err;
@@ -78,6 +86,7 @@ export async function openCow(cowPath: string, options: OpenCowOptions = {}): Pr
 interface EngineOptions {
   readOnly: boolean;
   sync: boolean;
+  warnings: string[];
 }
 
 class Engine implements CowDevice {
@@ -86,6 +95,7 @@ class Engine implements CowDevice {
   readonly header: CowHeader;
   readonly geometry: CowGeometry;
   readonly readOnly: boolean;
+  readonly warnings: string[];
   private readonly cow: FileHandleLike;
   private readonly path: string;
   private readonly writeLocks = new RangeLock();
@@ -108,6 +118,7 @@ class Engine implements CowDevice {
     this.geometry = image.geometry;
     this.size = image.header.size;
     this.sectorSize = image.header.sectorSize;
+    this.warnings = options.warnings;
     this.readOnly = options.readOnly;
     this.cowSync = new GroupSync(() => this.cow.datasync());
     this.bitmapWriter = new BitmapWriter({

@@ -229,6 +229,15 @@ export async function checkBacking(header: CowHeader, override?: string, fs: Fil
   return { path: backingPath, state: 'ok', expected, actual };
 }
 
+/**
+ * What to do about a backing file whose mtime differs from the header's. One rule for every
+ * command: reading goes on with a warning (the bytes are most likely right: a copy, a touch), while
+ * writing, like the kernel, refuses; both name this way out.
+ */
+export function mtimeMismatchFix(cowPath: string, backingPath: string): string {
+  return `if ${backingPath} is a copy or was only touched, "ubdcow rebase ${cowPath} ${backingPath} --compare" records its mtime; -b FILE names another backing file`;
+}
+
 export function isoTime(seconds: number): string {
   return new Date(seconds * 1000).toISOString();
 }

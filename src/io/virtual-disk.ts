@@ -3,7 +3,7 @@ import { UbdcowError, fromSystemError } from '../errors.js';
 import { COW_MAGIC } from '../format/header.js';
 import { SectorBitmap } from '../format/bitmap.js';
 import { type FileHandleLike, type FileSystem, nodeFileSystem, readExactly, sizeOf } from './file.js';
-import { BITMAP_CHUNK_BYTES, type CowImage, type SectorExtent, allocatedExtents, openImage, openImageFile } from './image.js';
+import { BITMAP_CHUNK_BYTES, type CowImage, type SectorExtent, allocatedExtents, mtimeMismatchFix, openImage, openImageFile } from './image.js';
 
 /** Which file a virtual disk's unwritten sectors come from, for telling "same base" apart. */
 export interface FileIdentity {
@@ -201,7 +201,9 @@ async function openCowDisk(file: string, options: OpenVirtualDiskOptions, fs: Fi
       backing = await openRawDisk(backingPath, fs, 'backing file');
       base = backing.base;
       if (backing.base.mtime !== header.mtime) {
-        warnings.push(`backing file ${backingPath} has mtime ${backing.base.mtime}, the header says ${header.mtime} (the kernel would refuse it)`);
+        warnings.push(
+          `backing file ${backingPath} has mtime ${backing.base.mtime}, the header says ${header.mtime} (the kernel would refuse it; ${mtimeMismatchFix(file, backingPath)})`,
+        );
       }
       if (backing.size !== header.size) {
         warnings.push(`backing file ${backingPath} is ${backing.size} bytes, the header says ${header.size}`);

@@ -76,6 +76,12 @@ describe('openCow API contract', () => {
   it('refuses a backing file whose size or mtime changed, as the kernel does', async () => {
     await fsp.utimes(base, new Date(), new Date(Date.now() + 5000));
     expect(await codeOf(openCow(cow))).toBe('backing-mtime-mismatch');
+    // Reading goes on, with a warning naming the way out (one rule for every reader, as cat has).
+    const reader = await openCow(cow, { readOnly: true });
+    expect(reader.warnings.join('\n')).toMatch(/the kernel would refuse it; .*ubdcow rebase .* --compare" records its mtime/);
+    await reader.close();
+    const writer = await openCow(cow).catch((err: Error) => err);
+    expect(String(writer)).toMatch(/refusing to write \(if .* is a copy or was only touched, "ubdcow rebase/);
     await fsp.appendFile(base, Buffer.alloc(512));
     expect(await codeOf(openCow(cow))).toBe('backing-size-mismatch');
     await fsp.rm(base);
