@@ -1,6 +1,7 @@
 import { UbdcowError } from '../errors.js';
 import type { FileSystem } from '../io/file.js';
 import { openVirtualDisk } from '../io/virtual-disk.js';
+import { type OptionKeys, checkOptions } from '../options.js';
 
 export interface CatOptions {
   /** First byte to read; default 0. */
@@ -23,7 +24,10 @@ export const CAT_CHUNK_BYTES = 1 << 20;
  * time. Each chunk is a fresh buffer the consumer may keep. The range is checked before anything
  * is yielded; the file stays open until the iteration ends.
  */
+const catImageOptionKeys: OptionKeys<CatOptions> = { offset: true, length: true, backing: true, fs: true, chunkBytes: true, onWarning: true };
+
 export async function* catImage(file: string, options: CatOptions = {}): AsyncGenerator<Uint8Array> {
+  checkOptions('catImage', options, catImageOptionKeys);
   const disk = await openVirtualDisk(file, { fs: options.fs, backing: options.backing });
   try {
     for (const warning of disk.warnings) options.onWarning?.(warning);

@@ -4,6 +4,7 @@ import { type FileSystem, nodeFileSystem } from '../io/file.js';
 import { type BackingReport, type CowImage, allocatedExtents, checkBacking, openImage } from '../io/image.js';
 import { isCowFileLocked, lockCowFile } from '../io/lock.js';
 import { interruptedCommitMessage, readCommitJournal } from './commit.js';
+import { type OptionKeys, checkOptions } from '../options.js';
 
 export interface CheckOptions {
   /** Fix what can be fixed safely: bitmap bits set past the last sector. Nothing else is changed. */
@@ -62,7 +63,10 @@ const backingProblemCodes: Record<Exclude<BackingReport['state'], 'ok'>, CheckPr
  * bits, backing file presence and size/mtime, and a leftover in-place commit journal. Problems are
  * returned, not thrown; only failures to read the file at all throw.
  */
+const checkCowOptionKeys: OptionKeys<CheckOptions> = { repair: true, backing: true, fs: true };
+
 export async function checkCow(cowPath: string, options: CheckOptions = {}): Promise<CheckResult> {
+  checkOptions('checkCow', options, checkCowOptionKeys);
   const fs = options.fs ?? nodeFileSystem;
   const result: CheckResult = { file: cowPath, problems: [], repaired: [], clean: true, inUse: false, warnings: [] };
   let image: CowImage;

@@ -7,6 +7,7 @@ import { BITMAP_CHUNK_BYTES, type BackingReport, type CowImage, type SectorExten
 import { lockCowFile } from '../io/lock.js';
 import { findSiblingCows } from './siblings.js';
 import { rewriteHeader } from './rebase.js';
+import { type OptionKeys, checkOptions } from '../options.js';
 
 /*
  * Crash safety of the in-place commit
@@ -233,7 +234,10 @@ async function writeAll(file: Pick<FileHandleLike, 'write'>, filePath: string, b
  * makes) or into the backing file itself (what `uml_moo -d COW` does, then empties the COW so the
  * VM can go on using it over the merged base).
  */
+const commitCowOptionKeys: OptionKeys<CommitOptions> = { output: true, backing: true, keep: true, force: true, checkSiblings: true, onProgress: true, fs: true, chunkBytes: true };
+
 export async function commitCow(cowPath: string, options: CommitOptions = {}): Promise<CommitResult> {
+  checkOptions('commitCow', options, commitCowOptionKeys);
   if (options.output !== undefined && options.keep) {
     throw new UbdcowError('usage', `${options.output}: --keep only applies to an in-place commit (no OUT); a new image never changes the COW`);
   }

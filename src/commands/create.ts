@@ -14,6 +14,7 @@ import { probeReadable, statImageFile } from '../io/image.js';
 import { existsError, writeNewFile } from '../io/atomic.js';
 import { looksLikeCow } from '../io/virtual-disk.js';
 import { ubdOptionWarnings } from './ubd-option.js';
+import { type OptionKeys, checkOptions } from '../options.js';
 
 export interface CreateOptions {
   /** Replace an existing file (uml_mkcow -f). */
@@ -42,7 +43,10 @@ export async function absoluteBackingPath(backing: string, fs: FileSystem = node
 }
 
 /** Creates a V3 COW file over `backing`, byte for byte what uml_mkcow writes. */
+const createCowOptionKeys: OptionKeys<CreateOptions> = { force: true, sectorSize: true, alignment: true, fs: true };
+
 export async function createCow(cowPath: string, backing: string, options: CreateOptions = {}): Promise<CreateResult> {
+  checkOptions('createCow', options, createCowOptionKeys);
   const fs = options.fs ?? nodeFileSystem;
   const backingStat = await statImageFile(fs, backing, 'backing file');
   await probeReadable(fs, backing, 'backing file');

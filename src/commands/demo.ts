@@ -8,6 +8,7 @@ import { createCow } from './create.js';
 import { inspectCow } from './inspect.js';
 import { diffImages } from './diff.js';
 import { commitCow } from './commit.js';
+import { type OptionKeys, checkOptions } from '../options.js';
 
 export interface DemoStep {
   title: string;
@@ -15,9 +16,16 @@ export interface DemoStep {
   ok: boolean;
 }
 
+export interface DemoOptions {
+  /** Keep the temporary folder and its files (a folder the caller names is always kept). */
+  keep?: boolean;
+}
+
 export interface DemoResult {
   backing: string;
   folder: string;
+  /** Whether `folder` still exists: asked for, named by the caller, or kept because a step failed. */
+  kept: boolean;
   steps: DemoStep[];
   ok: boolean;
 }
@@ -36,8 +44,23 @@ async function sha256(file: string): Promise<string> {
  * the engine, read back, inspect, diff, commit to a new image, and check that the backing file
  * was never touched.
  */
-export async function runDemo(backing = bundledImage(), folder?: string): Promise<DemoResult> {
+const runDemoOptionKeys: OptionKeys<DemoOptions> = { keep: true };
+
+export async function runDemo(backing = bundledImage(), folder?: string, options: DemoOptions = {}): Promise<DemoResult> {
+  checkOptions('runDemo', options, runDemoOptionKeys);
   const dir = folder ?? (await fsp.mkdtemp(path.join(os.tmpdir(), 'ubdcow-demo-')));
+  let result: DemoResult | undefined;
+  try {
+    result = await demoSteps(backing, dir);
+    // A failed step's files are kept, so what went wrong can be looked at.
+    result.kept = folder !== undefined || options.keep === true || !result.ok;
+    return result;
+  } finally {
+    if (folder === undefined && !result?.kept) await fsp.rm(dir, { recursive: true, force: true });
+  }
+}
+
+async function demoSteps(backing: string, dir: string): Promise<DemoResult> {
   const cow = path.join(dir, 'demo.cow');
   const merged = path.join(dir, 'merged.img');
   const steps: DemoStep[] = [];
@@ -83,5 +106,5 @@ export async function runDemo(backing = bundledImage(), folder?: string): Promis
   const untouched = (await sha256(backing)) === backingHash;
   step('backing untouched', untouched ? `${backing} has the same SHA-256 as before` : `${backing} CHANGED`, untouched);
 
-  return { backing, folder: dir, steps, ok: steps.every((s) => s.ok) };
+  return { backing, folder: dir, kept: true, steps, ok: steps.every((s) => s.ok) };
 }

@@ -1,6 +1,7 @@
 import { UbdcowError } from '../errors.js';
 import type { FileSystem } from '../io/file.js';
 import { type VirtualDisk, allocatedByteExtents, openVirtualDisk } from '../io/virtual-disk.js';
+import { type OptionKeys, checkOptions } from '../options.js';
 
 /** A byte range of the virtual disk: [offset, offset + length). */
 export interface ByteRange {
@@ -66,7 +67,10 @@ export const DIFF_CHUNK_BYTES = 1 << 20;
  * Two COWs over the same backing file (same resolved path, header size and mtime), or a COW and
  * its own backing file, are compared only where either COW has allocated sectors.
  */
+const diffImagesOptionKeys: OptionKeys<DiffOptions> = { allocated: true, backingA: true, backingB: true, fs: true, chunkBytes: true, bitmapWindowBytes: true, granularity: true };
+
 export async function diffImages(a: string, b?: string, options: DiffOptions = {}): Promise<DiffResult> {
+  checkOptions('diffImages', options, diffImagesOptionKeys);
   const fs = options.fs;
   const chunkBytes = options.chunkBytes ?? DIFF_CHUNK_BYTES;
   const exact = (options.granularity ?? 'byte') === 'byte';

@@ -2,6 +2,7 @@ import type { Writable } from 'node:stream';
 import { UbdcowError } from '../errors.js';
 import { openCow } from '../io/engine.js';
 import type { FileSystem } from '../io/file.js';
+import { type OptionKeys, checkOptions } from '../options.js';
 
 const CHUNK = 1 << 20;
 const WRITES_IN_FLIGHT = 8;
@@ -17,7 +18,10 @@ export interface ReadOptions {
 }
 
 /** Reads the virtual disk through the engine (read-only), a chunk at a time, into `sink`. */
+const readThroughEngineOptionKeys: OptionKeys<ReadOptions> = { offset: true, length: true, backing: true, fs: true, onWarning: true };
+
 export async function readThroughEngine(cowPath: string, sink: (chunk: Uint8Array) => Promise<void>, options: ReadOptions = {}): Promise<number> {
+  checkOptions('readThroughEngine', options, readThroughEngineOptionKeys);
   const dev = await openCow(cowPath, { readOnly: true, backing: options.backing, fs: options.fs });
   try {
     for (const warning of dev.warnings) options.onWarning?.(warning);
@@ -54,7 +58,10 @@ export interface WriteResult {
 }
 
 /** Writes a stream into the virtual disk at `offset` through the engine, then flushes. */
+const writeThroughEngineOptionKeys: OptionKeys<WriteOptions> = { offset: true, backing: true, sync: true, fs: true, expectedLength: true };
+
 export async function writeThroughEngine(cowPath: string, input: AsyncIterable<Uint8Array>, options: WriteOptions): Promise<WriteResult> {
+  checkOptions('writeThroughEngine', options, writeThroughEngineOptionKeys);
   const dev = await openCow(cowPath, { backing: options.backing, sync: options.sync, fs: options.fs });
   const inFlight = new Set<Promise<void>>();
   let firstError: unknown;

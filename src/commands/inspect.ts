@@ -2,6 +2,7 @@ import type { CowGeometry } from '../format/geometry.js';
 import type { CowHeader, HeaderLayout } from '../format/header.js';
 import type { FileSystem } from '../io/file.js';
 import { type BackingReport, allocatedExtents, checkBacking, isoTime, openImage } from '../io/image.js';
+import { type OptionKeys, checkOptions } from '../options.js';
 
 export interface InspectOptions {
   /** Check this backing file instead of the one the header names. */
@@ -64,7 +65,10 @@ export function layoutFields(header: CowHeader, geometry: CowGeometry) {
   };
 }
 
+const inspectCowOptionKeys: OptionKeys<InspectOptions> = { backing: true, fs: true };
+
 export async function inspectCow(cowPath: string, options: InspectOptions = {}): Promise<InspectReport> {
+  checkOptions('inspectCow', options, inspectCowOptionKeys);
   const image = await openImage(cowPath, { fs: options.fs });
   try {
     const { header, geometry } = image;

@@ -1,6 +1,7 @@
 import type { FileSystem } from '../io/file.js';
 import { allocatedByteExtents, openVirtualDisk } from '../io/virtual-disk.js';
 import { UbdcowError } from '../errors.js';
+import { type OptionKeys, checkOptions } from '../options.js';
 
 /** An allocated extent: virtual disk bytes [offset, offset + length) live at `cowOffset` in the COW file. */
 export interface MappedExtent {
@@ -27,7 +28,10 @@ export interface MapOptions {
  * everything not listed reads from the backing file. Streamed from the bitmap; the backing file
  * is not opened.
  */
+const mapCowOptionKeys: OptionKeys<MapOptions> = { fs: true };
+
 export async function mapCow(cowPath: string, options: MapOptions = {}): Promise<MapResult> {
+  checkOptions('mapCow', options, mapCowOptionKeys);
   const disk = await openVirtualDisk(cowPath, { fs: options.fs, openBacking: false });
   try {
     if (!disk.cow) {

@@ -6,6 +6,7 @@ import { isoTime, openImage, probeReadable, statImageFile } from '../io/image.js
 import { lockCowFile } from '../io/lock.js';
 import { absoluteBackingPath } from './create.js';
 import { interruptedCommitMessage, readCommitJournal } from './commit.js';
+import { type OptionKeys, checkOptions } from '../options.js';
 
 export interface RebaseOptions {
   /** Accept a new backing whose mtime differs (and a failed --compare): the user vouches for it. */
@@ -58,7 +59,10 @@ export async function rewriteHeader(file: FileHandleLike, cowPath: string, heade
  * for it, and its mtime is then stored, so UML opens the COW. A new backing of another size is
  * always refused: the size fixes the COW's layout, and UML refuses a size mismatch.
  */
+const rebaseCowOptionKeys: OptionKeys<RebaseOptions> = { unsafe: true, compare: true, fs: true };
+
 export async function rebaseCow(cowPath: string, newBacking: string, options: RebaseOptions = {}): Promise<RebaseResult> {
+  checkOptions('rebaseCow', options, rebaseCowOptionKeys);
   const fs = options.fs ?? nodeFileSystem;
   const image = await openImage(cowPath, { fs, mode: 'r+' });
   try {

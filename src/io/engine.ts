@@ -8,6 +8,7 @@ import { GroupSync } from './group-sync.js';
 import { type CowImage, checkBacking, mtimeMismatchFix, openImage, readWholeBitmap } from './image.js';
 import { RangeLock } from './range-lock.js';
 import { lockCowFile } from './lock.js';
+import { type OptionKeys, checkOptions } from '../options.js';
 
 export interface OpenCowOptions {
   /** Backing file to use instead of the header's path (like UML's `ubdN=cow,backing`). */
@@ -50,7 +51,10 @@ export interface CowDevice {
   isAllocated(sector: number): boolean;
 }
 
+const openCowOptionKeys: OptionKeys<OpenCowOptions> = { backing: true, readOnly: true, sync: true, fs: true, lock: true };
+
 export async function openCow(cowPath: string, options: OpenCowOptions = {}): Promise<CowDevice> {
+  checkOptions('openCow', options, openCowOptionKeys);
   const fs = options.fs ?? nodeFileSystem;
   const readOnly = options.readOnly ?? false;
   const image = await openImage(cowPath, { fs, mode: readOnly ? 'r' : 'r+' });

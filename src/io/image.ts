@@ -4,6 +4,7 @@ import { type CowHeader, MAX_HEADER_SIZE, parseHeader } from '../format/header.j
 import { type CowGeometry, computeGeometry } from '../format/geometry.js';
 import { SectorBitmap } from '../format/bitmap.js';
 import { type FileHandleLike, type FileStat, type FileSystem, type OpenMode, describeKind, nodeFileSystem, readExactly, sizeOf } from './file.js';
+import { type OptionKeys, checkOptions } from '../options.js';
 
 /** An open COW file: its parsed header, geometry and handle. */
 export interface CowImage {
@@ -73,7 +74,10 @@ export async function probeReadable(fs: FileSystem, file: string, what: string):
 }
 
 /** Opens and validates a COW file; the caller closes `image.file`. */
+const openImageOptionKeys: OptionKeys<OpenImageOptions> = { fs: true, mode: true };
+
 export async function openImage(file: string, options: OpenImageOptions = {}): Promise<CowImage> {
+  checkOptions('openImage', options, openImageOptionKeys);
   const fs = options.fs ?? nodeFileSystem;
   const { handle } = await openImageFile(fs, file, 'COW file', options.mode ?? 'r');
   try {

@@ -4,6 +4,7 @@ import { COW_MAGIC } from '../format/header.js';
 import { SectorBitmap } from '../format/bitmap.js';
 import { type FileHandleLike, type FileSystem, nodeFileSystem, readExactly, sizeOf } from './file.js';
 import { BITMAP_CHUNK_BYTES, type CowImage, type SectorExtent, allocatedExtents, mtimeMismatchFix, openImage, openImageFile } from './image.js';
+import { type OptionKeys, checkOptions } from '../options.js';
 
 /** Which file a virtual disk's unwritten sectors come from, for telling "same base" apart. */
 export interface FileIdentity {
@@ -64,7 +65,10 @@ export interface OpenVirtualDiskOptions {
 export const RAW_SECTOR_SIZE = 512;
 
 /** Opens a raw file or a COW file (told apart by the COW magic number, in either byte order). */
+const openVirtualDiskOptionKeys: OptionKeys<OpenVirtualDiskOptions> = { backing: true, fs: true, openBacking: true, bitmapWindowBytes: true };
+
 export async function openVirtualDisk(file: string, options: OpenVirtualDiskOptions = {}): Promise<VirtualDisk> {
+  checkOptions('openVirtualDisk', options, openVirtualDiskOptionKeys);
   const fs = options.fs ?? nodeFileSystem;
   if (await looksLikeCow(fs, file)) return openCowDisk(file, options, fs);
   if (options.backing !== undefined) {
