@@ -2,6 +2,7 @@ import * as fs from 'node:fs';
 import type { CommandModule } from 'yargs';
 import { UbdcowError, fromSystemError } from '../errors.js';
 import { CliExit } from './exit.js';
+import { refuseTerminal } from './workflow-view.js';
 import { note, out, parseByteCount, toJson, warn } from './format.js';
 
 function ignoreBrokenPipe(): void {
@@ -22,6 +23,7 @@ const read: CommandModule = {
       .option('backing', { alias: 'b', type: 'string', describe: 'Backing file instead of the one in the header' })
       .example('$0 read vm.cow --offset 1M --length 512 | xxd', 'Dump one sector'),
   handler: async (argv) => {
+    refuseTerminal('read', String(argv.cow));
     const { readThroughEngine, streamSink } = await import('../commands/engine-io.js');
     ignoreBrokenPipe();
     await readThroughEngine(String(argv.cow), streamSink(process.stdout), {

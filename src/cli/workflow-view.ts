@@ -110,6 +110,15 @@ const map: CommandModule = {
   },
 };
 
+/** A disk image is binary: written to a terminal it garbles the screen (and can send it commands). */
+export function refuseTerminal(command: string, image: string): void {
+  if (!process.stdout.isTTY) return;
+  throw new UbdcowError(
+    'usage',
+    `${image}: refusing to write disk contents to a terminal; redirect them (ubdcow ${command} ${image} > disk.img) or pipe them (| xxd | less)`,
+  );
+}
+
 /** Writes chunks to stdout, waiting for it to drain; resolves false if the reader went away. */
 async function streamToStdout(chunks: AsyncIterable<Uint8Array>): Promise<boolean> {
   const stdout = process.stdout;
@@ -157,6 +166,7 @@ const cat: CommandModule = {
       .example('$0 cat vm1.cow | md5sum', 'Checksum of the disk the guest sees')
       .example('$0 cat vm1.cow --offset 1M --length 4K | xxd', 'Look at 4 KiB'),
   handler: async (argv) => {
+    refuseTerminal('cat', String(argv.image));
     const { catImage } = await import('../commands/cat.js');
     const chunks = catImage(String(argv.image), {
       offset: argv.offset === undefined ? undefined : parseByteCount('offset', String(argv.offset)),

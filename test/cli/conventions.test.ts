@@ -1,0 +1,230 @@
+/**
+ * What a new user trips on (issue 14): the qemu-img/POSIX conventions, one JSON vocabulary, the
+ * wording of errors, the setups UML cannot use, and the library's run-time option checks. The CLI
+ * is run as a child process, the library through the package entry (dist/index.js).
+ */
+import { spawnSync } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { pathToFileURL } from 'node:url';
+import { beforeAll, describe, expect, it } from 'vitest';
+import { ensureBuiltCli, hasTool, repoRoot, run } from '../helpers/tools.js';
+import { makeTempDir, useTempDir } from '../helpers/tmp.js';
+
+let cli: string;
+beforeAll(() => {
+  cli = ensureBuiltCli();
+});
+
+const tmp = useTempDir();
+
+function ubdcow(args: string[], options: { cwd?: string; input?: string } = {}) {
+  return run(process.execPath, [cli, ...args], { cwd: options.cwd ?? tmp.path, input: options.input });
+}
+
+/** One line on stderr, no stack trace, the given exit code. */
+function expectOneLine(result: ReturnType<typeof ubdcow>, status: number, pattern: RegExp): void {
+  expect(result.status, result.stderr).toBe(status);
+  const lines = result.stderr.split('\n').filter((line) => line !== '');
+  expect(lines, result.stderr).toHaveLength(1);
+  expect(lines[0]).toMatch(pattern);
+  expect(result.stderr).not.toMatch(/^\s+at |internal error/m);
+}
+
+function makeCow(name = 'vm.cow', base = 'base.img'): string {
+  const basePath = path.join(tmp.path, base);
+  if (!fs.existsSync(basePath)) fs.writeFileSync(basePath, Buffer.alloc(1 << 20, 7));
+  const created = ubdcow(['create', name, base]);
+  expect(created.status, created.stderr).toBe(0);
+  return path.join(tmp.path, name);
+}
+
+describe('conventions shared with qemu-img and POSIX tools', () => {
+  it('-q silences confirmations and warnings, not the data asked for', () => {
+    fs.writeFileSync(path.join(tmp.path, 'base.img'), Buffer.alloc(1 << 20));
+    const loud = ubdcow(['create', 'my vm.cow', 'base.img']);
+    expect(loud.stdout).toMatch(/^created my vm\.cow/);
+    expect(loud.stderr).toMatch(/warning: my vm\.cow: the path holds a comma or white space/);
+    const quiet = ubdcow(['create', '-q', 'other vm.cow', 'base.img']);
+    expect(quiet).toMatchObject({ status: 0, stdout: '', stderr: '' });
+    const report = ubdcow(['inspect', '--quiet', 'other vm.cow']);
+    expect(report.stdout).toMatch(/^file: +other vm\.cow/);
+    const wrote = ubdcow(['write', '-q', 'other vm.cow', '--offset', '10'], { input: 'hi' });
+    expect(wrote).toMatchObject({ status: 0, stdout: '', stderr: '' });
+  });
+
+  it('-V and --version print the version', () => {
+    const { version } = JSON.parse(fs.readFileSync(path.join(repoRoot, 'package.json'), 'utf8'));
+    expect(ubdcow(['-V']).stdout.trim()).toBe(version);
+    expect(ubdcow(['--version']).stdout.trim()).toBe(version);
+  });
+
+  it('--output=json is --json; a command without JSON output says so', () => {
+    makeCow();
+    const json = ubdcow(['inspect', 'vm.cow', '--json']);
+    const output = ubdcow(['inspect', 'vm.cow', '--output=json']);
+    expect(output.status).toBe(0);
+    expect(output.stdout).toBe(json.stdout);
+    expect(ubdcow(['map', '--output', 'json', 'vm.cow']).stdout).toBe(ubdcow(['map', 'vm.cow', '--json']).stdout);
+    expectOneLine(ubdcow(['cat', 'vm.cow', '--output=json']), 1, /^ubdcow cat: --output=json: cat has no JSON output/);
+  });
+
+  it('info is inspect', () => {
+    makeCow();
+    const info = ubdcow(['info', 'vm.cow']);
+    expect(info.status).toBe(0);
+    expect(info.stdout).toBe(ubdcow(['inspect', 'vm.cow']).stdout);
+  });
+
+  it('names an unknown option, even where it swallowed the file name', () => {
+    makeCow();
+    expectOneLine(ubdcow(['check', '--bogus', 'vm.cow']), 2, /^ubdcow check: unknown option --bogus \(see ubdcow check --help\)$/);
+    expectOneLine(ubdcow(['map', 'vm.cow', '-x']), 1, /^ubdcow map: unknown option -x /);
+    expectOneLine(ubdcow(['inspect', 'vm.cow', '--jsn']), 1, /^ubdcow inspect: unknown option --jsn /);
+    // Negated and aliased forms of real options are not unknown.
+    expect(ubdcow(['inspect', 'vm.cow', '--no-json']).status).toBe(0);
+  });
+
+  it('--help shows --no-progress; completion prints a shell script', () => {
+    expect(ubdcow(['commit', '--help']).stdout).toMatch(/--no-progress/);
+    const completion = ubdcow(['completion']);
+    expect(completion.status).toBe(0);
+    expect(completion.stdout).toMatch(/ubdcow/);
+    expect(completion.stdout).toMatch(/complete -o|compdef/);
+  });
+
+  it('check exits 2 when it could not check, 1 only for problems found', () => {
+    expectOneLine(ubdcow(['check', 'missing.cow']), 2, /missing\.cow: cannot open COW file: no such file/);
+    makeCow();
+    expect(ubdcow(['check', 'vm.cow']).status).toBe(0);
+  });
+});
+
+describe('one JSON vocabulary', () => {
+  it('create --json uses the names inspect --json uses, with schemaVersion', () => {
+    fs.writeFileSync(path.join(tmp.path, 'base.img'), Buffer.alloc(1 << 20));
+    const created = JSON.parse(ubdcow(['create', 'vm.cow', 'base.img', '--json']).stdout);
+    const inspected = JSON.parse(ubdcow(['inspect', 'vm.cow', '--json']).stdout);
+    expect(created.schemaVersion).toBe(1);
+    expect(inspected.schemaVersion).toBe(1);
+    expect(created).not.toHaveProperty('littleEndian');
+    expect(created).not.toHaveProperty('fileLength');
+    for (const key of Object.keys(created)) expect(inspected, key).toHaveProperty(key);
+    for (const key of ['byteOrder', 'fileSize', 'bitmapOffset', 'dataOffset', 'mtimeIso']) expect(created[key]).toEqual(inspected[key]);
+  });
+});
+
+describe('wording', () => {
+  it('names the kind of a special file in words', () => {
+    expectOneLine(ubdcow(['check', '/dev/null']), 2, /\/dev\/null: is a character device, socket or other special file, expected a COW file/);
+  });
+
+  it('refuses standard input ("-") with the reason', () => {
+    expectOneLine(ubdcow(['inspect', '-']), 1, /no file name given for the COW file \('-', standard input, is not supported/);
+  });
+
+  it('works from a folder whose path is longer than PATH_MAX', () => {
+    // Its own folder: Node's fs.rmSync cannot remove a tree this deep, GNU rm can.
+    const top = makeTempDir();
+    try {
+      fs.writeFileSync(path.join(top, 'base.img'), Buffer.alloc(1 << 20));
+      const name = 'd'.repeat(200); // 22 levels: over 4,400 bytes, past PATH_MAX (4096)
+      const node = `"${process.execPath}" "${cli}"`;
+      const script = `cd ${top} && for i in $(seq 1 22); do mkdir ${name} && cd ${name}; done && ${node} create vm.cow ${path.join(top, 'base.img')} && ${node} inspect vm.cow --json`;
+      const result = spawnSync('bash', ['-c', script], { encoding: 'utf8' });
+      expect(result.stderr).not.toMatch(/internal error|ERANGE/);
+      expect(result.status, result.stderr).toBe(0);
+      expect(JSON.parse(result.stdout.slice(result.stdout.indexOf('{'))).size).toBe(1 << 20);
+    } finally {
+      spawnSync('rm', ['-rf', top]);
+    }
+  });
+});
+
+describe('setups UML cannot use', () => {
+  it('refuses a COW as the backing file (the ubd driver cannot stack them); -f overrides', () => {
+    makeCow();
+    expectOneLine(ubdcow(['create', 'chain.cow', 'vm.cow']), 1, /vm\.cow: is itself a UML COW file, .*ubdcow commit vm\.cow merged\.img/);
+    expect(fs.existsSync(path.join(tmp.path, 'chain.cow'))).toBe(false);
+    expect(ubdcow(['create', '-f', 'chain.cow', 'vm.cow']).status).toBe(0);
+  });
+
+  it('warns when ubd0=COW,BACKING cannot name the files, naming the way out', () => {
+    fs.mkdirSync(path.join(tmp.path, 'my images'));
+    fs.writeFileSync(path.join(tmp.path, 'my images', 'base.img'), Buffer.alloc(1 << 20));
+    const result = ubdcow(['create', 'vm.cow', 'my images/base.img']);
+    expect(result.status).toBe(0);
+    expect(result.stderr).toMatch(/the backing path holds a comma or white space, .*start UML with ubd0=vm\.cow alone/);
+    const comma = ubdcow(['create', 'a,b.cow', 'my images/base.img']);
+    expect(comma.stderr).toMatch(/a,b\.cow: the path holds a comma/);
+  });
+
+  it('readers warn and go on over a backing whose mtime moved; writers refuse; both name the fix', () => {
+    makeCow();
+    fs.utimesSync(path.join(tmp.path, 'base.img'), 2_000_000, 2_000_000);
+    const read = ubdcow(['read', 'vm.cow', '--length', '4']);
+    expect(read.status).toBe(0);
+    expect(read.stdout).toBe('\x07\x07\x07\x07');
+    expect(read.stderr).toMatch(/warning: .*the kernel would refuse it; .*ubdcow rebase vm\.cow .*--compare/);
+    const cat = ubdcow(['cat', 'vm.cow', '--length', '4']);
+    expect(cat.stdout).toBe(read.stdout);
+    expect(cat.stderr).toMatch(/warning: .*ubdcow rebase vm\.cow .*--compare/);
+    expectOneLine(ubdcow(['write', 'vm.cow', '--offset', '0'], { input: 'x' }), 1, /refusing to write \(if .*base\.img is a copy or was only touched, "ubdcow rebase vm\.cow/);
+  });
+
+  it.skipIf(!hasTool('script'))('cat and read refuse to write a disk to a terminal [needs script(1)]', () => {
+    makeCow();
+    for (const command of ['cat', 'read']) {
+      const result = spawnSync('script', ['-qec', `"${process.execPath}" "${cli}" ${command} vm.cow`, '/dev/null'], { cwd: tmp.path, encoding: 'utf8' });
+      expect(result.status).toBe(1);
+      expect(result.stdout).toMatch(new RegExp(`ubdcow ${command}: vm\\.cow: refusing to write disk contents to a terminal; redirect them`));
+      expect(result.stdout).not.toContain('\x07\x07\x07');
+    }
+  });
+});
+
+describe('demo', () => {
+  it('removes its temporary folder, or keeps it with --keep and says where', () => {
+    const removed = ubdcow(['demo']);
+    expect(removed.status, removed.stderr).toBe(0);
+    const gone = /temporary folder (\S+) removed/.exec(removed.stdout);
+    expect(gone, removed.stdout).not.toBeNull();
+    expect(fs.existsSync(gone![1])).toBe(false);
+    const kept = ubdcow(['demo', '--keep']);
+    const folder = /files kept in (\S+) \(as asked/.exec(kept.stdout);
+    expect(folder, kept.stdout).not.toBeNull();
+    expect(fs.readdirSync(folder![1]).sort()).toEqual(['demo.cow', 'merged.img']);
+    fs.rmSync(folder![1], { recursive: true });
+  });
+});
+
+describe('library through the package entry', () => {
+  it('refuses unknown option keys instead of doing something else (commitCow { out } merged in place)', async () => {
+    const api = await import(pathToFileURL(path.join(repoRoot, 'dist', 'index.js')).href);
+    const cow = makeCow();
+    await api.writeThroughEngine(cow, [Buffer.from('changed')], { offset: 0 });
+    const base = path.join(tmp.path, 'base.img');
+    const before = fs.readFileSync(base);
+    const err = await api.commitCow(cow, { out: path.join(tmp.path, 'merged.img') }).catch((e: Error) => e);
+    expect(err).toBeInstanceOf(api.UbdcowError);
+    expect(err.message).toMatch(/^commitCow: unknown option "out" \(did you mean "output"\? known options: output, /);
+    expect(fs.readFileSync(base).equals(before)).toBe(true);
+    expect(fs.existsSync(path.join(tmp.path, 'merged.img'))).toBe(false);
+    await expect(api.inspectCow(cow, { backingFile: base })).rejects.toThrow(/inspectCow: unknown option "backingFile" \(did you mean "backing"\?/);
+    await expect(api.openCow(cow, { readonly: true })).rejects.toThrow(/openCow: unknown option "readonly" \(did you mean "readOnly"\?/);
+    await expect(api.createCow(path.join(tmp.path, 'x.cow'), base, 'force')).rejects.toThrow(/createCow: options must be an object, got string/);
+  });
+});
+
+describe('the man page', () => {
+  it('is generated from the help text at build and covers every command', () => {
+    const build = run('npm', ['run', 'build', '--silent'], { cwd: repoRoot });
+    expect(build.status, build.stderr).toBe(0);
+    const page = fs.readFileSync(path.join(repoRoot, 'man', 'ubdcow.1'), 'utf8');
+    expect(page).toMatch(/^\.TH UBDCOW 1 /);
+    for (const command of ['create', 'inspect', 'diff', 'map', 'cat', 'commit', 'check', 'rebase', 'read', 'write', 'demo']) {
+      expect(page).toContain(`.SS ${command}\n`);
+    }
+    expect(page).toContain(ubdcow(['rebase', '--help']).stdout.split('\n')[0]);
+  });
+});
