@@ -26,16 +26,16 @@ export async function writeCowSectors(cowPath: string, writes: Iterable<SectorWr
     const { bitmapOffset, dataOffset } = image.geometry;
     for (const { sector, data } of writes) {
       const sectors = Math.ceil(data.length / sectorSize);
-      await image.file.write(data, 0, data.length, dataOffset + sector * sectorSize);
+      await image.handle.write(data, 0, data.length, dataOffset + sector * sectorSize);
       const firstByte = Math.floor(sector / 8);
       const lastByte = Math.floor((sector + sectors - 1) / 8);
       const bits = new Uint8Array(lastByte - firstByte + 1);
       await image.file.read(bits, 0, bits.length, bitmapOffset + firstByte);
       for (let s = sector; s < sector + sectors; s++) bits[Math.floor(s / 8) - firstByte] |= 1 << (s & 7);
-      await image.file.write(bits, 0, bits.length, bitmapOffset + firstByte);
+      await image.handle.write(bits, 0, bits.length, bitmapOffset + firstByte);
     }
   } finally {
-    await image.file.close();
+    await image.handle.close();
   }
 }
 

@@ -47,7 +47,7 @@ const commit: CommandModule = {
           'In place, a journal COW.ubdcow-commit is kept while the backing file is being written: if the commit is interrupted, run the same command again to finish it.',
       ),
   handler: async (argv) => {
-    const { commitCow } = await import('../commands/commit.js');
+    const { commitCow } = await import('../commands/commit/index.js');
     const progress = createByteProgress('commit', progressWanted(argv.progress as boolean | undefined));
     let result;
     try {

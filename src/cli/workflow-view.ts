@@ -1,5 +1,5 @@
 import type { CommandModule } from 'yargs';
-import { UbdcowError } from '../errors.js';
+import { type SystemErrorCode, UbdcowError } from '../errors.js';
 import type { DiffResult } from '../commands/diff.js';
 import type { MapResult } from '../commands/map.js';
 import { CliExit } from './exit.js';
@@ -135,7 +135,7 @@ async function streamToStdout(chunks: AsyncIterable<Uint8Array>): Promise<boolea
     stdout.on('error', () => undefined);
   }
   if (failure && failure.code !== 'EPIPE') {
-    throw new UbdcowError(failure.code ?? 'io', `standard output: cannot write: ${failure.message}`);
+    throw new UbdcowError((failure.code as SystemErrorCode | undefined) ?? 'io', `standard output: cannot write: ${failure.message}`);
   }
   return !failure;
 }

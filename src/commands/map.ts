@@ -30,7 +30,7 @@ export interface MapOptions {
 export async function mapCow(cowPath: string, options: MapOptions = {}): Promise<MapResult> {
   const disk = await openVirtualDisk(cowPath, { fs: options.fs, openBacking: false });
   try {
-    if (!disk.cow) {
+    if (disk.kind !== 'cow') {
       throw new UbdcowError('not-a-cow', `${cowPath}: is not a UML COW file (no COW magic); a raw image has no map`, { file: cowPath });
     }
     const { dataOffset } = disk.cow.geometry;

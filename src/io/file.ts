@@ -49,6 +49,51 @@ export async function readExactly(
   if (got < target.length) throw onShort(got);
 }
 
+/** Reads exactly `length` bytes with the blocking call; errors as readExactly. */
+export function readExactlySync(
+  handle: Required<Pick<FileHandleLike, 'readSync'>>,
+  file: string,
+  action: string,
+  target: { buffer: Uint8Array; offset: number; length: number; position: number },
+  onShort: (got: number) => Error,
+): void {
+  let got: number;
+  try {
+    got = handle.readSync(target.buffer, target.offset, target.length, target.position);
+  } catch (err) {
+    throw fromSystemError(err, file, action);
+  }
+  if (got < target.length) throw onShort(got);
+}
+
+/** Writes all `length` bytes; an I/O error becomes fromSystemError(err, file, action). */
+export async function writeAll(
+  handle: Pick<FileHandleLike, 'write'>,
+  file: string,
+  action: string,
+  source: { buffer: Uint8Array; offset: number; length: number; position: number },
+): Promise<void> {
+  try {
+    await handle.write(source.buffer, source.offset, source.length, source.position);
+  } catch (err) {
+    throw fromSystemError(err, file, action);
+  }
+}
+
+/** writeAll with the blocking call. */
+export function writeAllSync(
+  handle: Required<Pick<FileHandleLike, 'writeSync'>>,
+  file: string,
+  action: string,
+  source: { buffer: Uint8Array; offset: number; length: number; position: number },
+): void {
+  try {
+    handle.writeSync(source.buffer, source.offset, source.length, source.position);
+  } catch (err) {
+    throw fromSystemError(err, file, action);
+  }
+}
+
 export interface FileStat {
   size: number;
   /** Modification time in whole seconds, as the kernel compares it. */

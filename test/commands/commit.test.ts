@@ -3,10 +3,11 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import fc from 'fast-check';
 import { beforeAll, describe, expect, it } from 'vitest';
-import { commitCow, commitJournalPath, readCommitJournal } from '../../src/commands/commit.js';
+import { commitCow, commitJournalPath, readCommitJournal } from '../../src/commands/commit/index.js';
 import { parseHeader } from '../../src/format/header.js';
 import type { HeaderLayout } from '../../src/format/header.js';
-import { checkBacking, openImage } from '../../src/io/image.js';
+import { openImage } from '../../src/io/image.js';
+import { checkBacking } from '../../src/io/backing.js';
 import { type FileSystem, nodeFileSystem } from '../../src/io/file.js';
 import { UbdcowError } from '../../src/errors.js';
 import {
@@ -62,7 +63,7 @@ async function expectEmptiedOver(built: BuiltCow): Promise<void> {
     expect(image.fileSize).toBe(built.geometry.fileLength);
     expect((await checkBacking(image.header)).state).toBe('ok');
   } finally {
-    await image.file.close();
+    await image.handle.close();
   }
   const data = readRange(built.cowPath, built.geometry.dataOffset, built.header.size);
   expect(data.every((byte) => byte === 0)).toBe(true);
@@ -394,7 +395,7 @@ describe('commitCow in place', () => {
       fs.writeFileSync(
         script,
         [
-          `import { commitCow } from ${JSON.stringify(path.join(repoRoot, 'src/commands/commit.ts'))};`,
+          `import { commitCow } from ${JSON.stringify(path.join(repoRoot, 'src/commands/commit/index.ts'))};`,
           `import { failingFileSystem } from ${JSON.stringify(path.join(repoRoot, 'test/helpers/cow-fixtures.ts'))};`,
           `await commitCow(${JSON.stringify(built.cowPath)}, { fs: failingFileSystem({ failAt: ${killAt}, kill: true }), chunkBytes: 16384 });`,
         ].join('\n'),
