@@ -6,7 +6,7 @@ import { describe, expect, it } from 'vitest';
 import fc from 'fast-check';
 import { createCow } from '../../src/commands/create.js';
 import { catImage } from '../../src/commands/cat.js';
-import { type SectorWrite, writeCowSectors } from '../../bench/util.js';
+import { type SectorWrite, writeCowSectors } from '../helpers/cow-writes.js';
 import { ensureBuiltCli, missingTools, run, titleWithSkipReason } from '../helpers/tools.js';
 import { useTempDir } from '../helpers/tmp.js';
 import { type SectorPick, mergedDisk, pickedWrites } from '../helpers/sector-writes.js';

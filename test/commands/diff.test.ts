@@ -6,7 +6,7 @@ import fc from 'fast-check';
 import { createCow } from '../../src/commands/create.js';
 import { type ByteRange, diffImages } from '../../src/commands/diff.js';
 import { type FileSystem, nodeFileSystem } from '../../src/io/file.js';
-import { type SectorWrite, writeCowSectors } from '../../bench/util.js';
+import { type SectorWrite, writeCowSectors } from '../helpers/cow-writes.js';
 import { ensureBuiltCli, run } from '../helpers/tools.js';
 import { useTempDir } from '../helpers/tmp.js';
 import { wrapHandle } from '../helpers/wrap-handle.js';

@@ -9,7 +9,7 @@ import { computeGeometry } from '../../src/format/geometry.js';
 import { type FileSystem, nodeFileSystem } from '../../src/io/file.js';
 import { openImage } from '../../src/io/image.js';
 import { openVirtualDisk } from '../../src/io/virtual-disk.js';
-import { writeCowSectors } from '../../bench/util.js';
+import { writeCowSectors } from '../helpers/cow-writes.js';
 import { useTempDir } from '../helpers/tmp.js';
 import { mergedDisk, pickedWrites } from '../helpers/sector-writes.js';
 import { wrapHandle } from '../helpers/wrap-handle.js';
