@@ -1,6 +1,6 @@
 import yargs, { type Argv } from 'yargs';
 import { UbdcowError, oneLine } from '../errors.js';
-import { commands } from './commands.js';
+import { commands } from './registry.js';
 import { CliExit } from './exit.js';
 
 function commandName(argv: string[]): string {
