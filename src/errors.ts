@@ -174,6 +174,16 @@ export function interruptedCommitText(cowPath: string, journalPath: string, suff
   return `${cowPath}: an in-place commit was interrupted (${journalPath} exists); run \`ubdcow commit ${cowPath}\` again to finish it${suffix}`;
 }
 
+/** `file` has no COW magic where a COW is needed; `consequence` says what that means here. */
+export function notACow(file: string, consequence: string): UbdcowError {
+  return new UbdcowError('not-a-cow', `${file}: is not a UML COW file (no COW magic)${consequence}`, { file });
+}
+
+/** `file` is something other than what is needed (`expected`): a directory, a FIFO, ... */
+export function notAFile(file: string, is: string, expected: string): UbdcowError {
+  return new UbdcowError('not-a-file', `${file}: is ${is}, expected ${expected}`, { file });
+}
+
 /** A usage mistake in the options (not about any file). */
 export function usageError(message: string): UbdcowError {
   return new UbdcowError('usage', message);

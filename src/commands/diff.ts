@@ -1,4 +1,4 @@
-import { UbdcowError } from '../errors.js';
+import { notACow, usageError } from '../errors.js';
 import type { FileSystem } from '../io/file.js';
 import { type CowDisk, type VirtualDisk, allocatedByteExtents, openVirtualDisk } from '../io/virtual-disk.js';
 
@@ -65,7 +65,7 @@ export async function diffImages(a: string, b?: string, options: DiffOptions = {
   const chunkBytes = options.chunkBytes ?? DIFF_CHUNK_BYTES;
   if (b === undefined) {
     if (options.backingB !== undefined) {
-      throw new UbdcowError('usage', `a backing file for a second image (${options.backingB}) needs a second image`);
+      throw usageError(`a backing file for a second image (${options.backingB}) needs a second image`);
     }
     const disk = await openVirtualDisk(a, {
       fs,
@@ -75,7 +75,7 @@ export async function diffImages(a: string, b?: string, options: DiffOptions = {
     });
     try {
       if (disk.kind !== 'cow') {
-        throw new UbdcowError('not-a-cow', `${a}: is not a UML COW file (no COW magic); give a second image to compare it with`, { file: a });
+        throw notACow(a, '; give a second image to compare it with');
       }
       return options.allocated ? await listAllocation(disk) : await diffCowWithBacking(disk, chunkBytes);
     } finally {
@@ -83,7 +83,7 @@ export async function diffImages(a: string, b?: string, options: DiffOptions = {
     }
   }
   if (options.allocated) {
-    throw new UbdcowError('usage', 'listing allocated sectors (--allocated) takes one COW file, not two images');
+    throw usageError('listing allocated sectors (--allocated) takes one COW file, not two images');
   }
   const diskA = await openVirtualDisk(a, { fs, backing: options.backingA, bitmapWindowBytes: options.bitmapWindowBytes });
   try {

@@ -1,4 +1,4 @@
-import { CowFormatError, UbdcowError, fromSystemError } from '../errors.js';
+import { CowFormatError, fromSystemError, notAFile } from '../errors.js';
 import { type CowHeader, MAX_HEADER_SIZE, type ParsedHeader, hasCowMagic, parseHeader, serializeSameLayout } from '../format/header.js';
 import { type CowGeometry, computeGeometry } from '../format/geometry.js';
 import { type FileHandleLike, type FileStat, type FileSystem, type OpenMode, nodeFileSystem, sizeOf } from './file.js';
@@ -41,10 +41,8 @@ export async function statImageFile(fs: FileSystem, file: string, what: string):
   } catch (err) {
     throw fromSystemError(err, file, `open ${what}`);
   }
-  if (stat.kind === 'directory') throw new UbdcowError('not-a-file', `${file}: is a directory, expected a ${what}`, { file });
-  if (stat.kind !== 'file' && stat.kind !== 'block-device') {
-    throw new UbdcowError('not-a-file', `${file}: is a ${stat.kind}, expected a ${what} (a regular file or block device)`, { file });
-  }
+  if (stat.kind === 'directory') throw notAFile(file, 'a directory', `a ${what}`);
+  if (stat.kind !== 'file' && stat.kind !== 'block-device') throw notAFile(file, `a ${stat.kind}`, `a ${what} (a regular file or block device)`);
   return stat;
 }
 

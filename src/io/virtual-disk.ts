@@ -1,4 +1,4 @@
-import { UbdcowError, checkByteRange, fileEndsEarly, fileTooShort, fromSystemError } from '../errors.js';
+import { UbdcowError, checkByteRange, fileEndsEarly, fileTooShort, fromSystemError, notACow } from '../errors.js';
 import { SectorBitmap } from '../format/bitmap.js';
 import { BITMAP_CHUNK_BYTES, type SectorExtent, allocatedExtents, readBitmapChunk } from './allocation.js';
 import { backingMismatches, openBacking, resolveBackingPath } from './backing.js';
@@ -84,7 +84,7 @@ export async function openVirtualDisk(file: string, options: OpenVirtualDiskOpti
   const fs = options.fs ?? nodeFileSystem;
   if (await looksLikeCow(fs, file)) return openCowDisk(file, options, fs);
   if (options.backing !== undefined) {
-    throw new UbdcowError('not-a-cow', `${file}: is not a UML COW file (no COW magic), so a backing file (${options.backing}) makes no sense for it`, { file });
+    throw notACow(file, `, so a backing file (${options.backing}) makes no sense for it`);
   }
   return openRawDisk(file, fs, 'disk image');
 }

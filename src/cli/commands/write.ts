@@ -1,6 +1,6 @@
 import * as fs from 'node:fs';
 import type { CommandModule } from 'yargs';
-import { UbdcowError, fromSystemError } from '../../errors.js';
+import { fromSystemError, notAFile } from '../../errors.js';
 import { parseByteCount, toJson } from '../format.js';
 
 /* `ubdcow write`: arguments, help and output. The handler imports its library module lazily so `ubdcow --help` stays fast. */
@@ -26,7 +26,7 @@ export const writeCommand: CommandModule = {
       const stat = await fs.promises.stat(file).catch((err) => {
         throw fromSystemError(err, file, 'read input file');
       });
-      if (!stat.isFile()) throw new UbdcowError('not-a-file', `${file}: is not a regular file, expected the data to write`, { file });
+      if (!stat.isFile()) throw notAFile(file, 'not a regular file', 'the data to write');
       expectedLength = stat.size;
     }
     const input = file === undefined ? process.stdin : fs.createReadStream(file);
