@@ -27,6 +27,15 @@ export interface ReadPlan {
  * whole bitmap gets the whole range in one call, a caller holding a window calls again from `end`.
  */
 export function planRead(bits: SectorBitmap, sectorSize: number, coveredSectors: number, offset: number, end: number): ReadPlan {
+  const first = Math.floor(offset / sectorSize);
+  const lastSector = Math.ceil(end / sectorSize);
+  if (lastSector <= coveredSectors && first >= bits.firstSector && lastSector <= bits.firstSector + bits.bitCount && offset < end) {
+    // The hot case (a small read inside one run), answered with one word scan and no generator.
+    const from = first - bits.firstSector;
+    const to = lastSector - bits.firstSector;
+    const fromCow = bits.get(from);
+    if ((fromCow ? bits.nextClear(from, to) : bits.nextSet(from, to)) === to) return { spans: [{ fromCow, diskOffset: offset, length: end - offset }], end };
+  }
   const spans: ReadSpan[] = [];
   let position = offset;
   const add = (fromCow: boolean, to: number) => {
@@ -36,7 +45,6 @@ export function planRead(bits: SectorBitmap, sectorSize: number, coveredSectors:
     else spans.push({ fromCow, diskOffset: position, length: to - position });
     position = to;
   };
-  const first = Math.floor(offset / sectorSize);
   if (first < coveredSectors && offset < end) {
     const sliceEnd = bits.firstSector + bits.bitCount;
     if (first < bits.firstSector || first >= sliceEnd) {
