@@ -66,6 +66,8 @@ export async function unlockCowFile(file: FileHandleLike, path: string): Promise
  * lock and drops it again at once, so it must not be used on a handle that already holds one.
  */
 export async function isCowFileLocked(file: FileHandleLike, path: string, options: CowLockOptions = {}): Promise<boolean> {
+  // Without fcntl a probe only looks; it takes nothing, so there is nothing to warn about.
+  if (file.fd !== undefined && !osCalls()) return heldInProcLocks(file.fd, path, options.exclusive ?? true);
   try {
     await lockCowFile(file, path, options);
   } catch (err) {

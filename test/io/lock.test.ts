@@ -190,6 +190,14 @@ describe.skipIf(missing.length > 0)(titleWithSkipReason('without the fcntl bindi
 
   it('a free file is used, with one one-line warning that it cannot be locked, given once per process', async () => {
     const file = makeFile();
+    // A probe alone (check's "in use?") only looks, and warns of nothing.
+    const prober = await nodeFileSystem.open(file, 'r');
+    try {
+      expect(await isCowFileLocked(prober, file, { exclusive: false })).toBe(false);
+    } finally {
+      await prober.close();
+    }
+    expect(warnings).toEqual([]);
     for (let round = 0; round < 2; round++) {
       const handle = await nodeFileSystem.open(file, 'r+');
       try {

@@ -27,7 +27,7 @@ describe.skipIf(missing.length > 0)(titleWithSkipReason('npm install of the pack
     if (work) removeTempDir(work);
   });
 
-  it('packs, installs with CC=/bin/false CXX=/bin/false, and `ubdcow demo` passes with no warning', () => {
+  it('packs, installs with CC=/bin/false CXX=/bin/false, and `ubdcow demo` passes with no warning (and without koffi, with one)', () => {
     const pack = spawnSync('npm', ['pack', '--json', '--pack-destination', work], { cwd: repoRoot, encoding: 'utf8' });
     expect(pack.status, pack.stderr).toBe(0);
     // prepare's build output may precede the JSON on stdout.
@@ -51,5 +51,22 @@ describe.skipIf(missing.length > 0)(titleWithSkipReason('npm install of the pack
     expect(demo.stderr).toBe('');
     const folder = /files in (\S+)/.exec(demo.stdout)?.[1];
     if (folder) fs.rmSync(folder, { recursive: true, force: true });
+
+    // Where koffi cannot install (no prebuilt binary, no compiler), npm drops the optional
+    // dependency; ubdcow then falls back, with one warning line and no stack trace.
+    const bare = path.join(work, 'bare');
+    fs.mkdirSync(bare);
+    fs.writeFileSync(path.join(bare, 'package.json'), JSON.stringify({ name: 'bare-app', version: '1.0.0', private: true }));
+    const withoutKoffi = spawnSync('npm', ['install', '--prefer-offline', '--no-save', '--omit=optional', tarball], { cwd: bare, encoding: 'utf8', env });
+    expect(withoutKoffi.status, `${withoutKoffi.stdout}\n${withoutKoffi.stderr}`).toBe(0);
+    expect(fs.existsSync(path.join(bare, 'node_modules', 'koffi'))).toBe(false);
+    const fallback = spawnSync(path.join(bare, 'node_modules', '.bin', 'ubdcow'), ['demo'], { cwd: bare, encoding: 'utf8', env });
+    expect(fallback.status, fallback.stderr).toBe(0);
+    expect(fallback.stdout).toMatch(/all steps passed/);
+    const lines = fallback.stderr.trim().split('\n');
+    expect(lines).toHaveLength(1);
+    expect(lines[0]).toMatch(/^ubdcow: warning: .*cannot be locked here \(koffi did not load \(Cannot find (module|package) 'koffi'/);
+    const bareFolder = /files in (\S+)/.exec(fallback.stdout)?.[1];
+    if (bareFolder) fs.rmSync(bareFolder, { recursive: true, force: true });
   }, 300_000);
 });
