@@ -21,5 +21,5 @@ export { rebaseCow, type RebaseOptions, type RebaseResult } from './commands/reb
 export { osCalls, osCallsUnavailable, type OsCalls, type LockQuery, type LockType } from './os/libc.js';
 export { dataExtents, isHole, type DataExtent } from './io/extents.js';
 export { cloneFile, cloneRange, copyRange, cloneOrCopyFile, punchHole, syncRange, type CloneOutcome, type CopyRangeOptions, type CopyReport, type PunchOutcome } from './io/file-ops.js';
-export { LazyBitmap, type LazyBitmapOptions, type BitmapView, type DirtySlice, type LazyBitmapStats } from './io/bitmap-cache.js';
+export { LazyBitmap, lazyBitmapOf, type LazyBitmapOptions, type BitmapView, type DirtySlice, type LazyBitmapStats } from './io/bitmap-cache.js';
 export type { CloneRange } from './io/file.js';

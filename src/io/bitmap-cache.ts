@@ -23,6 +23,7 @@ import { CowFormatError, fromSystemError } from '../errors.js';
 import { SectorBitmap, type SectorRun } from '../format/bitmap.js';
 import { dataExtents } from './extents.js';
 import type { FileHandleLike } from './file.js';
+import type { CowImage } from './image.js';
 
 export interface LazyBitmapOptions {
   file: FileHandleLike;
@@ -87,6 +88,12 @@ export interface BitmapView {
 }
 
 const MAX_SLICE_BYTES = 1 << 24;
+
+/** A LazyBitmap over an opened COW image's bitmap (what openCow would use instead of readWholeBitmap). */
+export function lazyBitmapOf(image: CowImage, options: Pick<LazyBitmapOptions, 'sliceBytes' | 'maxCachedBytes'> = {}): LazyBitmap {
+  const { bitmapOffset, bitmapLength, coveredSectors } = image.geometry;
+  return new LazyBitmap({ file: image.file, path: image.path, bitmapOffset, bitmapLength, coveredSectors, ...options });
+}
 
 export class LazyBitmap {
   readonly sliceBytes: number;
@@ -283,6 +290,9 @@ export class LazyBitmap {
     slice.writes++;
     try {
       await file.write(snapshot, 0, snapshot.length, bitmapOffset + slice.index * this.sliceBytes + from);
+    } catch (err) {
+      // The slice stays dirty: its bits are still only in memory.
+      throw fromSystemError(err, this.options.path, 'write the bitmap of');
     } finally {
       slice.writes--;
     }

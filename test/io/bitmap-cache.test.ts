@@ -4,7 +4,10 @@ import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import { CowFormatError, UbdcowError } from '../../src/errors.js';
 import { SectorBitmap, type SectorRun } from '../../src/format/bitmap.js';
-import { LazyBitmap } from '../../src/io/bitmap-cache.js';
+import { LazyBitmap, lazyBitmapOf } from '../../src/io/bitmap-cache.js';
+import { openImage, readWholeBitmap } from '../../src/io/image.js';
+import { createCow } from '../../src/commands/create.js';
+import { writeCowSectors } from '../../bench/util.js';
 import { type FileHandleLike, nodeFileSystem } from '../../src/io/file.js';
 import { useTempDir } from '../helpers/tmp.js';
 import { wrapHandle } from '../helpers/wrap-handle.js';
@@ -257,5 +260,46 @@ describe('LazyBitmap', () => {
       expect(ioErr).toBeInstanceOf(UbdcowError);
       expect((ioErr as UbdcowError).message).toBe(`${file}: cannot read the bitmap of: input/output error (EIO)`);
     });
+  });
+
+  it('a write-back that fails names the file and leaves the slice dirty for the next try', async () => {
+    const file = path.join(tmp.path, 'wfail.cow');
+    bitmapFile(file, 4096);
+    await opened(file, async (real) => {
+      let fail = true;
+      const flaky = wrapHandle(real, {
+        write: async (buffer, offset, length, position) => {
+          if (fail) throw Object.assign(new Error('ENOSPC (injected)'), { code: 'ENOSPC' });
+          return real.write(buffer, offset, length, position);
+        },
+      });
+      const lazy = new LazyBitmap({ file: flaky, path: file, bitmapOffset: OFFSET, bitmapLength: 4096, coveredSectors: 4096 * 8, sliceBytes: 512 });
+      await lazy.setRange(100, 110);
+      const err = await lazy.writeBack().then(() => undefined, (e: unknown) => e);
+      expect((err as UbdcowError).message).toBe(`${file}: cannot write the bitmap of: no space left on device (ENOSPC)`);
+      expect([...lazy.dirtySlices()].map((d) => d.index)).toEqual([0]);
+      fail = false;
+      await lazy.writeBack();
+      expect([...lazy.dirtySlices()]).toEqual([]);
+      expect(readByte(file, OFFSET + 12) & 0x10).toBe(0x10);
+    });
+  });
+
+  it('lazyBitmapOf reads the bitmap of a real COW made by createCow, as the whole-bitmap reader does', async () => {
+    const backing = path.join(tmp.path, 'base.img');
+    fs.writeFileSync(backing, Buffer.alloc(64 << 20));
+    const cowPath = path.join(tmp.path, 'vm.cow');
+    await createCow(cowPath, backing);
+    await writeCowSectors(cowPath, [{ sector: 3, data: new Uint8Array(512) }, { sector: 100_000, data: new Uint8Array(4096) }]);
+    const image = await openImage(cowPath, { mode: 'r' });
+    try {
+      const whole = await readWholeBitmap(image);
+      const lazy = lazyBitmapOf(image, { sliceBytes: 1024 });
+      expect(lazy.coveredSectors).toBe(whole.bitCount);
+      expect(await collect(lazy.allocatedRuns())).toEqual([...whole.allocatedRuns()].map((r) => [r.start, r.end]));
+      expect(await collect(lazy.allocatedRuns())).toEqual([[3, 4], [100_000, 100_008]]);
+    } finally {
+      await image.file.close();
+    }
   });
 });
