@@ -3,7 +3,7 @@
  * SEEK_DATA/SEEK_HOLE, FICLONE/FICLONERANGE, copy_file_range, fallocate and sync_file_range.
  *
  * Invariant: the bindings are used only where their constants and struct layouts were checked
- * (Linux glibc on x86-64 and arm64, where off_t is 64 bits and both use the generic fcntl and
+ * (Linux, glibc or musl, on x86-64 and arm64, where off_t is 64 bits and both use the generic fcntl and
  * ioctl numbering); anywhere else, or when koffi or libc cannot load, `osCalls()` is undefined
  * with the reason in `osCallsUnavailable()`, and every caller has a portable fallback. Failures
  * are thrown as Node-style system errors (`code` 'EAGAIN', `errno`, `syscall`), the shape the
@@ -156,7 +156,13 @@ function bind(): { calls: OsCalls } | { reason: string } {
   const koffi = loadKoffi();
   if (typeof koffi === 'string') return { reason: koffi };
   try {
-    const libc = koffi.load('libc.so.6');
+    // glibc by name; elsewhere (musl) the symbols node itself links against.
+    let libc: ReturnType<Koffi['load']>;
+    try {
+      libc = koffi.load('libc.so.6');
+    } catch {
+      libc = koffi.load(null);
+    }
     const { flock, fileCloneRange } = structTypes(koffi);
     if (!sameLayout(layoutOf(koffi, flock, ['l_type', 'l_whence', 'l_start', 'l_len', 'l_pid']), FLOCK_LAYOUT)) {
       return { reason: 'struct flock layout differs from the checked one' };
