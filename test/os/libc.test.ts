@@ -10,7 +10,7 @@ import * as libc from '../../src/os/libc.js';
 import { FILE_CLONE_RANGE_LAYOUT, FLOCK_LAYOUT, boundLayouts, osCalls, osCallsUnavailable, overrideOsCalls } from '../../src/os/libc.js';
 import { holdLockInChild, procLocksFor } from '../helpers/cow-fixtures.js';
 import { useTempDir } from '../helpers/tmp.js';
-import { ensureBuiltCli, missingTools, titleWithSkipReason } from '../helpers/tools.js';
+import { ensureBuiltCli, missingTools, repoRoot, titleWithSkipReason } from '../helpers/tools.js';
 
 const checkedHere = process.platform === 'linux' && (process.arch === 'x64' || process.arch === 'arm64');
 const notHere = checkedHere ? [] : [`bindings are for linux x64/arm64, this is ${process.platform} ${process.arch}`];
@@ -124,7 +124,7 @@ describe('when the bindings cannot load', () => {
   });
 
   it('UBDCOW_NO_OS_CALLS=1 turns them off in a fresh process', () => {
-    const script = `import('${path.resolve('src/os/libc.ts')}').then((m) => console.log(JSON.stringify({ bound: m.osCalls() !== undefined, reason: m.osCallsUnavailable() })))`;
+    const script = `import('${path.join(repoRoot, 'src/os/libc.ts')}').then((m) => console.log(JSON.stringify({ bound: m.osCalls() !== undefined, reason: m.osCallsUnavailable() })))`;
     const result = spawnSync(process.execPath, ['--import', 'tsx', '-e', script], { encoding: 'utf8', env: { ...process.env, UBDCOW_NO_OS_CALLS: '1' } });
     expect(result.status, result.stderr).toBe(0);
     expect(JSON.parse(result.stdout)).toEqual({ bound: false, reason: 'disabled by UBDCOW_NO_OS_CALLS' });
