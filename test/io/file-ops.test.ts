@@ -196,11 +196,19 @@ describe('file operations on a file system without shared extents (the test temp
   });
 });
 
-const reflinkMissing = [
-  ...(process.getuid?.() === 0 ? [] : ['root']),
-  ...missingTools('mkfs.xfs', 'mount', 'umount', 'losetup'),
-  ...(fs.existsSync('/dev/loop-control') ? [] : ['a loop device']),
+/** File systems that share extents, each made fresh on a 512 MiB loop device. */
+const reflinkFileSystems = [
+  { name: 'XFS reflink=1', mkfs: ['mkfs.xfs', '-q', '-m', 'reflink=1'] },
+  { name: 'btrfs', mkfs: ['mkfs.btrfs', '-q'] },
 ];
+
+function reflinkMissing(mkfs: string): string[] {
+  return [
+    ...(process.getuid?.() === 0 ? [] : ['root']),
+    ...missingTools(mkfs, 'mount', 'umount', 'losetup'),
+    ...(fs.existsSync('/dev/loop-control') ? [] : ['a loop device']),
+  ];
+}
 
 /** Free bytes of the file system at `dir`, after pending writes are flushed. */
 function freeBytes(dir: string): number {
@@ -209,102 +217,105 @@ function freeBytes(dir: string): number {
   return stats.bfree * stats.bsize;
 }
 
-describe.skipIf(reflinkMissing.length > 0)(titleWithSkipReason('clones on a real XFS reflink=1 loop mount share extents', reflinkMissing), () => {
-  let work: string;
-  let mount: string;
-  let mounted = false;
+describe.each(reflinkFileSystems)('clones on a real $name loop mount', ({ name, mkfs: [mkfsTool, ...mkfsArgs] }) => {
+  const missing = reflinkMissing(mkfsTool!);
+  describe.skipIf(missing.length > 0)(titleWithSkipReason(`share extents on ${name}`, missing), () => {
+    let work: string;
+    let mount: string;
+    let mounted = false;
 
-  beforeAll(() => {
-    work = makeTempDir('ubdcow-xfs-');
-    const image = path.join(work, 'x.img');
-    mount = path.join(work, 'mnt');
-    fs.mkdirSync(mount);
-    fs.closeSync(fs.openSync(image, 'w'));
-    fs.truncateSync(image, 512 * MiB);
-    const mkfs = spawnSync('mkfs.xfs', ['-q', '-m', 'reflink=1', image], { encoding: 'utf8' });
-    if (mkfs.status !== 0) throw new Error(`mkfs.xfs failed: ${mkfs.stderr}`);
-    const result = spawnSync('mount', ['-o', 'loop', image, mount], { encoding: 'utf8' });
-    if (result.status !== 0) throw new Error(`mount -o loop failed: ${result.stderr}`);
-    mounted = true;
-  });
+    beforeAll(() => {
+      work = makeTempDir('ubdcow-reflink-');
+      const image = path.join(work, 'x.img');
+      mount = path.join(work, 'mnt');
+      fs.mkdirSync(mount);
+      fs.closeSync(fs.openSync(image, 'w'));
+      fs.truncateSync(image, 512 * MiB);
+      const mkfs = spawnSync(mkfsTool!, [...mkfsArgs, image], { encoding: 'utf8' });
+      if (mkfs.status !== 0) throw new Error(`${mkfsTool} failed: ${mkfs.stderr}`);
+      const result = spawnSync('mount', ['-o', 'loop', image, mount], { encoding: 'utf8' });
+      if (result.status !== 0) throw new Error(`mount -o loop failed: ${result.stderr}`);
+      mounted = true;
+    });
 
-  afterAll(() => {
-    if (mounted) {
-      const result = spawnSync('umount', [mount], { encoding: 'utf8' });
-      if (result.status !== 0) spawnSync('umount', ['-l', mount]);
-    }
-    if (work) removeTempDir(work);
-  });
-
-  it('cloneFile shares the whole base (no new space), cloneRange shares COW extents, copies differ only where written', async () => {
-    const base = path.join(mount, 'base.img');
-    const cow = path.join(mount, 'cow.data');
-    const out = path.join(mount, 'merged.img');
-    writeFile(base, 128 * MiB, [[0, randomBytes(128 * MiB)]]);
-    writeFile(cow, 8 * MiB, [[0, randomBytes(8 * MiB)]]);
-    writeFile(out, 0);
-    const free0 = freeBytes(mount);
-    await withHandles([[base, 'r'], [cow, 'r'], [out, 'r+']], async (src, cowFile, dst) => {
-      expect(await cloneFile(dst, src)).toEqual({ cloned: true });
-      expect(freeBytes(mount)).toBeGreaterThan(free0 - MiB);
-      // The COW's extents over the clone: block-aligned pieces at scattered places.
-      for (const [from, length, to] of [[0, MiB, 4 * MiB], [2 * MiB, 4096, 100 * MiB + 8192], [4 * MiB, 3 * MiB, 64 * MiB]] as const) {
-        expect(await cloneRange(dst, cowFile, { sourceOffset: from, length, targetOffset: to })).toEqual({ cloned: true });
+    afterAll(() => {
+      if (mounted) {
+        const result = spawnSync('umount', [mount], { encoding: 'utf8' });
+        if (result.status !== 0) spawnSync('umount', ['-l', mount]);
       }
-      // copyRange takes the clone path by itself when aligned.
-      const report = await copyRange(dst, cowFile, { sourceOffset: 7 * MiB, length: MiB, targetOffset: 120 * MiB });
-      expect(report).toEqual({ cloned: MiB, copiedInKernel: 0, copied: 0, skipped: 0 });
-      // Unaligned: FICLONERANGE refuses with EINVAL, which is "not supported here".
-      const refused = await cloneRange(dst, cowFile, { sourceOffset: 512, length: 4096, targetOffset: 0 });
-      expect(refused).toEqual({ cloned: false, reason: 'EINVAL from ioctl' });
+      if (work) removeTempDir(work);
     });
-    // Everything was shared: the merged image took (almost) no new space.
-    expect(freeBytes(mount)).toBeGreaterThan(free0 - MiB);
-    const merged = fs.readFileSync(out);
-    const expected = fs.readFileSync(base);
-    const cowBytes = fs.readFileSync(cow);
-    cowBytes.copy(expected, 4 * MiB, 0, MiB);
-    cowBytes.copy(expected, 100 * MiB + 8192, 2 * MiB, 2 * MiB + 4096);
-    cowBytes.copy(expected, 64 * MiB, 4 * MiB, 7 * MiB);
-    cowBytes.copy(expected, 120 * MiB, 7 * MiB, 8 * MiB);
-    expect(merged.equals(expected)).toBe(true);
-    // Writing to the clone unshares only what is written; the base is untouched.
-    const baseSha = sha(base);
-    const fd = fs.openSync(out, 'r+');
-    fs.writeSync(fd, Buffer.alloc(MiB, 7), 0, MiB, 32 * MiB);
-    fs.fsyncSync(fd);
-    fs.closeSync(fd);
-    expect(sha(base)).toBe(baseSha);
-    const used = free0 - freeBytes(mount);
-    expect(used).toBeGreaterThanOrEqual(MiB - 64 * 1024);
-    expect(used).toBeLessThan(3 * MiB);
-  });
 
-  it('cloneOrCopyFile clones a whole file; cross-file-system clones are "not supported here" (EXDEV)', async () => {
-    const base = path.join(mount, 'base2.img');
-    writeFile(base, 32 * MiB, [[0, randomBytes(32 * MiB)]]);
-    const out = path.join(mount, 'copy.img');
-    writeFile(out, 0);
-    const free0 = freeBytes(mount);
-    await withHandles([[base, 'r'], [out, 'r+']], async (src, dst) => {
-      const report = await cloneOrCopyFile(dst, src);
-      expect(report.wholeFileClone).toBe(true);
-    });
-    expect(freeBytes(mount)).toBeGreaterThan(free0 - MiB);
-    expect(sha(out)).toBe(sha(base));
-
-    const elsewhere = path.join(os.tmpdir(), `ubdcow-xdev-${process.pid}`);
-    writeFile(elsewhere, 0);
-    try {
-      await withHandles([[base, 'r'], [elsewhere, 'r+']], async (src, dst) => {
-        expect(await cloneFile(dst, src)).toEqual({ cloned: false, reason: 'EXDEV from ioctl' });
-        // copy_file_range crosses file systems (Linux 5.19+) or falls back; the bytes arrive.
-        await dst.truncate(32 * MiB);
-        await copyRange(dst, src, { sourceOffset: 0, length: 32 * MiB, targetOffset: 0 });
+    it('cloneFile shares the whole base (no new space), cloneRange shares COW extents, copies differ only where written', async () => {
+      const base = path.join(mount, 'base.img');
+      const cow = path.join(mount, 'cow.data');
+      const out = path.join(mount, 'merged.img');
+      writeFile(base, 128 * MiB, [[0, randomBytes(128 * MiB)]]);
+      writeFile(cow, 8 * MiB, [[0, randomBytes(8 * MiB)]]);
+      writeFile(out, 0);
+      const free0 = freeBytes(mount);
+      await withHandles([[base, 'r'], [cow, 'r'], [out, 'r+']], async (src, cowFile, dst) => {
+        expect(await cloneFile(dst, src)).toEqual({ cloned: true });
+        expect(freeBytes(mount)).toBeGreaterThan(free0 - MiB);
+        // The COW's extents over the clone: block-aligned pieces at scattered places.
+        for (const [from, length, to] of [[0, MiB, 4 * MiB], [2 * MiB, 4096, 100 * MiB + 8192], [4 * MiB, 3 * MiB, 64 * MiB]] as const) {
+          expect(await cloneRange(dst, cowFile, { sourceOffset: from, length, targetOffset: to })).toEqual({ cloned: true });
+        }
+        // copyRange takes the clone path by itself when aligned.
+        const report = await copyRange(dst, cowFile, { sourceOffset: 7 * MiB, length: MiB, targetOffset: 120 * MiB });
+        expect(report).toEqual({ cloned: MiB, copiedInKernel: 0, copied: 0, skipped: 0 });
+        // Unaligned: FICLONERANGE refuses with EINVAL, which is "not supported here".
+        const refused = await cloneRange(dst, cowFile, { sourceOffset: 512, length: 4096, targetOffset: 0 });
+        expect(refused).toEqual({ cloned: false, reason: 'EINVAL from ioctl' });
       });
-      expect(sha(elsewhere)).toBe(sha(base));
-    } finally {
-      fs.rmSync(elsewhere, { force: true });
-    }
+      // Everything was shared: the merged image took (almost) no new space.
+      expect(freeBytes(mount)).toBeGreaterThan(free0 - MiB);
+      const merged = fs.readFileSync(out);
+      const expected = fs.readFileSync(base);
+      const cowBytes = fs.readFileSync(cow);
+      cowBytes.copy(expected, 4 * MiB, 0, MiB);
+      cowBytes.copy(expected, 100 * MiB + 8192, 2 * MiB, 2 * MiB + 4096);
+      cowBytes.copy(expected, 64 * MiB, 4 * MiB, 7 * MiB);
+      cowBytes.copy(expected, 120 * MiB, 7 * MiB, 8 * MiB);
+      expect(merged.equals(expected)).toBe(true);
+      // Writing to the clone unshares only what is written; the base is untouched.
+      const baseSha = sha(base);
+      const fd = fs.openSync(out, 'r+');
+      fs.writeSync(fd, Buffer.alloc(MiB, 7), 0, MiB, 32 * MiB);
+      fs.fsyncSync(fd);
+      fs.closeSync(fd);
+      expect(sha(base)).toBe(baseSha);
+      const used = free0 - freeBytes(mount);
+      expect(used).toBeGreaterThanOrEqual(MiB - 64 * 1024);
+      expect(used).toBeLessThan(3 * MiB);
+    });
+
+    it('cloneOrCopyFile clones a whole file; cross-file-system clones are "not supported here" (EXDEV)', async () => {
+      const base = path.join(mount, 'base2.img');
+      writeFile(base, 32 * MiB, [[0, randomBytes(32 * MiB)]]);
+      const out = path.join(mount, 'copy.img');
+      writeFile(out, 0);
+      const free0 = freeBytes(mount);
+      await withHandles([[base, 'r'], [out, 'r+']], async (src, dst) => {
+        const report = await cloneOrCopyFile(dst, src);
+        expect(report.wholeFileClone).toBe(true);
+      });
+      expect(freeBytes(mount)).toBeGreaterThan(free0 - MiB);
+      expect(sha(out)).toBe(sha(base));
+
+      const elsewhere = path.join(os.tmpdir(), `ubdcow-xdev-${process.pid}`);
+      writeFile(elsewhere, 0);
+      try {
+        await withHandles([[base, 'r'], [elsewhere, 'r+']], async (src, dst) => {
+          expect(await cloneFile(dst, src)).toEqual({ cloned: false, reason: 'EXDEV from ioctl' });
+          // copy_file_range crosses file systems (Linux 5.19+) or falls back; the bytes arrive.
+          await dst.truncate(32 * MiB);
+          await copyRange(dst, src, { sourceOffset: 0, length: 32 * MiB, targetOffset: 0 });
+        });
+        expect(sha(elsewhere)).toBe(sha(base));
+      } finally {
+        fs.rmSync(elsewhere, { force: true });
+      }
+    });
   });
 });
