@@ -22,3 +22,8 @@ export { commitCow, type CommitOptions, type CommitResult, type NewFileCommitRes
 export { commitJournalPath, readCommitJournal, type CommitJournal } from './io/commit-journal.js';
 export { checkCow, type CheckOptions, type CheckResult, type CheckProblem, type CheckProblemCode } from './commands/check.js';
 export { rebaseCow, type RebaseOptions, type RebaseResult } from './commands/rebase.js';
+export { osCalls, osCallsUnavailable, type OsCalls, type LockQuery, type LockType } from './os/libc.js';
+export { dataExtents, isHole, type DataExtent } from './io/extents.js';
+export { cloneFile, cloneRange, copyRange, cloneOrCopyFile, punchHole, syncRange, type CloneOutcome, type CopyRangeOptions, type CopyReport, type PunchOutcome } from './io/file-ops.js';
+export { LazyBitmap, lazyBitmapOf, type LazyBitmapOptions, type BitmapView, type DirtySlice, type LazyBitmapStats } from './io/bitmap-cache.js';
+export type { CloneRange } from './io/file.js';

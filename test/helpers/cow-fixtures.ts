@@ -174,7 +174,7 @@ export interface LockHolder {
 
 /**
  * Another process holding a POSIX write lock on the whole file, taken with fcntl(F_SETLK) the way
- * the UML kernel does (python's lockf), independent of the os-lock package under test.
+ * the UML kernel does (python's lockf), independent of the fcntl binding under test.
  */
 export async function holdLockInChild(file: string): Promise<LockHolder> {
   const script = [
