@@ -18,3 +18,7 @@ export { lockCowFile, unlockCowFile, isCowFileLocked, type CowLockOptions } from
 export { commitCow, commitJournalPath, readCommitJournal, type CommitOptions, type CommitResult, type CommitJournal } from './commands/commit.js';
 export { checkCow, type CheckOptions, type CheckResult, type CheckProblem, type CheckProblemCode } from './commands/check.js';
 export { rebaseCow, type RebaseOptions, type RebaseResult } from './commands/rebase.js';
+export { serveNbd, BLOCK_SIZES as NBD_BLOCK_SIZES, type NbdBlockDevice, type NbdServeOptions, type NbdServer } from './nbd/server.js';
+export { serveImage, type ServeOptions, type ServeHandle } from './commands/serve.js';
+export { convertImage, CONVERT_FORMATS, type ConvertOptions, type ConvertResult, type ConvertFormat } from './commands/convert.js';
+export { importImage, type ImportOptions, type ImportResult } from './commands/import.js';

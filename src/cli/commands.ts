@@ -3,6 +3,7 @@ import { formatBytes, formatTable, out, toJson, warn } from './format.js';
 import { engineCommands } from './engine-commands.js';
 import { workflowCommitCommands } from './workflow-commit.js';
 import { workflowCommands } from './workflow-view.js';
+import { nbdCommands } from './nbd-commands.js';
 
 /* Handlers import their command modules lazily so `ubdcow --help` stays fast. */
 
@@ -80,4 +81,4 @@ const inspect: CommandModule = {
   },
 };
 
-export const commands: CommandModule[] = [create, inspect, ...workflowCommands, ...workflowCommitCommands, ...engineCommands];
+export const commands: CommandModule[] = [create, inspect, ...workflowCommands, ...workflowCommitCommands, ...engineCommands, ...nbdCommands];
