@@ -195,6 +195,7 @@ class Connection {
   private inFlight = 0;
   private inFlightBytes = 0;
   private slotWaiters: (() => void)[] = [];
+  private drainWaiters: (() => void)[] = [];
   private finished: Promise<void> | undefined;
   private readonly peer: string;
 
@@ -205,6 +206,11 @@ class Connection {
     this.reader = new SocketReader(socket);
     this.peer = socket.remoteAddress ? `${socket.remoteAddress}:${socket.remotePort}` : 'local client';
     socket.on('error', () => undefined);
+    const wakeWriters = () => {
+      for (const wake of this.drainWaiters.splice(0)) wake();
+    };
+    socket.on('drain', wakeWriters);
+    socket.on('close', wakeWriters);
   }
 
   run(): Promise<void> {
@@ -544,14 +550,6 @@ class Connection {
   private send(data: Buffer): Promise<void> {
     if (this.socket.destroyed || !this.socket.writable) return Promise.resolve();
     if (this.socket.write(data)) return Promise.resolve();
-    return new Promise((resolve) => {
-      const done = () => {
-        this.socket.off('drain', done);
-        this.socket.off('close', done);
-        resolve();
-      };
-      this.socket.on('drain', done);
-      this.socket.on('close', done);
-    });
+    return new Promise((resolve) => this.drainWaiters.push(resolve));
   }
 }
