@@ -17,6 +17,11 @@ const serve: CommandModule = {
       .option('name', { alias: 'x', type: 'string', default: '', describe: 'Export name (the empty default name is accepted too)' })
       .option('sync', { type: 'boolean', describe: 'Every write durable before its reply (like ubdNs)' })
       .option('shared', { alias: 'e', type: 'number', default: 1, describe: 'Clients served at once' })
+      .option('allocation', {
+        choices: ['cow', 'merged'],
+        default: 'cow',
+        describe: 'base:allocation reports the COW\'s own sectors as data and the rest as holes (cow), or the whole disk as data (merged; for qemu-img compare)',
+      })
       .option('pid-file', { type: 'string', describe: 'Write the process id here once listening (removed on exit)' })
       .option('json', { type: 'boolean', describe: 'Print the "listening" line as JSON' })
       .option('verbose', { alias: 'v', type: 'boolean', describe: 'Log connections and protocol errors on stderr' })
@@ -33,6 +38,12 @@ const serve: CommandModule = {
   handler: async (argv) => {
     const { serveImage } = await import('../commands/serve.js');
     const verbose = Boolean(argv.verbose);
+    // Signals are caught from the start: a script may send one as soon as the pid file or the
+    // "listening" line appears, and the lock must still be released cleanly.
+    let early: string | undefined;
+    let onSignal: ((signal: string) => void) | undefined;
+    process.once('SIGINT', () => (onSignal ? onSignal('SIGINT') : (early ??= 'SIGINT')));
+    process.once('SIGTERM', () => (onSignal ? onSignal('SIGTERM') : (early ??= 'SIGTERM')));
     const handle = await serveImage(String(argv.image), {
       backing: argv.backing as string | undefined,
       socket: argv.socket as string | undefined,
@@ -43,25 +54,24 @@ const serve: CommandModule = {
       sync: Boolean(argv.sync),
       shared: argv.shared as number,
       pidFile: argv['pid-file'] as string | undefined,
+      allocation: argv.allocation as 'cow' | 'merged',
       log: verbose ? (line) => process.stderr.write(`ubdcow serve: ${line}\n`) : undefined,
     });
-    const { address } = handle.server;
-    if (argv.json) {
-      out(toJson({ listening: address, port: handle.server.port, socket: handle.server.socketPath, kind: handle.kind, size: handle.size, readOnly: handle.readOnly, name: argv.name, pid: process.pid }));
-    } else {
-      out(`listening on ${address} (${handle.kind} ${argv.image}, ${formatBytes(handle.size)}${handle.readOnly ? ', read-only' : ''}, export name "${argv.name}")`);
-    }
-    await new Promise<void>((resolve, reject) => {
-      let stopping = false;
-      const stop = (signal: string) => {
-        if (stopping) return;
-        stopping = true;
+    const stopped = new Promise<void>((resolve, reject) => {
+      onSignal = (signal: string) => {
+        onSignal = () => undefined;
         if (verbose) process.stderr.write(`ubdcow serve: ${signal}: finishing in-flight requests, flushing, closing\n`);
         handle.close().then(resolve, reject);
       };
-      process.once('SIGINT', () => stop('SIGINT'));
-      process.once('SIGTERM', () => stop('SIGTERM'));
+      if (early) onSignal(early);
     });
+    const { address } = handle.server;
+    if (argv.json) {
+      out(JSON.stringify({ listening: address, port: handle.server.port, socket: handle.server.socketPath, kind: handle.kind, size: handle.size, readOnly: handle.readOnly, name: argv.name, pid: process.pid }));
+    } else {
+      out(`listening on ${address} (${handle.kind} ${argv.image}, ${formatBytes(handle.size)}${handle.readOnly ? ', read-only' : ''}, export name "${argv.name}")`);
+    }
+    await stopped;
   },
 };
 

@@ -3,7 +3,8 @@
  * or a raw image as an NBD export. base:allocation reports what the COW holds as data and what
  * reads through to the backing file as a hole (without the zero flag: the backing's bytes are
  * not known to be zero), so qemu-img map, nbdinfo --map and qemu-img convert -B see the COW's
- * own allocation.
+ * own allocation. The spec lets a client treat such a hole's contents as undefined and qemu-img
+ * compare takes them for zeros, hence `allocation: 'merged'` (everything reported as data).
  */
 import * as fs from 'node:fs';
 import { UbdcowError, fromSystemError } from '../errors.js';
@@ -24,6 +25,13 @@ export interface ServeOptions {
   sync?: boolean;
   shared?: number;
   pidFile?: string;
+  /**
+   * What base:allocation describes. 'cow' (default): sectors the COW holds are data, sectors that
+   * read through to the backing are holes (NBD_STATE_HOLE without NBD_STATE_ZERO), so map tools
+   * and `qemu-img convert -B` see the COW's own allocation. 'merged': the whole disk is data, for
+   * clients that take a hole without the zero flag to read as zeros (qemu-img compare does).
+   */
+  allocation?: 'cow' | 'merged';
   log?: (line: string) => void;
 }
 
@@ -116,7 +124,7 @@ async function cowExport(image: string, options: ServeOptions): Promise<Closable
     readInto: (offset, buffer) => cow.readInto(offset, buffer),
     write: (offset, data) => cow.write(offset, data),
     flush: () => cow.flush(),
-    blockStatus: (offset, length, maxExtents) => cowAllocation(cow, offset, length, maxExtents),
+    blockStatus: options.allocation === 'merged' ? undefined : (offset, length, maxExtents) => cowAllocation(cow, offset, length, maxExtents),
     close: () => cow.close(),
   };
 }
