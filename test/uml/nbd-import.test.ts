@@ -1,0 +1,65 @@
+/**
+ * A UML guest reads a disk that `ubdcow import` made from a qcow2 image qemu-img wrote: the base
+ * is an ext2 image, the qcow2 holds a different ext2 image (written by qemu-img convert), and the
+ * imported COW over the base must show the guest the qcow2's files, byte for byte.
+ */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { missingTools } from '../helpers/tools.js';
+import { UmlLab, expectGuestOk, markersNamed, md5OfFile, missingUmlTools, runProgram, ubdcowJson, umlSuiteTitle, umlTestTimeout } from './harness.js';
+
+const missing = [...missingUmlTools(), ...missingTools('qemu-img')];
+
+const guestBody = `
+mount -t ext2 /dev/ubdb /mnt
+sumfile /mnt hello.txt
+sumfile /mnt data.bin
+umount /mnt
+`;
+
+describe.skipIf(missing.length > 0)(umlSuiteTitle('UML reads a COW that ubdcow import made from a qcow2 written by qemu-img', missing), () => {
+  let lab: UmlLab;
+  afterEach(() => lab?.killGuests());
+  afterAll(() => lab?.dispose());
+  beforeAll(() => {
+    lab = UmlLab.create();
+  });
+
+  it(
+    'the guest sees the qcow2\'s files through the imported COW',
+    async () => {
+      const dir = lab.scratch('nbd-import');
+      const baseTree = path.join(dir, 'base-tree');
+      const newTree = path.join(dir, 'new-tree');
+      fs.mkdirSync(baseTree);
+      fs.mkdirSync(newTree);
+      fs.writeFileSync(path.join(baseTree, 'hello.txt'), 'from the base\n');
+      fs.writeFileSync(path.join(newTree, 'hello.txt'), 'from the qcow2 image\n');
+      const data = Buffer.alloc(300_000);
+      for (let i = 0; i < data.length; i++) data[i] = (i * 31 + 7) & 0xff;
+      fs.writeFileSync(path.join(newTree, 'data.bin'), data);
+      const base = path.join(dir, 'base.img');
+      const newRaw = path.join(dir, 'new.img');
+      for (const [tree, image] of [
+        [baseTree, base],
+        [newTree, newRaw],
+      ]) {
+        const r = await runProgram('mke2fs', ['-q', '-F', '-t', 'ext2', '-b', '4096', '-d', tree, image, '16M']);
+        expect(r.status, r.stderr).toBe(0);
+      }
+      const qcow2 = path.join(dir, 'new.qcow2');
+      const conv = await runProgram('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', newRaw, qcow2]);
+      expect(conv.status, conv.stderr).toBe(0);
+      const cow = path.join(dir, 'vm.cow');
+      const { value } = await ubdcowJson(['import', qcow2, cow, base]);
+      expect(value.sectors).toBeGreaterThan(0);
+      expect(value.sectors).toBeLessThan((16 << 20) / 512);
+      const guest = expectGuestOk(await lab.run(guestBody, { disks: { b: `${cow},${base}` } }));
+      const reads = new Map(markersNamed(guest, 'read').map(([file, md5, bytes]) => [file, { md5, bytes: Number(bytes) }]));
+      expect(reads.get('hello.txt')).toEqual({ md5: md5OfFile(path.join(newTree, 'hello.txt')), bytes: 21 });
+      expect(reads.get('data.bin')).toEqual({ md5: md5OfFile(path.join(newTree, 'data.bin')), bytes: data.length });
+    },
+    umlTestTimeout,
+  );
+});
