@@ -9,6 +9,7 @@ import { afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { holdLockInChild, procLocksFor } from '../helpers/cow-fixtures.js';
 import { useTempDir } from '../helpers/tmp.js';
 import { ensureBuiltCli, run, titleWithSkipReason } from '../helpers/tools.js';
+import { runProgram } from '../uml/harness.js';
 import { type ServeProcess, missingNbdTools, nbdUri, patternedBacking, socketIn, startServe } from './serve-harness.js';
 
 const missing = missingNbdTools('python3');
@@ -110,6 +111,14 @@ describe.skipIf(missing.length > 0)(titleWithSkipReason('ubdcow serve with real 
     expect(fs.readFileSync(copy).equals(merged)).toBe(true);
     const dn = run('nbdcopy', [nbdUri(sock), 'null:']);
     expect(dn.status, dn.stderr).toBe(0);
+    await server.stop('SIGTERM');
+    // --shared 4 advertises multi-conn: nbdcopy then reads over 4 connections at once.
+    server = await startServe([cow, '--socket', sock, '--read-only', '--shared', '4']);
+    fs.truncateSync(copy, 0);
+    fs.truncateSync(copy, SIZE);
+    const multi = run('nbdcopy', ['-C', '4', '--request-size=65536', nbdUri(sock), copy]);
+    expect(multi.status, multi.stderr).toBe(0);
+    expect(fs.readFileSync(copy).equals(merged)).toBe(true);
   });
 
   it('nbdinfo --json: size, flags, block sizes, base:allocation; --read-only and --shared change the flags', async () => {
@@ -168,6 +177,27 @@ describe.skipIf(missing.length > 0)(titleWithSkipReason('ubdcow serve with real 
       expect(w.failed, w.stdout + w.stderr).toBe(false);
     }
     expect(JSON.parse(run('nbdinfo', ['--json', uri]).stdout).exports[0]['export-size']).toBe(SIZE);
+  });
+
+  it('--shared 2: two qemu-io writers at once, each sees its own data, the COW holds both', async () => {
+    const { dir, cow, model, sock } = setup();
+    server = await startServe([cow, '--socket', sock, '--shared', '2']);
+    const writer = (pattern: number, start: number) => {
+      const commands = Array.from({ length: 64 }, (_, i) => ['-c', `write -P ${pattern} ${start + i * 8192} 4096`]).flat();
+      commands.push('-c', `read -P ${pattern} ${start + 63 * 8192} 4096`, '-c', 'flush');
+      return runProgram('qemu-io', ['-f', 'raw', ...commands, nbdUri(sock)]);
+    };
+    const [a, b] = await Promise.all([writer(0x61, 0), writer(0x62, 1 << 20)]);
+    for (const r of [a, b]) {
+      expect(r.status, r.stdout + r.stderr).toBe(0);
+      expect(r.stdout).not.toMatch(/fail|error/i);
+    }
+    for (let i = 0; i < 64; i++) {
+      model.fill(0x61, i * 8192, i * 8192 + 4096);
+      model.fill(0x62, (1 << 20) + i * 8192, (1 << 20) + i * 8192 + 4096);
+    }
+    expect(await server.stop('SIGTERM')).toBe(0);
+    expect(catOf(cow, dir).equals(model)).toBe(true);
   });
 
   it('SIGTERM: exit 0, lock released, socket and pid file removed; the COW is served again afterwards', async () => {
