@@ -55,7 +55,11 @@ export type UbdcowErrorCode =
   | 'locked'
   | 'closed'
   | 'read-only'
-  | 'uncovered';
+  | 'uncovered'
+  | 'size-mismatch'
+  | 'missing-tool'
+  | 'tool-failed'
+  | 'in-use';
 
 /**
  * Errors that reach users. Every failure the CLI reports is one of these, so it can print one line

@@ -27,3 +27,7 @@ export { dataExtents, isHole, type DataExtent } from './io/extents.js';
 export { cloneFile, cloneRange, copyRange, cloneOrCopyFile, punchHole, syncRange, type CloneOutcome, type CopyRangeOptions, type CopyReport, type PunchOutcome } from './io/file-ops.js';
 export { LazyBitmap, lazyBitmapOf, type LazyBitmapOptions, type BitmapView, type DirtySlice, type LazyBitmapStats } from './io/bitmap-cache.js';
 export type { CloneRange } from './io/file.js';
+export { serveNbd, BLOCK_SIZES as NBD_BLOCK_SIZES, type NbdBlockDevice, type NbdServeOptions, type NbdServer } from './nbd/server.js';
+export { serveImage, type ServeOptions, type ServeHandle } from './commands/serve.js';
+export { convertImage, CONVERT_FORMATS, type ConvertOptions, type ConvertResult, type ConvertFormat } from './commands/convert.js';
+export { importImage, type ImportOptions, type ImportResult } from './commands/import.js';

@@ -10,6 +10,7 @@ import { mapCommand } from './commands/map.js';
 import { readCommand } from './commands/read.js';
 import { rebaseCommand } from './commands/rebase.js';
 import { writeCommand } from './commands/write.js';
+import { nbdCommands } from './nbd-commands.js';
 
 /*
  * Every CLI command, in the order `ubdcow --help` lists them: one module per command under
@@ -29,4 +30,5 @@ export const commands: CommandModule[] = [
   readCommand,
   writeCommand,
   demoCommand,
+  ...nbdCommands,
 ];
