@@ -178,20 +178,35 @@ function components(path: string): string[] {
   return path.split('/').filter((part) => part !== '' && part !== '.');
 }
 
+export interface OpenedVolume {
+  source: FsSource;
+  location: string;
+  /** The image, plus the partition when there is one: how messages name the file system. */
+  label: string;
+  volume: ExtVolume;
+  warnings: string[];
+}
+
+/** Finds and opens the ext file system on a guest disk (no libext2fs mount: diffFiles needs only this). */
+export async function openVolume(disk: GuestDisk, partition: number | undefined): Promise<OpenedVolume> {
+  const { source, location } = await locate(disk, partition);
+  const label = location === 'whole disk' ? disk.path : `${disk.path} ${location}`;
+  const volume = await ExtVolume.open(source, label);
+  const warnings = [...disk.warnings];
+  if (volume.sb.needsRecovery) {
+    warnings.push(
+      `${label}: the ${volume.sb.kind} journal needs recovery (the guest did not unmount cleanly); shown is the file system without the journal's last transactions, which ubdcow never replays (boot the guest, or run e2fsck on a copy, to replay them)`,
+    );
+  }
+  return { source, location, label, volume, warnings };
+}
+
 export async function openGuestFs(image: string, options: GuestFsOptions = {}): Promise<GuestFs> {
   const disk = await openGuestDisk(image, { backing: options.backing });
   let mounted: Ext2fsMounted | undefined;
   const ext2fs = loadExt2fs();
   try {
-    const { source, location } = await locate(disk, options.partition);
-    const label = location === 'whole disk' ? image : `${image} ${location}`;
-    const volume = await ExtVolume.open(source, label);
-    const warnings = [...disk.warnings];
-    if (volume.sb.needsRecovery) {
-      warnings.push(
-        `${label}: the ${volume.sb.kind} journal needs recovery (the guest did not unmount cleanly); shown is the file system without the journal's last transactions, which ubdcow never replays (boot the guest, or run e2fsck on a copy, to replay them)`,
-      );
-    }
+    const { source, location, label, volume, warnings } = await openVolume(disk, options.partition);
     const readOnlyDisk = new ReadOnlyExt2fsDisk(disk);
     try {
       mounted = await ext2fs.mount(readOnlyDisk, source.offset);
