@@ -18,3 +18,7 @@ export { lockCowFile, unlockCowFile, isCowFileLocked, type CowLockOptions } from
 export { commitCow, commitJournalPath, readCommitJournal, type CommitOptions, type CommitResult, type CommitJournal } from './commands/commit.js';
 export { checkCow, type CheckOptions, type CheckResult, type CheckProblem, type CheckProblemCode } from './commands/check.js';
 export { rebaseCow, type RebaseOptions, type RebaseResult } from './commands/rebase.js';
+export { openGuestFs, type GuestFs, type GuestFsOptions, type GuestStat } from './guestfs/guest-fs.js';
+export { diffFiles, type DiffFilesOptions, type DiffFilesResult, type FileChange, type FileChangeWhat } from './guestfs/diff-files.js';
+export { listGuest, type LsOptions, type LsEntry, type LsResult } from './commands/ls.js';
+export { getGuestFile, getGuestFileTo, type GetOptions } from './commands/get.js';

@@ -1,6 +1,7 @@
 import type { CommandModule } from 'yargs';
 import { formatBytes, formatTable, out, toJson, warn } from './format.js';
 import { engineCommands } from './engine-commands.js';
+import { guestCommands } from './guest-commands.js';
 import { workflowCommitCommands } from './workflow-commit.js';
 import { workflowCommands } from './workflow-view.js';
 
@@ -80,4 +81,4 @@ const inspect: CommandModule = {
   },
 };
 
-export const commands: CommandModule[] = [create, inspect, ...workflowCommands, ...workflowCommitCommands, ...engineCommands];
+export const commands: CommandModule[] = [create, inspect, ...workflowCommands, ...workflowCommitCommands, ...engineCommands, ...guestCommands];

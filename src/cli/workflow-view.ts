@@ -4,6 +4,7 @@ import type { DiffResult } from '../commands/diff.js';
 import type { MapResult } from '../commands/map.js';
 import { CliExit } from './exit.js';
 import { formatBytes, formatTable, out, parseByteCount, toJson, warn } from './format.js';
+import { diffFilesCommand, fileDiffOptions } from './guest-commands.js';
 
 /* The read-only workflow commands: diff, map, cat. Handlers import their modules lazily. */
 
@@ -43,7 +44,7 @@ const diff: CommandModule = {
   command: 'diff <a> [b]',
   describe: 'List where two disk images differ, or where a COW differs from its backing file',
   builder: (y) =>
-    y
+    fileDiffOptions(y)
       .positional('a', { type: 'string', describe: 'COW file or raw image', demandOption: true })
       .positional('b', { type: 'string', describe: 'Second COW file or raw image (omit to compare a COW with its backing)' })
       .option('json', { type: 'boolean', describe: 'Print one JSON object' })
@@ -60,6 +61,7 @@ const diff: CommandModule = {
           'Exit codes: 0 identical, 1 different, 2 could not compare.',
       ),
   handler: async (argv) => {
+    if (argv.files) return diffFilesCommand(argv);
     const { diffImages } = await import('../commands/diff.js');
     const a = String(argv.a);
     const b = argv.b === undefined ? undefined : String(argv.b);
@@ -106,7 +108,7 @@ const map: CommandModule = {
 };
 
 /** Writes chunks to stdout, waiting for it to drain; resolves false if the reader went away. */
-async function streamToStdout(chunks: AsyncIterable<Uint8Array>): Promise<boolean> {
+export async function streamToStdout(chunks: AsyncIterable<Uint8Array>): Promise<boolean> {
   const stdout = process.stdout;
   let failure: NodeJS.ErrnoException | undefined;
   let wake: (() => void) | undefined;
