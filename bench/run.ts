@@ -1,6 +1,6 @@
 /*
  * `npm run bench`: the engine benchmark (bench/engine.ts), then the workflow benchmark
- * (bench/workflow.ts) when it exists. Each runs in its own process so one's heap and open files
+ * (bench/workflow.ts) and the guest-file benchmark (bench/guestfs.ts) when they exist. Each runs in its own process so one's heap and open files
  * cannot skew the other. Arguments are passed to both.
  */
 import { spawnSync } from 'node:child_process';
@@ -25,5 +25,5 @@ function runBench(name: string, args: string[]): number {
 }
 
 const args = process.argv.slice(2);
-const statuses = ['engine.ts', 'workflow.ts'].map((name) => runBench(name, args));
+const statuses = ['engine.ts', 'workflow.ts', 'guestfs.ts'].map((name) => runBench(name, args));
 process.exitCode = statuses.some((status) => status !== 0) ? 1 : 0;
