@@ -43,9 +43,8 @@ export async function listGuest(image: string, guestPath = '/', options: LsOptio
     const entries: LsEntry[] = [];
     const startStat = await guest.stat(start);
     const visit = async (dir: string): Promise<void> => {
-      for (const name of await guest.readdir(dir)) {
+      for (const { name, stat } of await guest.list(dir)) {
         const path = join(dir, name);
-        const stat = await guest.lstat(path);
         const entry: LsEntry = { path, name, type: stat.type, mode: stat.mode, uid: stat.uid, gid: stat.gid, size: stat.size, mtime: stat.mtime };
         if (stat.type === 'symlink') entry.target = await guest.readlink(path);
         entries.push(entry);

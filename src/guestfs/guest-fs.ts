@@ -42,7 +42,8 @@ export interface GuestStat {
 
 export interface GuestDirEntry {
   name: string;
-  ino: number;
+  /** As lstat would return it (symlinks not followed). */
+  stat: GuestStat;
 }
 
 export interface GuestFs {
@@ -52,7 +53,10 @@ export interface GuestFs {
   fsKind: 'ext2' | 'ext3' | 'ext4';
   blockSize: number;
   warnings: string[];
+  /** Names in a directory (libext2fs), sorted, without . and .. */
   readdir(path: string): Promise<string[]>;
+  /** Entries with their lstat, straight from the directory blocks (one pass, for ls -l and ls -R). */
+  list(path: string): Promise<GuestDirEntry[]>;
   stat(path: string): Promise<GuestStat>;
   lstat(path: string): Promise<GuestStat>;
   readlink(path: string): Promise<string>;
@@ -76,7 +80,10 @@ interface Ext2fsModule {
 }
 interface Ext2fsMounted {
   promises: {
-    readdir(path: string): Promise<string[]>;
+    /** Names in a directory (libext2fs), sorted, without . and .. */
+  readdir(path: string): Promise<string[]>;
+  /** Entries with their lstat, straight from the directory blocks (one pass, for ls -l and ls -R). */
+  list(path: string): Promise<GuestDirEntry[]>;
     open(path: string, flags: number): Promise<{ stat(): Promise<{ ino: number }>; close(): Promise<void> }>;
   };
 }
@@ -290,6 +297,13 @@ export async function openGuestFs(image: string, options: GuestFsOptions = {}): 
         } catch (err) {
           return fail(err, path);
         }
+      },
+      async list(path) {
+        const { inode } = await resolve(path, true);
+        if (inode.type !== 'dir') throw new UbdcowError('not-a-dir', `${label}: ${stripControl(path)}: not a directory in the guest`, { file: image });
+        const entries: GuestDirEntry[] = [];
+        for (const entry of await volume.readDir(inode)) entries.push({ name: entry.name, stat: statOf(await volume.readInode(entry.ino)) });
+        return entries.sort((x, y) => (x.name < y.name ? -1 : x.name > y.name ? 1 : 0));
       },
       async stat(path) {
         return statOf((await resolve(path, true)).inode);

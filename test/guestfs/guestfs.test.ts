@@ -188,6 +188,10 @@ describe.skipIf(missing.length > 0)(titleWithSkipReason('guest file systems buil
             expect(ours.equals(theirs), file).toBe(true);
           }
           expect(await guest.readlink('/data/link')).toBe('../data/keep.txt');
+          // Names from libext2fs and from the directory blocks agree.
+          for (const dir of ['/', '/data', '/many/sub1']) {
+            expect((await guest.list(dir)).map((e) => e.name), dir).toEqual(await guest.readdir(dir));
+          }
         } finally {
           await guest.close();
         }
