@@ -210,8 +210,10 @@ class TreeDiff {
   }
 
   /** Compares the inodes at one path on both sides (ia on a, ib on b). */
-  private async compare(path: string, ia: number, ib: number): Promise<void> {
+  private async compare(path: string, ia: number, ib: number, typeHint?: FileType): Promise<void> {
     const same = ia === ib && this.inodeUntouched(ia);
+    // An untouched non-directory needs nothing more; the entry's file-type byte says which it is.
+    if (same && typeHint !== undefined && typeHint !== 'dir') return;
     const inodeA = await this.a.readInode(ia);
     if (same) {
       // Identical inode; only a directory can hide changes below it.
@@ -276,7 +278,7 @@ class TreeDiff {
         await this.whole(path2, this.a, entryA.ino, 'added');
       } else {
         if (entryA.ino !== entryB.ino) changed = true;
-        await this.compare(path2, entryA.ino, entryB.ino);
+        await this.compare(path2, entryA.ino, entryB.ino, entryA.ino === entryB.ino && entryA.type === entryB.type ? entryA.type : undefined);
       }
     }
     for (const entryB of entriesB) {
