@@ -307,6 +307,31 @@ describe.skipIf(missing.length > 0)(umlSuiteTitle('guest files without booting: 
     expect(truth.length).toBeGreaterThan(20);
   });
 
+  it('a guest that never unmounts its ext3 leaves a journal needing recovery: ls and diff --files say so and write nothing', async () => {
+    const scratch = lab.scratch('unclean-ext3');
+    const tree = path.join(scratch, 'tree');
+    buildBaseTree(tree);
+    const ext3 = path.join(scratch, 'ext3.img');
+    const mk = await runProgram('mke2fs', ['-q', '-F', '-t', 'ext3', '-d', tree, ext3, '32M']);
+    expect(mk.status, mk.stderr).toBe(0);
+    const cow = path.join(scratch, 'unclean.cow');
+    expect((await ubdcow(['create', cow, ext3])).status).toBe(0);
+    // sync commits to the journal; poweroff -f without umount leaves needs_recovery set.
+    const body = 'mount -t ext3 /dev/ubdb /mnt\nput /mnt unclean.bin 4096 2\nsync';
+    expectGuestOk(await lab.run(body, { disks: { b: `${cow},${ext3}` } }));
+    const features = await runProgram('dumpe2fs', ['-h', ext3]);
+    expect(features.stdout).not.toMatch(/needs_recovery/);
+    const before = [md5OfFile(cow), md5OfFile(ext3)];
+    const ls = await ubdcow(['ls', cow, '/data']);
+    expect(ls.status, ls.stderr).toBe(0);
+    expect(ls.stdout.split('\n')).toContain('append.txt');
+    expect(ls.stderr).toMatch(/^ubdcow ls: warning: \S*unclean\.cow: the ext3 journal needs recovery/);
+    const diff = await ubdcow(['diff', '--files', cow]);
+    expect([0, 1]).toContain(diff.status);
+    expect(diff.stderr).toMatch(/journal needs recovery .* never replays/);
+    expect([md5OfFile(cow), md5OfFile(ext3)]).toEqual(before);
+  }, umlTestTimeout);
+
   it('--checksum gives the SHA-256 of both sides of a changed file', async () => {
     const { value } = await ubdcowJson(['diff', '--files', '--checksum', cowA], [1]);
     const append = value.changes.find((c: Change) => c.path === '/data/append.txt');
