@@ -261,7 +261,15 @@ export async function openGuestFs(image: string, options: GuestFsOptions = {}): 
         }
         if (inode.type !== 'dir') throw new UbdcowError('not-a-dir', `${label}: ${stripControl(path)}: /${stripControl(done.join('/'))} is not a directory in the guest`, { file: image });
         const candidate = `/${[...done, part].join('/')}`;
-        const child = await volume.readInode(await lookup(candidate));
+        const child = await volume.readInode(
+          await lookup(candidate).catch((err: unknown) => {
+            // Name the path asked for, and which part of it is missing when that differs.
+            if (err instanceof UbdcowError && err.code === 'not-found' && candidate !== path) {
+              throw new UbdcowError('not-found', `${label}: ${stripControl(path)}: no such file or directory in the guest (${stripControl(candidate)} does not exist)`, { file: image });
+            }
+            throw err;
+          }),
+        );
         if (child.type === 'symlink' && (pending.length > 0 || followLast)) {
           if (++hops > MAX_SYMLINKS) {
             throw new UbdcowError('symlink-loop', `${label}: ${stripControl(path)}: too many levels of symbolic links in the guest (more than ${MAX_SYMLINKS}; a symlink loop?)`, { file: image });
