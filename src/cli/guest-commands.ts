@@ -130,7 +130,14 @@ export function fileDiffOptions<T>(y: Argv<T>): Argv<T> {
     .option('checksum', { type: 'boolean', describe: 'With --files: a SHA-256 of both sides of each changed file' })
     .option('times', { type: 'boolean', describe: 'With --files: report atime and ctime changes too' })
     .option('deep', { type: 'boolean', describe: 'With --files: compare every file, not only those the COW allocation points at' })
-    .option('partition', { type: 'number', describe: 'With --files: partition number (MBR or GPT)' });
+    .option('partition', { type: 'number', describe: 'With --files: partition number (MBR or GPT)' })
+    .check((argv) => {
+      for (const option of ['checksum', 'times', 'deep', 'partition']) {
+        if (argv[option] !== undefined && !argv.files) throw new UbdcowError('usage', `--${option} only applies with --files (see --help)`);
+      }
+      return true;
+    })
+    .conflicts('files', ['stat', 'sectors', 'allocated']);
 }
 
 function formatChanges(result: DiffFilesResult): string {

@@ -426,6 +426,8 @@ describe.skipIf(missing.length > 0)(titleWithSkipReason('partitioned disks (GPT 
       { args: ['get', good, '/deep/x', '-o', path.join(tmp.path, 'never')], message: /too many levels of symbolic links/ },
       { args: ['get', good, '/data'], message: /\/data: is a dir, not a regular file/ },
       { args: ['diff', '--files', good], message: /is not a COW file, so there is no backing file/ },
+      { args: ['diff', good, good, '--deep'], message: /--deep only applies with --files/ },
+      { args: ['diff', '--files', good, good, '--stat'], message: /files and stat are mutually exclusive/ },
     ];
     for (const { args, message } of cases) {
       const result = await ubdcow(args);
