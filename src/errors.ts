@@ -59,7 +59,16 @@ export type UbdcowErrorCode =
   | 'size-mismatch'
   | 'missing-tool'
   | 'tool-failed'
-  | 'in-use';
+  | 'in-use'
+  | 'no-fs'
+  | 'corrupt-fs'
+  | 'unsupported-fs'
+  | 'no-partition'
+  | 'not-found'
+  | 'not-a-dir'
+  | 'not-a-symlink'
+  | 'symlink-loop'
+  | 'which-partition';
 
 /**
  * Errors that reach users. Every failure the CLI reports is one of these, so it can print one line

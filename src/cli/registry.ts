@@ -11,6 +11,7 @@ import { readCommand } from './commands/read.js';
 import { rebaseCommand } from './commands/rebase.js';
 import { writeCommand } from './commands/write.js';
 import { nbdCommands } from './nbd-commands.js';
+import { guestCommands } from './guest-commands.js';
 
 /*
  * Every CLI command, in the order `ubdcow --help` lists them: one module per command under
@@ -31,4 +32,5 @@ export const commands: CommandModule[] = [
   writeCommand,
   demoCommand,
   ...nbdCommands,
+  ...guestCommands,
 ];

@@ -5,7 +5,7 @@ import { parseByteCount, warn } from '../format.js';
 /* `ubdcow cat`: arguments, help and output. The handler imports its library module lazily so `ubdcow --help` stays fast. */
 
 /** Writes chunks to stdout, waiting for it to drain; resolves false if the reader went away. */
-async function streamToStdout(chunks: AsyncIterable<Uint8Array>): Promise<boolean> {
+export async function streamToStdout(chunks: AsyncIterable<Uint8Array>): Promise<boolean> {
   const stdout = process.stdout;
   let failure: NodeJS.ErrnoException | undefined;
   let wake: (() => void) | undefined;

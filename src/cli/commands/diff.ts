@@ -1,6 +1,7 @@
 import type { CommandModule } from 'yargs';
 import type { DiffResult } from '../../commands/diff.js';
 import { CliExit } from '../exit.js';
+import { diffFilesCommand, fileDiffOptions } from '../guest-commands.js';
 import { formatBytes, formatTable, out, toJson, warn } from '../format.js';
 
 /* `ubdcow diff`: arguments, help and output. The handler imports its library module lazily so `ubdcow --help` stays fast. */
@@ -38,7 +39,7 @@ export const diffCommand: CommandModule = {
   command: 'diff <a> [b]',
   describe: 'List where two disk images differ, or where a COW differs from its backing file',
   builder: (y) =>
-    y
+    fileDiffOptions(y)
       .positional('a', { type: 'string', describe: 'COW file or raw image', demandOption: true })
       .positional('b', { type: 'string', describe: 'Second COW file or raw image (omit to compare a COW with its backing)' })
       .option('json', { type: 'boolean', describe: 'Print one JSON object' })
@@ -55,6 +56,7 @@ export const diffCommand: CommandModule = {
           'Exit codes: 0 identical, 1 different, 2 could not compare.',
       ),
   handler: async (argv) => {
+    if (argv.files) return diffFilesCommand(argv);
     const { diffImages } = await import('../../commands/diff.js');
     const a = String(argv.a);
     const b = argv.b === undefined ? undefined : String(argv.b);
