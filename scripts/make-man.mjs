@@ -12,7 +12,7 @@ import { fileURLToPath } from 'node:url';
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const bin = path.join(root, 'bin', 'ubdcow');
 const { version } = JSON.parse(fs.readFileSync(path.join(root, 'package.json'), 'utf8'));
-const { commands } = await import(path.join(root, 'dist', 'cli', 'commands.js'));
+const { commands } = await import(path.join(root, 'dist', 'cli', 'registry.js'));
 
 const help = (args) => execFileSync(process.execPath, [bin, ...args, '--help'], { encoding: 'utf8', env: { ...process.env, COLUMNS: '80' } });
 
@@ -48,4 +48,7 @@ sections.push(
   'The README and docs/ folder of the package describe the format, the engine and the JSON output.',
 );
 fs.mkdirSync(path.join(root, 'man'), { recursive: true });
-fs.writeFileSync(path.join(root, 'man', 'ubdcow.1'), `${sections.join('\n')}\n`);
+// Written aside and renamed, so a reader (npm pack in a test) never sees half a page.
+const page = path.join(root, 'man', 'ubdcow.1');
+fs.writeFileSync(`${page}.${process.pid}`, `${sections.join('\n')}\n`);
+fs.renameSync(`${page}.${process.pid}`, page);

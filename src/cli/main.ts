@@ -1,6 +1,6 @@
 import yargs, { type Argv, type CommandModule } from 'yargs';
-import { UbdcowError, oneLine } from '../errors.js';
-import { commands } from './commands.js';
+import { UbdcowError, oneLine, usageError } from '../errors.js';
+import { commands } from './registry.js';
 import { CliExit } from './exit.js';
 import { setQuiet } from './format.js';
 
@@ -58,6 +58,15 @@ function knownOptions(command: CommandModule): Set<string> {
   return names;
 }
 
+/** True when the command's builder declares an `output` option of its own (get's -o FILE). */
+function declaresOwnOutput(command: CommandModule): boolean {
+  const probe = yargs([]);
+  if (typeof command.builder === 'function') command.builder(probe);
+  else if (command.builder) probe.options(command.builder);
+  const options = (probe as unknown as { getOptions(): { key: Record<string, unknown> } }).getOptions();
+  return Object.prototype.hasOwnProperty.call(options.key, 'output');
+}
+
 /**
  * yargs checks positional counts before unknown options, so `check --bogus vm.cow` would be
  * reported as a missing argument (the unknown option swallowed the file name): name it instead.
@@ -98,17 +107,22 @@ export function buildParser(argv: string[]): Argv {
     .option('quiet', { alias: 'q', type: 'boolean', describe: 'No warnings or confirmations; errors and requested data still print', global: true })
     .option('output', {
       type: 'string',
-      choices: ['human', 'json'],
-      describe: 'Output format (--output=json is --json, as in qemu-img)',
+      describe: 'Output format: human or json (--output=json is --json, as in qemu-img)',
       global: true,
     })
     .middleware((args) => {
       setQuiet(Boolean(args.quiet));
+      if (args.output === undefined) return;
+      const name = canonicalName(String(args._[0] ?? ''));
+      const command = commands.find((c) => commandAliases(c)[0] === name);
+      // A command with its own --output (get -o FILE) means a file by it, not a format.
+      if (command && declaresOwnOutput(command)) return;
+      if (args.output !== 'human' && args.output !== 'json') {
+        throw usageError(`--output is ${JSON.stringify(args.output)}, expected human or json`);
+      }
       if (args.output === 'json') {
-        const name = canonicalName(String(args._[0] ?? ''));
-        const command = commands.find((c) => commandAliases(c)[0] === name);
         if (command && !knownOptions(command).has('json')) {
-          throw new UbdcowError('usage', `--output=json: ${name} has no JSON output (see ubdcow ${name} --help)`);
+          throw usageError(`--output=json: ${name} has no JSON output (see ubdcow ${name} --help)`);
         }
         args.json = true;
       }
@@ -129,8 +143,8 @@ export function buildParser(argv: string[]): Argv {
     .fail((message, err) => {
       if (err) throw err;
       const unknown = unknownOption(argv);
-      if (unknown) throw new UbdcowError('usage', `unknown option ${unknown} (see ubdcow ${commandName(argv)} --help)`);
-      throw new UbdcowError('usage', `${message} (see --help)`);
+      if (unknown) throw usageError(`unknown option ${unknown} (see ubdcow ${commandName(argv)} --help)`);
+      throw usageError(`${message} (see --help)`);
     });
   for (const command of commands) parser = parser.command(command);
   return parser;

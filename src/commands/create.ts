@@ -9,8 +9,8 @@ import {
   validateHeader,
 } from '../format/header.js';
 import { type CowGeometry, computeGeometry } from '../format/geometry.js';
-import { type FileSystem, nodeFileSystem, sizeOf } from '../io/file.js';
-import { probeReadable, statImageFile } from '../io/image.js';
+import { type FileSystem, nodeFileSystem } from '../io/file.js';
+import { imageSize, probeReadable, statImageFile } from '../io/image.js';
 import { existsError, writeNewFile } from '../io/atomic.js';
 import { looksLikeCow } from '../io/virtual-disk.js';
 import { ubdOptionWarnings } from './ubd-option.js';
@@ -42,9 +42,9 @@ export async function absoluteBackingPath(backing: string, fs: FileSystem = node
   return folder === '/' ? backing.slice(slash) : folder + backing.slice(slash);
 }
 
-/** Creates a V3 COW file over `backing`, byte for byte what uml_mkcow writes. */
 const createCowOptionKeys: OptionKeys<CreateOptions> = { force: true, sectorSize: true, alignment: true, fs: true };
 
+/** Creates a V3 COW file over `backing`, byte for byte what uml_mkcow writes. */
 export async function createCow(cowPath: string, backing: string, options: CreateOptions = {}): Promise<CreateResult> {
   checkOptions('createCow', options, createCowOptionKeys);
   const fs = options.fs ?? nodeFileSystem;
@@ -58,9 +58,7 @@ export async function createCow(cowPath: string, backing: string, options: Creat
       { file: backing },
     );
   }
-  const size = await sizeOf(backingStat).catch((err) => {
-    throw fromSystemError(err, backing, 'find the size of backing file');
-  });
+  const size = await imageSize(backingStat, backing, 'backing file');
   const backingFile = await absoluteBackingPath(backing, fs).catch((err) => {
     throw fromSystemError(err, backing, 'resolve backing file path');
   });
@@ -83,7 +81,7 @@ export async function createCow(cowPath: string, backing: string, options: Creat
     geometry = computeGeometry(header);
     bytes = serializeV3(header);
   } catch (err) {
-    if (err instanceof CowFormatError) throw new UbdcowError(err.code, `${cowPath}: ${err.message}`, { file: cowPath });
+    if (err instanceof CowFormatError) throw err.inFile(cowPath);
     throw err;
   }
   if (!options.force) await refuseExisting(fs, cowPath);

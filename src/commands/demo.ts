@@ -7,7 +7,7 @@ import { openCow } from '../io/engine.js';
 import { createCow } from './create.js';
 import { inspectCow } from './inspect.js';
 import { diffImages } from './diff.js';
-import { commitCow } from './commit.js';
+import { commitCow } from './commit/index.js';
 import { type OptionKeys, checkOptions } from '../options.js';
 
 export interface DemoStep {
@@ -39,13 +39,13 @@ async function sha256(file: string): Promise<string> {
   return createHash('sha256').update(await fsp.readFile(file)).digest('hex');
 }
 
+const runDemoOptionKeys: OptionKeys<DemoOptions> = { keep: true };
+
 /**
  * The whole workflow on the bundled image, in a new temporary folder: create a COW, write through
  * the engine, read back, inspect, diff, commit to a new image, and check that the backing file
  * was never touched.
  */
-const runDemoOptionKeys: OptionKeys<DemoOptions> = { keep: true };
-
 export async function runDemo(backing = bundledImage(), folder?: string, options: DemoOptions = {}): Promise<DemoResult> {
   checkOptions('runDemo', options, runDemoOptionKeys);
   const dir = folder ?? (await fsp.mkdtemp(path.join(os.tmpdir(), 'ubdcow-demo-')));

@@ -1,6 +1,6 @@
-import { UbdcowError } from '../errors.js';
+import { notACow, usageError } from '../errors.js';
 import type { FileSystem } from '../io/file.js';
-import { type VirtualDisk, allocatedByteExtents, openVirtualDisk } from '../io/virtual-disk.js';
+import { type CowDisk, type VirtualDisk, allocatedByteExtents, openVirtualDisk } from '../io/virtual-disk.js';
 import { type OptionKeys, checkOptions } from '../options.js';
 
 /** A byte range of the virtual disk: [offset, offset + length). */
@@ -54,6 +54,8 @@ export interface DiffResult {
 
 export const DIFF_CHUNK_BYTES = 1 << 20;
 
+const diffImagesOptionKeys: OptionKeys<DiffOptions> = { allocated: true, backingA: true, backingB: true, fs: true, chunkBytes: true, bitmapWindowBytes: true, granularity: true };
+
 /**
  * Compares virtual disks.
  *
@@ -67,8 +69,6 @@ export const DIFF_CHUNK_BYTES = 1 << 20;
  * Two COWs over the same backing file (same resolved path, header size and mtime), or a COW and
  * its own backing file, are compared only where either COW has allocated sectors.
  */
-const diffImagesOptionKeys: OptionKeys<DiffOptions> = { allocated: true, backingA: true, backingB: true, fs: true, chunkBytes: true, bitmapWindowBytes: true, granularity: true };
-
 export async function diffImages(a: string, b?: string, options: DiffOptions = {}): Promise<DiffResult> {
   checkOptions('diffImages', options, diffImagesOptionKeys);
   const fs = options.fs;
@@ -76,7 +76,7 @@ export async function diffImages(a: string, b?: string, options: DiffOptions = {
   const exact = (options.granularity ?? 'byte') === 'byte';
   if (b === undefined) {
     if (options.backingB !== undefined) {
-      throw new UbdcowError('usage', `a backing file for a second image (${options.backingB}) needs a second image`);
+      throw usageError(`a backing file for a second image (${options.backingB}) needs a second image`);
     }
     const disk = await openVirtualDisk(a, {
       fs,
@@ -86,7 +86,7 @@ export async function diffImages(a: string, b?: string, options: DiffOptions = {
     });
     try {
       if (disk.kind !== 'cow') {
-        throw new UbdcowError('not-a-cow', `${a}: is not a UML COW file (no COW magic); give a second image to compare it with`, { file: a });
+        throw notACow(a, '; give a second image to compare it with');
       }
       return options.allocated ? await listAllocation(disk) : await diffCowWithBacking(disk, chunkBytes, exact);
     } finally {
@@ -94,7 +94,7 @@ export async function diffImages(a: string, b?: string, options: DiffOptions = {
     }
   }
   if (options.allocated) {
-    throw new UbdcowError('usage', 'listing allocated sectors (--allocated) takes one COW file, not two images');
+    throw usageError('listing allocated sectors (--allocated) takes one COW file, not two images');
   }
   const diskA = await openVirtualDisk(a, { fs, backing: options.backingA, bitmapWindowBytes: options.bitmapWindowBytes });
   try {
@@ -152,16 +152,14 @@ async function listAllocation(disk: VirtualDisk): Promise<DiffResult> {
   return resultOf(collector, 'allocation', disk.sectorSize, disk.size, disk.size, disk.warnings, false);
 }
 
-async function diffCowWithBacking(disk: VirtualDisk, chunkBytes: number, exact: boolean): Promise<DiffResult> {
-  const backing = disk.backing;
-  if (!backing || !disk.readBacking) throw new Error('diffCowWithBacking needs the backing file open');
+async function diffCowWithBacking(disk: CowDisk, chunkBytes: number, exact: boolean): Promise<DiffResult> {
   const before: Readable = { read: disk.readBacking };
   const comparer = new ChunkComparer(disk.sectorSize, chunkBytes, exact);
   const collector = new RangeCollector();
   for await (const extent of allocatedByteExtents(disk)) {
     await comparer.compare(disk, before, extent.start, extent.end, collector);
   }
-  return resultOf(collector, 'cow-vs-backing', disk.sectorSize, disk.size, backing.size, disk.warnings, exact);
+  return resultOf(collector, 'cow-vs-backing', disk.sectorSize, disk.size, disk.base.size, disk.warnings, exact);
 }
 
 function sameBase(a: VirtualDisk, b: VirtualDisk): boolean {
@@ -170,7 +168,7 @@ function sameBase(a: VirtualDisk, b: VirtualDisk): boolean {
   if (realPath !== b.base.realPath || size !== b.base.size || mtime !== b.base.mtime) return false;
   // Only the view through the backing matters, but a COW whose header disagrees with its backing
   // may have been made over another file at that path: compare it in full to be safe.
-  return [a, b].every((disk) => !disk.cow || (disk.cow.header.size === size && disk.cow.header.mtime === mtime));
+  return [a, b].every((disk) => disk.kind === 'raw' || (disk.cow.header.size === size && disk.cow.header.mtime === mtime));
 }
 
 async function diffTwoDisks(a: VirtualDisk, b: VirtualDisk, chunkBytes: number, exact: boolean): Promise<DiffResult> {

@@ -1,5 +1,5 @@
 import type { Writable } from 'node:stream';
-import { UbdcowError } from '../errors.js';
+import { checkByteRange } from '../errors.js';
 import { openCow } from '../io/engine.js';
 import type { FileSystem } from '../io/file.js';
 import { type OptionKeys, checkOptions } from '../options.js';
@@ -17,22 +17,17 @@ export interface ReadOptions {
   onWarning?: (warning: string) => void;
 }
 
-/** Reads the virtual disk through the engine (read-only), a chunk at a time, into `sink`. */
 const readThroughEngineOptionKeys: OptionKeys<ReadOptions> = { offset: true, length: true, backing: true, fs: true, onWarning: true };
 
+/** Reads the virtual disk through the engine (read-only), a chunk at a time, into `sink`. */
 export async function readThroughEngine(cowPath: string, sink: (chunk: Uint8Array) => Promise<void>, options: ReadOptions = {}): Promise<number> {
   checkOptions('readThroughEngine', options, readThroughEngineOptionKeys);
   const dev = await openCow(cowPath, { readOnly: true, backing: options.backing, fs: options.fs });
   try {
     for (const warning of dev.warnings) options.onWarning?.(warning);
     const offset = options.offset ?? 0;
-    if (offset > dev.size) {
-      throw new UbdcowError('out-of-range', `${cowPath}: offset ${offset} is past the end of the disk (${dev.size} bytes)`, { file: cowPath });
-    }
     const length = options.length ?? Math.max(0, dev.size - offset);
-    if (offset + length > dev.size) {
-      throw new UbdcowError('out-of-range', `${cowPath}: ${length} bytes at offset ${offset} pass the end of the disk (${dev.size} bytes)`, { file: cowPath });
-    }
+    checkByteRange(cowPath, 'read', offset, length, dev.size);
     for (let done = 0; done < length; done += CHUNK) {
       await sink(await dev.read(offset + done, Math.min(CHUNK, length - done)));
     }
@@ -57,9 +52,9 @@ export interface WriteResult {
   flushed: boolean;
 }
 
-/** Writes a stream into the virtual disk at `offset` through the engine, then flushes. */
 const writeThroughEngineOptionKeys: OptionKeys<WriteOptions> = { offset: true, backing: true, sync: true, fs: true, expectedLength: true };
 
+/** Writes a stream into the virtual disk at `offset` through the engine, then flushes. */
 export async function writeThroughEngine(cowPath: string, input: AsyncIterable<Uint8Array>, options: WriteOptions): Promise<WriteResult> {
   checkOptions('writeThroughEngine', options, writeThroughEngineOptionKeys);
   const dev = await openCow(cowPath, { backing: options.backing, sync: options.sync, fs: options.fs });
@@ -67,13 +62,7 @@ export async function writeThroughEngine(cowPath: string, input: AsyncIterable<U
   let firstError: unknown;
   let written = 0;
   try {
-    if (options.expectedLength !== undefined && options.offset + options.expectedLength > dev.size) {
-      throw new UbdcowError(
-        'out-of-range',
-        `${cowPath}: ${options.expectedLength} bytes at offset ${options.offset} pass the end of the disk (${dev.size} bytes)`,
-        { file: cowPath },
-      );
-    }
+    if (options.expectedLength !== undefined) checkByteRange(cowPath, 'write', options.offset, options.expectedLength, dev.size);
     for await (const chunk of rechunk(input, CHUNK)) {
       if (firstError) break;
       const request = dev.write(options.offset + written, chunk).catch((err) => {

@@ -1,7 +1,9 @@
 import type { CowGeometry } from '../format/geometry.js';
 import type { CowHeader, HeaderLayout } from '../format/header.js';
 import type { FileSystem } from '../io/file.js';
-import { type BackingReport, allocatedExtents, checkBacking, isoTime, openImage } from '../io/image.js';
+import { allocatedExtents } from '../io/allocation.js';
+import { type BackingReport, checkBacking } from '../io/backing.js';
+import { isoTime, openImage } from '../io/image.js';
 import { type OptionKeys, checkOptions } from '../options.js';
 
 export interface InspectOptions {
@@ -105,6 +107,6 @@ export async function inspectCow(cowPath: string, options: InspectOptions = {}):
       warnings,
     };
   } finally {
-    await image.file.close();
+    await image.handle.close();
   }
 }

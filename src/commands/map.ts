@@ -1,6 +1,6 @@
 import type { FileSystem } from '../io/file.js';
 import { allocatedByteExtents, openVirtualDisk } from '../io/virtual-disk.js';
-import { UbdcowError } from '../errors.js';
+import { notACow } from '../errors.js';
 import { type OptionKeys, checkOptions } from '../options.js';
 
 /** An allocated extent: virtual disk bytes [offset, offset + length) live at `cowOffset` in the COW file. */
@@ -23,19 +23,19 @@ export interface MapOptions {
   fs?: FileSystem;
 }
 
+const mapCowOptionKeys: OptionKeys<MapOptions> = { fs: true };
+
 /**
  * Where a COW's allocated data lives (what `qemu-img map --output=json` tells for its formats):
  * everything not listed reads from the backing file. Streamed from the bitmap; the backing file
  * is not opened.
  */
-const mapCowOptionKeys: OptionKeys<MapOptions> = { fs: true };
-
 export async function mapCow(cowPath: string, options: MapOptions = {}): Promise<MapResult> {
   checkOptions('mapCow', options, mapCowOptionKeys);
   const disk = await openVirtualDisk(cowPath, { fs: options.fs, openBacking: false });
   try {
-    if (!disk.cow) {
-      throw new UbdcowError('not-a-cow', `${cowPath}: is not a UML COW file (no COW magic); a raw image has no map`, { file: cowPath });
+    if (disk.kind !== 'cow') {
+      throw notACow(cowPath, '; a raw image has no map');
     }
     const { dataOffset } = disk.cow.geometry;
     const extents: MappedExtent[] = [];

@@ -1,11 +1,9 @@
-import * as path from 'node:path';
-import { CowFormatError, UbdcowError, fromSystemError } from '../errors.js';
-import { type CowHeader, serializeSameLayout } from '../format/header.js';
-import { type FileHandleLike, type FileSystem, nodeFileSystem, sizeOf } from '../io/file.js';
-import { isoTime, openImage, probeReadable, statImageFile } from '../io/image.js';
-import { lockCowFile } from '../io/lock.js';
+import { UbdcowError, fromSystemError } from '../errors.js';
+import { backingMismatches, resolveBackingPath } from '../io/backing.js';
+import { interruptedCommitError, readCommitJournal } from '../io/commit-journal.js';
+import { type FileHandleLike, type FileSystem, nodeFileSystem } from '../io/file.js';
+import { imageSize, probeReadable, rewriteHeader, statImageFile, withImage } from '../io/image.js';
 import { absoluteBackingPath } from './create.js';
-import { interruptedCommitMessage, readCommitJournal } from './commit.js';
 import { type OptionKeys, checkOptions } from '../options.js';
 
 export interface RebaseOptions {
@@ -35,22 +33,7 @@ export interface RebaseResult {
   comparison?: { compared: boolean; equal?: boolean; firstDifference?: number; reason?: string };
 }
 
-/** Writes a header over the old one and makes it durable. */
-export async function rewriteHeader(file: FileHandleLike, cowPath: string, header: CowHeader): Promise<void> {
-  let bytes: Uint8Array;
-  try {
-    bytes = serializeSameLayout(header);
-  } catch (err) {
-    if (err instanceof CowFormatError) throw err.inFile(cowPath);
-    throw err;
-  }
-  try {
-    await file.write(bytes, 0, bytes.length, 0);
-    await file.sync();
-  } catch (err) {
-    throw fromSystemError(err, cowPath, 'rewrite the header of');
-  }
-}
+const rebaseCowOptionKeys: OptionKeys<RebaseOptions> = { unsafe: true, compare: true, fs: true };
 
 /**
  * Points a COW file at a moved or copied backing file, after checking that its size and mtime are
@@ -59,35 +42,24 @@ export async function rewriteHeader(file: FileHandleLike, cowPath: string, heade
  * for it, and its mtime is then stored, so UML opens the COW. A new backing of another size is
  * always refused: the size fixes the COW's layout, and UML refuses a size mismatch.
  */
-const rebaseCowOptionKeys: OptionKeys<RebaseOptions> = { unsafe: true, compare: true, fs: true };
-
 export async function rebaseCow(cowPath: string, newBacking: string, options: RebaseOptions = {}): Promise<RebaseResult> {
   checkOptions('rebaseCow', options, rebaseCowOptionKeys);
   const fs = options.fs ?? nodeFileSystem;
-  const image = await openImage(cowPath, { fs, mode: 'r+' });
-  try {
-    await lockCowFile(image.file, cowPath);
+  return withImage(cowPath, { fs, mode: 'r+', lock: 'write' }, async (image) => {
     const { header } = image;
-    if (!options.unsafe && (await readCommitJournal(fs, cowPath))) {
-      throw new UbdcowError('commit-interrupted', interruptedCommitMessage(cowPath, ' first'), { file: cowPath });
-    }
+    if (!options.unsafe && (await readCommitJournal(fs, cowPath))) throw interruptedCommitError(cowPath, ' first');
     const stat = await statImageFile(fs, newBacking, 'backing file');
-    const size = await sizeOf(stat).catch((err) => {
-      throw fromSystemError(err, newBacking, 'find the size of backing file');
-    });
-    if (size !== header.size) {
+    const size = await imageSize(stat, newBacking, 'backing file');
+    const found = backingMismatches(newBacking, header, { size, mtime: stat.mtime });
+    const sizeMismatch = found.find((m) => m.state === 'size-mismatch');
+    if (sizeMismatch) {
       throw new UbdcowError(
         'backing-mismatch',
-        `${newBacking}: size is ${size} bytes, expected ${header.size} (the header's size); not the same backing file, and a COW cannot be re-pointed at a disk of another size (UML refuses it)`,
+        `${sizeMismatch.problem}; not the same backing file, and a COW cannot be re-pointed at a disk of another size (UML refuses it)`,
         { file: newBacking },
       );
     }
-    const mismatches: string[] = [];
-    if (stat.mtime !== header.mtime) {
-      mismatches.push(
-        `${newBacking}: mtime is ${stat.mtime} (${isoTime(stat.mtime)}), expected ${header.mtime} (${isoTime(header.mtime)}, the header's mtime)`,
-      );
-    }
+    const mismatches = found.map((m) => m.problem);
     if (mismatches.length > 0 && !options.unsafe && !options.compare) {
       throw new UbdcowError(
         'backing-mismatch',
@@ -101,7 +73,7 @@ export async function rebaseCow(cowPath: string, newBacking: string, options: Re
     });
     let comparison: RebaseResult['comparison'];
     if (options.compare) {
-      comparison = await compareBackings(fs, path.resolve(header.backingFile), newBacking, header.size);
+      comparison = await compareBackings(fs, resolveBackingPath(header), newBacking, header.size);
       if (comparison.compared && !comparison.equal && !options.unsafe) {
         throw new UbdcowError(
           'backing-differs',
@@ -117,7 +89,7 @@ export async function rebaseCow(cowPath: string, newBacking: string, options: Re
         );
       }
     }
-    await rewriteHeader(image.file, cowPath, { ...header, backingFile: stored, mtime: stat.mtime });
+    await rewriteHeader(image, { ...header, backingFile: stored, mtime: stat.mtime });
     return {
       file: cowPath,
       oldBacking: header.backingFile,
@@ -127,9 +99,7 @@ export async function rebaseCow(cowPath: string, newBacking: string, options: Re
       mtime: stat.mtime,
       comparison,
     };
-  } finally {
-    await image.file.close().catch(() => undefined);
-  }
+  });
 }
 
 const COMPARE_CHUNK_BYTES = 4 << 20;
