@@ -230,3 +230,90 @@ describe('the man page', () => {
     expect(page).toContain(ubdcow(['rebase', '--help']).stdout.split('\n')[0]);
   });
 });
+
+const extMissing = ['mke2fs', 'qemu-img'].filter((tool) => !hasTool(tool));
+
+describe.skipIf(extMissing.length > 0)(
+  `the same conventions on serve, convert, import, ls, get and diff --files${extMissing.length > 0 ? ` [skipped: ${extMissing.join(', ')} not installed]` : ''}`,
+  () => {
+    /** A COW over an ext2 base holding /hello.txt. */
+    function makeGuestCow(): void {
+      const root = path.join(tmp.path, 'root');
+      fs.mkdirSync(root);
+      fs.writeFileSync(path.join(root, 'hello.txt'), 'hello\n');
+      const mkfs = run('mke2fs', ['-q', '-F', '-t', 'ext2', '-d', root, path.join(tmp.path, 'base.img'), '4M']);
+      expect(mkfs.status, mkfs.stderr).toBe(0);
+      expect(ubdcow(['create', '-q', 'vm.cow', 'base.img']).status).toBe(0);
+    }
+
+    it('-q, --output=json with schemaVersion, and unknown options named', () => {
+      makeGuestCow();
+      const ls = ubdcow(['ls', 'vm.cow', '--output=json']);
+      expect(ls.status, ls.stderr).toBe(0);
+      expect(JSON.parse(ls.stdout)).toMatchObject({ schemaVersion: 1, entries: expect.arrayContaining([expect.objectContaining({ name: 'hello.txt' })]) });
+      const files = ubdcow(['diff', '--files', 'vm.cow', '--output', 'json']);
+      expect(files.status, files.stderr).toBe(0);
+      expect(JSON.parse(files.stdout)).toMatchObject({ schemaVersion: 1, changes: [] });
+
+      const converted = ubdcow(['convert', 'vm.cow', 'vm.qcow2', '-O', 'qcow2', '--output=json']);
+      expect(converted.status, converted.stderr).toBe(0);
+      expect(JSON.parse(converted.stdout)).toMatchObject({ schemaVersion: 1, format: 'qcow2' });
+      expect(ubdcow(['convert', '-q', 'vm.cow', 'quiet.qcow2', '-O', 'qcow2'])).toMatchObject({ status: 0, stdout: '', stderr: '' });
+      expect(ubdcow(['import', '-q', 'vm.qcow2', 'back.cow', 'base.img'])).toMatchObject({ status: 0, stdout: '', stderr: '' });
+
+      for (const command of [['serve', 'vm.cow', '--socket', 's'], ['convert', 'vm.cow', 'x', '-O', 'raw'], ['import', 'vm.qcow2', 'y.cow', 'base.img'], ['ls', 'vm.cow'], ['get', 'vm.cow', '/hello.txt']]) {
+        expectOneLine(ubdcow([...command, '--bogus']), 1, new RegExp(`^ubdcow ${command[0]}: unknown option --bogus \\(see ubdcow ${command[0]} --help\\)`));
+      }
+      expect(fs.existsSync(path.join(tmp.path, 'x'))).toBe(false);
+    });
+
+    it('get -o FILE keeps its meaning (a file, not a format); serve --json carries schemaVersion', async () => {
+      makeGuestCow();
+      const got = ubdcow(['get', 'vm.cow', '/hello.txt', '-o', 'json']);
+      expect(got.status, got.stderr).toBe(0);
+      expect(fs.readFileSync(path.join(tmp.path, 'json'), 'utf8')).toBe('hello\n');
+      expect(ubdcow(['get', 'vm.cow', '/hello.txt', '--output', 'out.txt']).status).toBe(0);
+      expect(fs.readFileSync(path.join(tmp.path, 'out.txt'), 'utf8')).toBe('hello\n');
+
+      const { spawn } = await import('node:child_process');
+      const server = spawn(process.execPath, [cli, 'serve', 'vm.cow', '--socket', path.join(tmp.path, 'nbd.sock'), '--read-only', '--output=json'], { cwd: tmp.path });
+      const line = await new Promise<string>((resolve, reject) => {
+        let text = '';
+        server.stdout.on('data', (chunk: Buffer) => {
+          text += chunk.toString();
+          if (text.includes('\n')) resolve(text.split('\n')[0]);
+        });
+        server.on('exit', (code) => reject(new Error(`serve exited ${code}`)));
+      });
+      const exited = new Promise((resolve) => server.on('exit', resolve));
+      server.kill('SIGTERM');
+      await exited;
+      expect(JSON.parse(line)).toMatchObject({ schemaVersion: 1, kind: 'cow', readOnly: true });
+    });
+
+    it('their library functions refuse unknown option keys', async () => {
+      makeGuestCow();
+      const api = await import(pathToFileURL(path.join(repoRoot, 'dist', 'index.js')).href);
+      const cow = path.join(tmp.path, 'vm.cow');
+      const calls: Array<[string, () => Promise<unknown>]> = [
+        ['serveImage', () => api.serveImage(cow, { sockt: 'x' })],
+        ['convertImage', () => api.convertImage(cow, path.join(tmp.path, 'o.img'), { format: 'raw', forse: true })],
+        ['importImage', () => api.importImage(cow, path.join(tmp.path, 'i.cow'), path.join(tmp.path, 'base.img'), { forse: true })],
+        ['openGuestFs', () => api.openGuestFs(cow, { partitions: 1 })],
+        ['diffFiles', () => api.diffFiles(cow, undefined, { checksums: true })],
+        ['listGuest', () => api.listGuest(cow, '/', { recurse: true })],
+        ['getGuestFile', () => api.getGuestFile(cow, '/hello.txt', { backng: 'x' }).next()],
+        ['serveNbd', () => api.serveNbd({}, { sockett: 'x' })],
+      ];
+      for (const [name, call] of calls) {
+        await expect(call(), name).rejects.toThrow(new RegExp(`^${name}: unknown option "\\w+" \\(did you mean`));
+      }
+      expect(fs.readdirSync(tmp.path).sort()).toEqual(['base.img', 'root', 'vm.cow']);
+    });
+
+    it('the man page covers them', () => {
+      const page = fs.readFileSync(path.join(repoRoot, 'man', 'ubdcow.1'), 'utf8');
+      for (const command of ['serve', 'convert', 'import', 'ls', 'get']) expect(page).toContain(`.SS ${command}\n`);
+    });
+  },
+);
