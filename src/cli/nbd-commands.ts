@@ -1,7 +1,7 @@
 /* serve (NBD export), convert (to qcow2/raw/vmdk/vdi/vhdx through qemu-img) and import (back). */
 import type { CommandModule } from 'yargs';
 import { UbdcowError } from '../errors.js';
-import { JSON_SCHEMA_VERSION, formatBytes, note, out, toJson } from './format.js';
+import { JSON_SCHEMA_VERSION, formatBytes, note, out, toJson, warn } from './format.js';
 
 const serve: CommandModule = {
   command: 'serve <image>',
@@ -65,6 +65,7 @@ const serve: CommandModule = {
       };
       if (early) onSignal(early);
     });
+    warn('serve', handle.warnings);
     const { address } = handle.server;
     if (argv.json) {
       out(JSON.stringify({ schemaVersion: JSON_SCHEMA_VERSION, listening: address, port: handle.server.port, socket: handle.server.socketPath, kind: handle.kind, size: handle.size, readOnly: handle.readOnly, name: argv.name, pid: process.pid }));
@@ -99,6 +100,7 @@ const convert: CommandModule = {
       progress: Boolean(argv.p),
       force: Boolean(argv.force),
     });
+    warn('convert', result.warnings);
     if (argv.json) out(toJson(result));
     else note(`converted ${result.input} to ${result.output} (${result.format}${result.base ? `, overlay over ${result.base}` : ''}, ${formatBytes(result.size)})`);
   },

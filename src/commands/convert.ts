@@ -34,6 +34,8 @@ export interface ConvertResult {
   base?: string;
   baseFormat?: string;
   size: number;
+  /** From reading IMAGE (e.g. its backing file's mtime moved: read anyway, as every reader does). */
+  warnings: string[];
 }
 
 const convertImageOptionKeys: OptionKeys<ConvertOptions> = { format: true, base: true, backing: true, progress: true, force: true };
@@ -88,5 +90,5 @@ export async function convertImage(image: string, output: string, options: Conve
     fs.rmSync(partial, { force: true });
     fs.rmSync(folder, { recursive: true, force: true });
   }
-  return { input: image, output, format: options.format, base: options.base, baseFormat, size: served.size };
+  return { input: image, output, format: options.format, base: options.base, baseFormat, size: served.size, warnings: served.warnings };
 }

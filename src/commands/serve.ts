@@ -41,6 +41,8 @@ export interface ServeHandle {
   kind: 'cow' | 'raw';
   size: number;
   readOnly: boolean;
+  /** Worth telling the user, not stopping for (read-only: the backing file's mtime moved). */
+  warnings: string[];
   /** Stops the server (in-flight requests finish), flushes, closes the image (releasing its lock). */
   close(): Promise<void>;
 }
@@ -86,6 +88,7 @@ export async function serveImage(image: string, options: ServeOptions = {}): Pro
     kind,
     size: device.size,
     readOnly: Boolean(options.readOnly) || device.readOnly,
+    warnings: device.warnings ?? [],
     close() {
       closing ??= (async () => {
         try {
@@ -100,7 +103,7 @@ export async function serveImage(image: string, options: ServeOptions = {}): Pro
   };
 }
 
-type ClosableDevice = NbdBlockDevice & { close(): Promise<void> };
+type ClosableDevice = NbdBlockDevice & { close(): Promise<void>; warnings?: string[] };
 
 async function startsWithCowMagic(file: string): Promise<boolean> {
   let handle: fs.promises.FileHandle;
@@ -130,6 +133,7 @@ async function cowExport(image: string, options: ServeOptions): Promise<Closable
     flush: () => cow.flush(),
     blockStatus: options.allocation === 'merged' ? undefined : (offset, length, maxExtents) => cowAllocation(cow, offset, length, maxExtents),
     close: () => cow.close(),
+    warnings: cow.warnings,
   };
 }
 

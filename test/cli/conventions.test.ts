@@ -311,6 +311,18 @@ describe.skipIf(extMissing.length > 0)(
       expect(fs.readdirSync(tmp.path).sort()).toEqual(['base.img', 'root', 'vm.cow']);
     });
 
+    it('one mtime rule: convert (a reader) warns and goes on, a writable serve refuses; both name the fix', () => {
+      makeGuestCow();
+      fs.utimesSync(path.join(tmp.path, 'base.img'), 1_000_000, 1_000_000);
+      const converted = ubdcow(['convert', 'vm.cow', 'vm.raw', '-O', 'raw']);
+      expect(converted.status, converted.stderr).toBe(0);
+      expect(converted.stderr).toMatch(/^ubdcow convert: warning: vm\.cow: .*backing mtime is 1000000 .*the kernel would refuse it; .*"ubdcow rebase vm\.cow .* --compare" records its mtime/);
+      expect(ubdcow(['convert', '-q', 'vm.cow', 'quiet.raw', '-O', 'raw'])).toMatchObject({ status: 0, stdout: '', stderr: '' });
+      const before = fs.readFileSync(path.join(tmp.path, 'vm.cow'));
+      expectOneLine(ubdcow(['serve', 'vm.cow', '--socket', 'nbd.sock']), 1, /^ubdcow serve: vm\.cow: .*backing mtime is 1000000 .*refusing to write \(.*"ubdcow rebase vm\.cow .* --compare" records its mtime/);
+      expect(fs.readFileSync(path.join(tmp.path, 'vm.cow')).equals(before)).toBe(true);
+    });
+
     it('the man page covers them', () => {
       const page = fs.readFileSync(path.join(repoRoot, 'man', 'ubdcow.1'), 'utf8');
       for (const command of ['serve', 'convert', 'import', 'ls', 'get']) expect(page).toContain(`.SS ${command}\n`);
