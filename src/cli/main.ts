@@ -43,12 +43,22 @@ function reportError(command: string, err: unknown, debug: boolean): number {
   return errorExitCode(command);
 }
 
-/** The options a command's builder declares, with their aliases, found by running it on a probe. */
-function knownOptions(command: CommandModule): Set<string> {
+interface DeclaredOptions {
+  key: Record<string, unknown>;
+  alias: Record<string, string[]>;
+}
+
+/** The options a command's builder declares, found by running it on a probe parser. */
+function declaredOptions(command: CommandModule): DeclaredOptions {
   const probe = yargs([]);
   if (typeof command.builder === 'function') command.builder(probe);
   else if (command.builder) probe.options(command.builder);
-  const options = (probe as unknown as { getOptions(): { key: Record<string, unknown>; alias: Record<string, string[]> } }).getOptions();
+  return (probe as unknown as { getOptions(): DeclaredOptions }).getOptions();
+}
+
+/** Every option name a command accepts: its own, their aliases, and the global ones. */
+function knownOptions(command: CommandModule): Set<string> {
+  const options = declaredOptions(command);
   const names = new Set<string>(globalOptions);
   for (const key of Object.keys(options.key)) names.add(key);
   for (const [key, aliases] of Object.entries(options.alias)) {
@@ -58,13 +68,9 @@ function knownOptions(command: CommandModule): Set<string> {
   return names;
 }
 
-/** True when the command's builder declares an `output` option of its own (get's -o FILE). */
+/** True when the command declares an `output` of its own (get's -o FILE): then it is not the format. */
 function declaresOwnOutput(command: CommandModule): boolean {
-  const probe = yargs([]);
-  if (typeof command.builder === 'function') command.builder(probe);
-  else if (command.builder) probe.options(command.builder);
-  const options = (probe as unknown as { getOptions(): { key: Record<string, unknown> } }).getOptions();
-  return Object.prototype.hasOwnProperty.call(options.key, 'output');
+  return Object.prototype.hasOwnProperty.call(declaredOptions(command).key, 'output');
 }
 
 /**
