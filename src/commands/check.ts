@@ -119,8 +119,11 @@ async function checkLength(image: CowImage, result: CheckResult): Promise<void> 
   if (!image.dataAreaTruncated) return;
   const { sectorSize } = image.header;
   let lostSectors = 0;
+  // A sector with any byte past the end is lost: only the whole sectors before the end survive
+  // (issue 15 item 2: this rounded up, calling a sector cut 1-511 bytes in intact).
+  const firstLost = Math.floor((image.fileSize - dataOffset) / sectorSize);
   for await (const extent of allocatedExtents(image)) {
-    const firstPastEnd = Math.max(extent.start, Math.ceil((image.fileSize - dataOffset) / sectorSize));
+    const firstPastEnd = Math.max(extent.start, firstLost);
     if (extent.end > firstPastEnd) lostSectors += extent.end - firstPastEnd;
   }
   const consequence =
