@@ -58,6 +58,12 @@ export interface FileStat {
   kind: 'file' | 'directory' | 'block-device' | 'fifo' | 'other';
   /** Device number for block devices (to find their size). */
   rdev: number;
+  /**
+   * Device and inode: what names one file, whatever path (symlink, hard link) reaches it. The
+   * kernel tells backing files apart this way. Optional: a test file system may leave them out.
+   */
+  dev?: number;
+  ino?: number;
 }
 
 /**
@@ -118,6 +124,8 @@ function toFileStat(stats: fs.Stats): FileStat {
     allocated: stats.blocks * 512,
     kind: kindOf(stats),
     rdev: stats.rdev,
+    dev: stats.dev,
+    ino: stats.ino,
   };
 }
 
