@@ -3,8 +3,9 @@ import { CowFormatError, UbdcowError, fromSystemError } from '../errors.js';
 import { existsError, writeNewFile } from '../io/atomic.js';
 import { type FileHandleLike, type FileSystem, nodeFileSystem, readExactly } from '../io/file.js';
 import { ImageWriter } from '../io/image-writer.js';
-import { BITMAP_CHUNK_BYTES, type BackingReport, type CowImage, type SectorExtent, allocatedExtents, checkBacking, openImage, openImageFile, statImageFile } from '../io/image.js';
+import { type BackingReport, type CowImage, type SectorExtent, allocatedExtents, checkBacking, openImage, openImageFile, statImageFile } from '../io/image.js';
 import { lockCowFile } from '../io/lock.js';
+import { clearNonZeroBytes } from '../io/bitmap-clear.js';
 import { findSiblingCows } from './siblings.js';
 import { rewriteHeader } from './rebase.js';
 
@@ -652,14 +653,8 @@ async function copyRunsAsync(image: CowImage, backing: FileHandleLike, backingPa
  */
 async function emptyCow(image: CowImage, backingMtime: number): Promise<void> {
   const { bitmapOffset, bitmapLength, dataOffset, fileLength } = image.geometry;
-  const zeros = new Uint8Array(Math.min(bitmapLength, BITMAP_CHUNK_BYTES));
-  try {
-    for (let at = 0; at < bitmapLength; at += zeros.length) {
-      await image.file.write(zeros, 0, Math.min(zeros.length, bitmapLength - at), bitmapOffset + at);
-    }
-  } catch (err) {
-    throw fromSystemError(err, image.path, 'clear the bitmap of');
-  }
+  // Only the bytes holding bits: zeros over the whole bitmap would fill its holes (issue 15 item 5).
+  await clearNonZeroBytes(image.file, image.path, bitmapOffset, bitmapLength);
   await rewriteHeader(image.file, image.path, { ...image.header, mtime: backingMtime });
   try {
     await image.file.truncate(dataOffset);
