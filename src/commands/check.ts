@@ -1,6 +1,7 @@
 import { UbdcowError } from '../errors.js';
 import { CowFormatError, fromSystemError } from '../errors.js';
 import { type FileSystem, nodeFileSystem } from '../io/file.js';
+import { describeBitmapOverlap, describeHangingDisk } from '../format/kernel-traps.js';
 import { type BackingReport, type CowImage, allocatedExtents, checkBacking, openImage } from '../io/image.js';
 import { isCowFileLocked, lockCowFile } from '../io/lock.js';
 import { interruptedCommitMessage, readCommitJournal } from './commit.js';
@@ -22,7 +23,8 @@ export type CheckProblemCode =
   | 'backing-not-a-file'
   | 'backing-size'
   | 'backing-mtime'
-  | 'commit-interrupted';
+  | 'commit-interrupted'
+  | 'kernel-bitmap-overlap';
 
 export interface CheckProblem {
   code: CheckProblemCode;
@@ -79,6 +81,7 @@ export async function checkCow(cowPath: string, options: CheckOptions = {}): Pro
     if (options.repair) await lockCowFile(image.file, cowPath, { exclusive: true });
     else result.inUse = await isCowFileLocked(image.file, cowPath, { exclusive: false });
     result.warnings.push(...image.warnings);
+    checkKernelTraps(image, result);
     await checkLength(image, result);
     await checkBitsBeyondEnd(image, result, options.repair ?? false);
     const backing = await checkBacking(image.header, options.backing, fs);
@@ -111,6 +114,17 @@ export async function checkCow(cowPath: string, options: CheckOptions = {}): Pro
   }
   result.clean = result.problems.every((problem) => problem.repaired);
   return result;
+}
+
+/**
+ * Issue 15 items 6 and 7: an alignment whose data area the kernel's bitmap writes overlap is a
+ * problem (guest writes corrupt sector 0); a disk too small for the kernel is a warning.
+ */
+function checkKernelTraps(image: CowImage, result: CheckResult): void {
+  const overlap = describeBitmapOverlap(image.geometry, image.header.alignment);
+  if (overlap) result.problems.push({ code: 'kernel-bitmap-overlap', message: `${image.path}: ${overlap}`, repairable: false });
+  const hanging = describeHangingDisk(image.geometry);
+  if (hanging) result.warnings.push(`${image.path}: ${hanging}`);
 }
 
 /** A file shorter than its data area: sectors allocated past the end have lost their data. */
