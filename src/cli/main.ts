@@ -2,6 +2,7 @@ import yargs, { type Argv } from 'yargs';
 import { UbdcowError, oneLine } from '../errors.js';
 import { commands } from './commands.js';
 import { CliExit } from './exit.js';
+import { quietOnBrokenPipe } from './broken-pipe.js';
 
 function commandName(argv: string[]): string {
   return argv.find((arg) => !arg.startsWith('-')) ?? 'ubdcow';
@@ -51,6 +52,7 @@ export function buildParser(argv: string[]): Argv {
 export async function main(argv: string[]): Promise<void> {
   const command = commandName(argv);
   const debug = argv.includes('--debug');
+  quietOnBrokenPipe(errorExitCode(command));
   try {
     await buildParser(argv).parseAsync();
   } catch (err) {

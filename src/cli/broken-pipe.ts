@@ -1,0 +1,19 @@
+/*
+ * A closed pipe on stdout (`ubdcow inspect X | head -1`, `| true`) is the reader saying "enough",
+ * not an error (issue 15 item 3). Node ignores SIGPIPE, so a write to a pipe nobody reads fails
+ * with EPIPE, emitted as an 'error' event on process.stdout; with no listener that event is an
+ * uncaught exception: a stack trace and exit 1. Installed once at start-up, this listener turns
+ * EPIPE into silence: the rest of the output is dropped, the command's work runs to its end (a
+ * `check --repair` is finished, never left half-done, because commands print only after their
+ * work) and its exit status stands (0, or diff's and check's answer 1). `cat` and `read`, which
+ * stream, also stop early. Any other error on stdout is reported in one line, exit 1.
+ */
+
+/** `errorExitCode`: the status for any other stdout error (2 for diff and check, else 1). */
+export function quietOnBrokenPipe(errorExitCode: number, stream: NodeJS.WriteStream = process.stdout): void {
+  stream.on('error', (err: NodeJS.ErrnoException) => {
+    if (err.code === 'EPIPE') return;
+    process.stderr.write(`ubdcow: standard output: cannot write: ${err.message}\n`);
+    process.exitCode = errorExitCode;
+  });
+}
