@@ -10,10 +10,12 @@
  */
 
 /** `errorExitCode`: the status for any other stdout error (2 for diff and check, else 1). */
-export function quietOnBrokenPipe(errorExitCode: number, stream: NodeJS.WriteStream = process.stdout): void {
+export function quietOnBrokenPipe(errorExitCode: number, stream: NodeJS.WriteStream = process.stdout, errors: NodeJS.WriteStream = process.stderr): void {
   stream.on('error', (err: NodeJS.ErrnoException) => {
     if (err.code === 'EPIPE') return;
-    process.stderr.write(`ubdcow: standard output: cannot write: ${err.message}\n`);
+    errors.write(`ubdcow: standard output: cannot write: ${err.message}\n`);
     process.exitCode = errorExitCode;
   });
+  // Warnings and errors sent to a closed pipe (`2>&1 | true`) have nowhere else to go.
+  errors.on('error', () => undefined);
 }

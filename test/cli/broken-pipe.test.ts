@@ -118,6 +118,25 @@ describe('EPIPE on stdout ends every printing command quietly', () => {
     expect(fs.readFileSync(moved).subarray(8192, 8201).toString()).toBe('via write');
   });
 
+  it('stderr on the same closed pipe (2>&1 | true): a warning or an error goes nowhere, quietly', async () => {
+    const base = path.join(tmp.path, 'tiny.img');
+    fs.writeFileSync(base, Buffer.alloc(64 * 512)); // 64 sectors: create and inspect warn on stderr
+    const cow = path.join(tmp.path, 'tiny.cow');
+    const both = (args: string[]) =>
+      new Promise<{ status: number | null; signal: NodeJS.Signals | null }>((resolve, reject) => {
+        const child = spawn(process.execPath, [cli, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+        child.stdout.destroy();
+        child.stderr.destroy();
+        child.on('error', reject);
+        child.on('close', (status, signal) => resolve({ status, signal }));
+      });
+    expect(await both(['create', cow, base])).toEqual({ status: 0, signal: null });
+    expect(fs.existsSync(cow)).toBe(true);
+    expect(await both(['inspect', cow])).toEqual({ status: 0, signal: null });
+    // An error's one line has nowhere to go either; the status still says what happened.
+    expect(await both(['inspect', path.join(tmp.path, 'missing.cow')])).toEqual({ status: 1, signal: null });
+  });
+
   it('demo', async () => {
     expectQuiet(await runWithClosedStdout(['demo']), 0);
   });
