@@ -27,8 +27,9 @@ function onSignal(signal: NodeJS.Signals): void {
   }
   registered.clear();
   uninstall();
-  // With our handlers gone, the default action applies: the process ends by this signal.
-  process.kill(process.pid, signal);
+  // With our handlers gone, the default action applies: the process ends by this signal. A program
+  // using the library with its own handler has already been given this signal: it decides.
+  if (process.listenerCount(signal) === 0) process.kill(process.pid, signal);
 }
 
 function install(): void {
