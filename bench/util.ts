@@ -1,43 +1,12 @@
-/* Helpers for the benchmarks (and for tests that need COW files with chosen contents). */
+/* Helpers for the benchmarks: timing, machine description, tables. Fixtures live in test/helpers/. */
 import { spawn, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { fileURLToPath } from 'node:url';
-import { openImage } from '../src/io/image.js';
+import { hasTool, repoRoot } from '../test/helpers/tools.js';
 
-export const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
+export { hasTool, repoRoot };
 export const cliPath = path.join(repoRoot, 'dist', 'cli', 'main.js');
-
-/** Sectors to put into a COW: `data.length` must be a whole number of sectors (the last may be partial at the disk end). */
-export interface SectorWrite {
-  sector: number;
-  data: Uint8Array;
-}
-
-/**
- * Writes data into a COW's data area and sets the matching bitmap bits, as the kernel would
- * after guest writes. Bitmap bytes are read, OR-ed and written back one write at a time.
- */
-export async function writeCowSectors(cowPath: string, writes: Iterable<SectorWrite>): Promise<void> {
-  const image = await openImage(cowPath, { mode: 'r+' });
-  try {
-    const { sectorSize } = image.header;
-    const { bitmapOffset, dataOffset } = image.geometry;
-    for (const { sector, data } of writes) {
-      const sectors = Math.ceil(data.length / sectorSize);
-      await image.file.write(data, 0, data.length, dataOffset + sector * sectorSize);
-      const firstByte = Math.floor(sector / 8);
-      const lastByte = Math.floor((sector + sectors - 1) / 8);
-      const bits = new Uint8Array(lastByte - firstByte + 1);
-      await image.file.read(bits, 0, bits.length, bitmapOffset + firstByte);
-      for (let s = sector; s < sector + sectors; s++) bits[Math.floor(s / 8) - firstByte] |= 1 << (s & 7);
-      await image.file.write(bits, 0, bits.length, bitmapOffset + firstByte);
-    }
-  } finally {
-    await image.file.close();
-  }
-}
 
 export interface Measurement {
   seconds: number;
@@ -102,18 +71,6 @@ export function ensureBuilt(): void {
   if (result.status !== 0) throw new Error(`build failed:\n${result.stdout}${result.stderr}`);
 }
 
-const toolFound = new Map<string, boolean>();
-
-/** True when `name` is an executable on PATH (asked once per name). */
-export function hasTool(name: string): boolean {
-  let present = toolFound.get(name);
-  if (present === undefined) {
-    present = spawnSync('which', [name], { stdio: 'ignore' }).status === 0;
-    toolFound.set(name, present);
-  }
-  return present;
-}
-
 export interface Machine {
   cpu: string;
   cores: number;
@@ -144,18 +101,6 @@ export function table(rows: string[][]): string {
   const widths = rows[0].map((_, column) => Math.max(...rows.map((row) => (row[column] ?? '').length)));
   const line = (row: string[]) => row.map((cell, column) => cell.padEnd(widths[column])).join('  ').trimEnd();
   return [line(rows[0]), line(widths.map((width) => '-'.repeat(width))), ...rows.slice(1).map(line)].join('\n');
-}
-
-/** A reproducible pseudo-random generator (mulberry32), so runs place extents alike. */
-export function seededRandom(seed: number): () => number {
-  let state = seed >>> 0;
-  return () => {
-    state = (state + 0x6d2b79f5) >>> 0;
-    let t = state;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
 }
 
 export function seconds(value: number): string {

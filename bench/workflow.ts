@@ -16,7 +16,6 @@ import * as path from 'node:path';
 import { createCow } from '../src/commands/create.js';
 import {
   type Measurement,
-  type SectorWrite,
   describeMachine,
   ensureBuilt,
   hasTool,
@@ -24,10 +23,9 @@ import {
   measureCli,
   mebibytes,
   seconds,
-  seededRandom,
   table,
-  writeCowSectors,
 } from './util.js';
+import { type SectorWrite, seededRandom, writeCowSectors } from '../test/helpers/cow-writes.js';
 
 const args = process.argv.slice(2);
 const quick = args.includes('--quick');

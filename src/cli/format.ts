@@ -1,4 +1,4 @@
-import { UbdcowError } from '../errors.js';
+import { usageError } from '../errors.js';
 
 /** Human-readable output helpers (the JSON output never uses these). */
 
@@ -32,7 +32,7 @@ export function parseByteCount(option: string, text: string): number {
   const match = /^(0x[0-9a-f]+|\d+)\s*(?:([kmgtp])(?:i?b)?|(b))?$/i.exec(text.trim());
   const value = match ? Number(match[1]) * sizeUnits[(match[2] ?? match[3] ?? '').toLowerCase()] : NaN;
   if (!Number.isSafeInteger(value)) {
-    throw new UbdcowError('usage', `--${option} is ${JSON.stringify(text)}, expected a byte count such as 4096, 0x1000, 64K or 1MiB`);
+    throw usageError(`--${option} is ${JSON.stringify(text)}, expected a byte count such as 4096, 0x1000, 64K or 1MiB`);
   }
   return value;
 }

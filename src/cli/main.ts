@@ -1,6 +1,6 @@
 import yargs, { type Argv } from 'yargs';
-import { UbdcowError, oneLine } from '../errors.js';
-import { commands } from './commands.js';
+import { UbdcowError, oneLine, usageError } from '../errors.js';
+import { commands } from './registry.js';
 import { CliExit } from './exit.js';
 import { quietOnBrokenPipe } from './broken-pipe.js';
 
@@ -43,7 +43,7 @@ export function buildParser(argv: string[]): Argv {
     .epilogue('Exit codes: 0 success; 1 failure (diff: images differ; check: problems found); 2 diff/check could not answer.')
     .fail((message, err) => {
       if (err) throw err;
-      throw new UbdcowError('usage', `${message} (see --help)`);
+      throw usageError(`${message} (see --help)`);
     });
   for (const command of commands) parser = parser.command(command);
   return parser;

@@ -1,4 +1,4 @@
-import { UbdcowError } from '../errors.js';
+import { checkByteRange } from '../errors.js';
 import type { FileSystem } from '../io/file.js';
 import { openVirtualDisk } from '../io/virtual-disk.js';
 
@@ -28,17 +28,8 @@ export async function* catImage(file: string, options: CatOptions = {}): AsyncGe
   try {
     for (const warning of disk.warnings) options.onWarning?.(warning);
     const offset = options.offset ?? 0;
-    if (!Number.isSafeInteger(offset) || offset < 0 || offset > disk.size) {
-      throw new UbdcowError('out-of-range', `${file}: offset is ${offset}, expected a byte offset from 0 to ${disk.size} (the disk size)`, { file });
-    }
-    const length = options.length ?? disk.size - offset;
-    if (!Number.isSafeInteger(length) || length < 0 || offset + length > disk.size) {
-      throw new UbdcowError(
-        'out-of-range',
-        `${file}: length is ${length}, expected at most ${disk.size - offset} bytes (disk size ${disk.size} minus offset ${offset})`,
-        { file },
-      );
-    }
+    const length = options.length ?? Math.max(0, disk.size - offset);
+    checkByteRange(file, 'read', offset, length, disk.size);
     const chunkBytes = Math.max(1, options.chunkBytes ?? CAT_CHUNK_BYTES);
     const end = offset + length;
     for (let position = offset; position < end; position += chunkBytes) {

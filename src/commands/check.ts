@@ -1,10 +1,11 @@
-import { UbdcowError } from '../errors.js';
 import { CowFormatError, fromSystemError } from '../errors.js';
-import { type FileSystem, nodeFileSystem } from '../io/file.js';
 import { describeBitmapOverlap, describeHangingDisk } from '../format/kernel-traps.js';
-import { type BackingReport, type CowImage, allocatedExtents, checkBacking, openImage } from '../io/image.js';
-import { isCowFileLocked, lockCowFile } from '../io/lock.js';
-import { interruptedCommitMessage, readCommitJournal } from './commit.js';
+import { allocatedExtents } from '../io/allocation.js';
+import { type BackingReport, checkBacking } from '../io/backing.js';
+import { commitJournalExists, interruptedCommitMessage } from '../io/commit-journal.js';
+import { type FileSystem, nodeFileSystem, readExactly, writeAll } from '../io/file.js';
+import { type CowImage, withImage } from '../io/image.js';
+import { isCowFileLocked } from '../io/lock.js';
 
 export interface CheckOptions {
   /** Fix what can be fixed safely: bitmap bits set past the last sector. Nothing else is changed. */
@@ -67,50 +68,37 @@ const backingProblemCodes: Record<Exclude<BackingReport['state'], 'ok'>, CheckPr
 export async function checkCow(cowPath: string, options: CheckOptions = {}): Promise<CheckResult> {
   const fs = options.fs ?? nodeFileSystem;
   const result: CheckResult = { file: cowPath, problems: [], repaired: [], clean: true, inUse: false, warnings: [] };
-  let image: CowImage;
+  // Set once the file is open: a format error before that is the answer, after it a failure.
+  let opened = false;
   try {
-    image = await openImage(cowPath, { fs, mode: options.repair ? 'r+' : 'r' });
+    await withImage(cowPath, { fs, mode: options.repair ? 'r+' : 'r', lock: options.repair ? 'write' : 'none' }, async (image) => {
+      opened = true;
+      if (!options.repair) result.inUse = await isCowFileLocked(image.handle, cowPath, { exclusive: false });
+      result.warnings.push(...image.warnings);
+      checkKernelTraps(image, result);
+      await checkLength(image, result);
+      await checkBitsBeyondEnd(image, result, options.repair ?? false);
+      const backing = await checkBacking(image.header, options.backing, fs);
+      result.backing = backing;
+      if (backing.state !== 'ok') {
+        result.problems.push({
+          code: backingProblemCodes[backing.state],
+          message: `${cowPath}: ${backing.problem ?? `backing file ${backing.state}`}`,
+          repairable: false,
+        });
+      }
+      // A journal that is there but unreadable as one still means an interrupted commit; an I/O
+      // error is not an answer, so it propagates (exit 2: could not check).
+      if (await commitJournalExists(fs, cowPath)) {
+        result.problems.push({ code: 'commit-interrupted', message: interruptedCommitMessage(cowPath), repairable: false });
+      }
+    });
   } catch (err) {
-    if (!(err instanceof CowFormatError)) throw err;
+    if (opened || !(err instanceof CowFormatError)) throw err;
     const code: CheckProblemCode = err.code === 'truncated-bitmap' ? 'truncated' : 'header';
     result.problems.push({ code, message: err.message, repairable: false, detail: err.code });
     result.clean = false;
     return result;
-  }
-  try {
-    if (options.repair) await lockCowFile(image.file, cowPath, { exclusive: true });
-    else result.inUse = await isCowFileLocked(image.file, cowPath, { exclusive: false });
-    result.warnings.push(...image.warnings);
-    checkKernelTraps(image, result);
-    await checkLength(image, result);
-    await checkBitsBeyondEnd(image, result, options.repair ?? false);
-    const backing = await checkBacking(image.header, options.backing, fs);
-    result.backing = backing;
-    if (backing.state !== 'ok') {
-      result.problems.push({
-        code: backingProblemCodes[backing.state],
-        message: `${cowPath}: ${backing.problem ?? `backing file ${backing.state}`}`,
-        repairable: false,
-      });
-    }
-    // A journal that is there but unreadable as one still means an interrupted commit; an I/O
-    // error is not an answer, so it propagates (exit 2: could not check).
-    const interrupted = await readCommitJournal(fs, cowPath).then(
-      (journal) => journal !== undefined,
-      (err: unknown) => {
-        if (err instanceof UbdcowError && err.code === 'bad-journal') return true;
-        throw err;
-      },
-    );
-    if (interrupted) {
-      result.problems.push({
-        code: 'commit-interrupted',
-        message: interruptedCommitMessage(cowPath),
-        repairable: false,
-      });
-    }
-  } finally {
-    await image.file.close().catch(() => undefined);
   }
   result.clean = result.problems.every((problem) => problem.repaired);
   return result;
@@ -160,11 +148,10 @@ async function checkBitsBeyondEnd(image: CowImage, result: CheckResult, repair: 
   const firstByte = Math.floor(sectors / 8);
   if (firstByte >= bitmapLength) return;
   const tail = new Uint8Array(bitmapLength - firstByte);
-  try {
-    await image.file.read(tail, 0, tail.length, bitmapOffset + firstByte);
-  } catch (err) {
-    throw fromSystemError(err, image.path, 'read the bitmap of');
-  }
+  const position = bitmapOffset + firstByte;
+  await readExactly(image.handle, image.path, 'read the bitmap of', { buffer: tail, offset: 0, length: tail.length, position }, (got) =>
+    new CowFormatError('truncated-bitmap', 'bitmap', `${position + got - bitmapOffset} bytes long`, `${bitmapLength} bytes from offset ${bitmapOffset}`, image.path),
+  );
   const strayBits: number[] = [];
   const cleaned = tail.slice();
   for (let bit = sectors; bit < bitmapLength * 8; bit++) {
@@ -184,12 +171,10 @@ async function checkBitsBeyondEnd(image: CowImage, result: CheckResult, repair: 
   };
   result.problems.push(problem);
   if (!repair) return;
-  try {
-    await image.file.write(cleaned, 0, cleaned.length, bitmapOffset + firstByte);
-    await image.file.sync();
-  } catch (err) {
+  await writeAll(image.handle, image.path, 'repair the bitmap of', { buffer: cleaned, offset: 0, length: cleaned.length, position });
+  await image.handle.sync().catch((err: unknown) => {
     throw fromSystemError(err, image.path, 'repair the bitmap of');
-  }
+  });
   problem.repaired = true;
   result.repaired.push(`${image.path}: cleared ${strayBits.length} bitmap bit(s) past the last sector (${strayBits.join(', ')})`);
 }

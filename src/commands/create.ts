@@ -10,8 +10,8 @@ import {
 } from '../format/header.js';
 import { type CowGeometry, computeGeometry } from '../format/geometry.js';
 import { describeBitmapOverlap, describeHangingDisk } from '../format/kernel-traps.js';
-import { type FileSystem, nodeFileSystem, sizeOf } from '../io/file.js';
-import { probeReadable, statImageFile } from '../io/image.js';
+import { type FileSystem, nodeFileSystem } from '../io/file.js';
+import { imageSize, probeReadable, statImageFile } from '../io/image.js';
 import { existsError, writeNewFile } from '../io/atomic.js';
 
 export interface CreateOptions {
@@ -45,9 +45,7 @@ export async function createCow(cowPath: string, backing: string, options: Creat
   const fs = options.fs ?? nodeFileSystem;
   const backingStat = await statImageFile(fs, backing, 'backing file');
   await probeReadable(fs, backing, 'backing file');
-  const size = await sizeOf(backingStat).catch((err) => {
-    throw fromSystemError(err, backing, 'find the size of backing file');
-  });
+  const size = await imageSize(backingStat, backing, 'backing file');
   const backingFile = await absoluteBackingPath(backing, fs).catch((err) => {
     throw fromSystemError(err, backing, 'resolve backing file path');
   });
@@ -70,7 +68,7 @@ export async function createCow(cowPath: string, backing: string, options: Creat
     geometry = computeGeometry(header);
     bytes = serializeV3(header);
   } catch (err) {
-    if (err instanceof CowFormatError) throw new UbdcowError(err.code, `${cowPath}: ${err.message}`, { file: cowPath });
+    if (err instanceof CowFormatError) throw err.inFile(cowPath);
     throw err;
   }
   // Issue 15 items 6 and 7: files the UML kernel would corrupt or hang on.

@@ -7,7 +7,7 @@ import { openCow } from '../io/engine.js';
 import { createCow } from './create.js';
 import { inspectCow } from './inspect.js';
 import { diffImages } from './diff.js';
-import { commitCow } from './commit.js';
+import { commitCow } from './commit/index.js';
 
 export interface DemoStep {
   title: string;

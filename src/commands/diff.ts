@@ -1,6 +1,6 @@
-import { UbdcowError } from '../errors.js';
+import { notACow, usageError } from '../errors.js';
 import type { FileSystem } from '../io/file.js';
-import { type VirtualDisk, allocatedByteExtents, openVirtualDisk } from '../io/virtual-disk.js';
+import { type CowDisk, type VirtualDisk, allocatedByteExtents, openVirtualDisk } from '../io/virtual-disk.js';
 
 /** A byte range of the virtual disk: [offset, offset + length). */
 export interface ByteRange {
@@ -65,7 +65,7 @@ export async function diffImages(a: string, b?: string, options: DiffOptions = {
   const chunkBytes = options.chunkBytes ?? DIFF_CHUNK_BYTES;
   if (b === undefined) {
     if (options.backingB !== undefined) {
-      throw new UbdcowError('usage', `a backing file for a second image (${options.backingB}) needs a second image`);
+      throw usageError(`a backing file for a second image (${options.backingB}) needs a second image`);
     }
     const disk = await openVirtualDisk(a, {
       fs,
@@ -75,7 +75,7 @@ export async function diffImages(a: string, b?: string, options: DiffOptions = {
     });
     try {
       if (disk.kind !== 'cow') {
-        throw new UbdcowError('not-a-cow', `${a}: is not a UML COW file (no COW magic); give a second image to compare it with`, { file: a });
+        throw notACow(a, '; give a second image to compare it with');
       }
       return options.allocated ? await listAllocation(disk) : await diffCowWithBacking(disk, chunkBytes);
     } finally {
@@ -83,7 +83,7 @@ export async function diffImages(a: string, b?: string, options: DiffOptions = {
     }
   }
   if (options.allocated) {
-    throw new UbdcowError('usage', 'listing allocated sectors (--allocated) takes one COW file, not two images');
+    throw usageError('listing allocated sectors (--allocated) takes one COW file, not two images');
   }
   const diskA = await openVirtualDisk(a, { fs, backing: options.backingA, bitmapWindowBytes: options.bitmapWindowBytes });
   try {
@@ -132,16 +132,14 @@ async function listAllocation(disk: VirtualDisk): Promise<DiffResult> {
   return resultOf(collector, 'allocation', disk.sectorSize, disk.size, disk.size, disk.warnings);
 }
 
-async function diffCowWithBacking(disk: VirtualDisk, chunkBytes: number): Promise<DiffResult> {
-  const backing = disk.backing;
-  if (!backing || !disk.readBacking) throw new Error('diffCowWithBacking needs the backing file open');
+async function diffCowWithBacking(disk: CowDisk, chunkBytes: number): Promise<DiffResult> {
   const before: Readable = { read: disk.readBacking };
   const comparer = new ChunkComparer(disk.sectorSize, chunkBytes);
   const collector = new RangeCollector();
   for await (const extent of allocatedByteExtents(disk)) {
     await comparer.compare(disk, before, extent.start, extent.end, collector);
   }
-  return resultOf(collector, 'cow-vs-backing', disk.sectorSize, disk.size, backing.size, disk.warnings);
+  return resultOf(collector, 'cow-vs-backing', disk.sectorSize, disk.size, disk.base.size, disk.warnings);
 }
 
 function sameBase(a: VirtualDisk, b: VirtualDisk): boolean {
@@ -150,7 +148,7 @@ function sameBase(a: VirtualDisk, b: VirtualDisk): boolean {
   if (realPath !== b.base.realPath || size !== b.base.size || mtime !== b.base.mtime) return false;
   // Only the view through the backing matters, but a COW whose header disagrees with its backing
   // may have been made over another file at that path: compare it in full to be safe.
-  return [a, b].every((disk) => !disk.cow || (disk.cow.header.size === size && disk.cow.header.mtime === mtime));
+  return [a, b].every((disk) => disk.kind === 'raw' || (disk.cow.header.size === size && disk.cow.header.mtime === mtime));
 }
 
 async function diffTwoDisks(a: VirtualDisk, b: VirtualDisk, chunkBytes: number): Promise<DiffResult> {

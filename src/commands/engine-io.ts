@@ -1,5 +1,5 @@
 import type { Writable } from 'node:stream';
-import { UbdcowError } from '../errors.js';
+import { checkByteRange } from '../errors.js';
 import { openCow } from '../io/engine.js';
 import type { FileSystem } from '../io/file.js';
 
@@ -19,13 +19,8 @@ export async function readThroughEngine(cowPath: string, sink: (chunk: Uint8Arra
   const dev = await openCow(cowPath, { readOnly: true, backing: options.backing, fs: options.fs });
   try {
     const offset = options.offset ?? 0;
-    if (offset > dev.size) {
-      throw new UbdcowError('out-of-range', `${cowPath}: offset ${offset} is past the end of the disk (${dev.size} bytes)`, { file: cowPath });
-    }
     const length = options.length ?? Math.max(0, dev.size - offset);
-    if (offset + length > dev.size) {
-      throw new UbdcowError('out-of-range', `${cowPath}: ${length} bytes at offset ${offset} pass the end of the disk (${dev.size} bytes)`, { file: cowPath });
-    }
+    checkByteRange(cowPath, 'read', offset, length, dev.size);
     for (let done = 0; done < length; done += CHUNK) {
       await sink(await dev.read(offset + done, Math.min(CHUNK, length - done)));
     }
@@ -57,13 +52,7 @@ export async function writeThroughEngine(cowPath: string, input: AsyncIterable<U
   let firstError: unknown;
   let written = 0;
   try {
-    if (options.expectedLength !== undefined && options.offset + options.expectedLength > dev.size) {
-      throw new UbdcowError(
-        'out-of-range',
-        `${cowPath}: ${options.expectedLength} bytes at offset ${options.offset} pass the end of the disk (${dev.size} bytes)`,
-        { file: cowPath },
-      );
-    }
+    if (options.expectedLength !== undefined) checkByteRange(cowPath, 'write', options.offset, options.expectedLength, dev.size);
     for await (const chunk of rechunk(input, CHUNK)) {
       if (firstError) break;
       const request = dev.write(options.offset + written, chunk).catch((err) => {

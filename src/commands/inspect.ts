@@ -1,7 +1,9 @@
 import type { HeaderLayout } from '../format/header.js';
 import type { FileSystem } from '../io/file.js';
 import { describeBitmapOverlap, describeHangingDisk } from '../format/kernel-traps.js';
-import { type BackingReport, allocatedExtents, checkBacking, isoTime, openImage } from '../io/image.js';
+import { allocatedExtents } from '../io/allocation.js';
+import { type BackingReport, checkBacking } from '../io/backing.js';
+import { isoTime, openImage } from '../io/image.js';
 
 export interface InspectOptions {
   /** Check this backing file instead of the one the header names. */
@@ -96,6 +98,6 @@ export async function inspectCow(cowPath: string, options: InspectOptions = {}):
       warnings,
     };
   } finally {
-    await image.file.close();
+    await image.handle.close();
   }
 }

@@ -1,6 +1,6 @@
 import type { FileSystem } from '../io/file.js';
 import { allocatedByteExtents, openVirtualDisk } from '../io/virtual-disk.js';
-import { UbdcowError } from '../errors.js';
+import { notACow } from '../errors.js';
 
 /** An allocated extent: virtual disk bytes [offset, offset + length) live at `cowOffset` in the COW file. */
 export interface MappedExtent {
@@ -30,8 +30,8 @@ export interface MapOptions {
 export async function mapCow(cowPath: string, options: MapOptions = {}): Promise<MapResult> {
   const disk = await openVirtualDisk(cowPath, { fs: options.fs, openBacking: false });
   try {
-    if (!disk.cow) {
-      throw new UbdcowError('not-a-cow', `${cowPath}: is not a UML COW file (no COW magic); a raw image has no map`, { file: cowPath });
+    if (disk.kind !== 'cow') {
+      throw notACow(cowPath, '; a raw image has no map');
     }
     const { dataOffset } = disk.cow.geometry;
     const extents: MappedExtent[] = [];

@@ -1,11 +1,9 @@
-import * as path from 'node:path';
-import { CowFormatError, UbdcowError, fromSystemError } from '../errors.js';
-import { type CowHeader, serializeSameLayout } from '../format/header.js';
-import { type FileHandleLike, type FileSystem, nodeFileSystem, sizeOf } from '../io/file.js';
-import { isoTime, openImage, probeReadable, statImageFile } from '../io/image.js';
-import { lockCowFile } from '../io/lock.js';
+import { UbdcowError, fromSystemError } from '../errors.js';
+import { backingMismatches, resolveBackingPath } from '../io/backing.js';
+import { interruptedCommitError, readCommitJournal } from '../io/commit-journal.js';
+import { type FileHandleLike, type FileSystem, nodeFileSystem } from '../io/file.js';
+import { imageSize, probeReadable, rewriteHeader, statImageFile, withImage } from '../io/image.js';
 import { absoluteBackingPath } from './create.js';
-import { interruptedCommitMessage, readCommitJournal } from './commit.js';
 
 export interface RebaseOptions {
   /** Skip the size and mtime checks (and a failed --compare). */
@@ -29,23 +27,6 @@ export interface RebaseResult {
   comparison?: { compared: boolean; equal?: boolean; firstDifference?: number; reason?: string };
 }
 
-/** Writes a header over the old one and makes it durable. */
-export async function rewriteHeader(file: FileHandleLike, cowPath: string, header: CowHeader): Promise<void> {
-  let bytes: Uint8Array;
-  try {
-    bytes = serializeSameLayout(header);
-  } catch (err) {
-    if (err instanceof CowFormatError) throw err.inFile(cowPath);
-    throw err;
-  }
-  try {
-    await file.write(bytes, 0, bytes.length, 0);
-    await file.sync();
-  } catch (err) {
-    throw fromSystemError(err, cowPath, 'rewrite the header of');
-  }
-}
-
 /**
  * Points a COW file at a moved or copied backing file, after checking that its size and mtime are
  * what the header recorded (the kernel's "Switching backing file" check). Only the header's path
@@ -53,24 +34,12 @@ export async function rewriteHeader(file: FileHandleLike, cowPath: string, heade
  */
 export async function rebaseCow(cowPath: string, newBacking: string, options: RebaseOptions = {}): Promise<RebaseResult> {
   const fs = options.fs ?? nodeFileSystem;
-  const image = await openImage(cowPath, { fs, mode: 'r+' });
-  try {
-    await lockCowFile(image.file, cowPath);
+  return withImage(cowPath, { fs, mode: 'r+', lock: 'write' }, async (image) => {
     const { header } = image;
-    if (!options.unsafe && (await readCommitJournal(fs, cowPath))) {
-      throw new UbdcowError('commit-interrupted', interruptedCommitMessage(cowPath, ' first'), { file: cowPath });
-    }
+    if (!options.unsafe && (await readCommitJournal(fs, cowPath))) throw interruptedCommitError(cowPath, ' first');
     const stat = await statImageFile(fs, newBacking, 'backing file');
-    const size = await sizeOf(stat).catch((err) => {
-      throw fromSystemError(err, newBacking, 'find the size of backing file');
-    });
-    const mismatches: string[] = [];
-    if (size !== header.size) mismatches.push(`${newBacking}: size is ${size} bytes, expected ${header.size} (the header's size)`);
-    if (stat.mtime !== header.mtime) {
-      mismatches.push(
-        `${newBacking}: mtime is ${stat.mtime} (${isoTime(stat.mtime)}), expected ${header.mtime} (${isoTime(header.mtime)}, the header's mtime)`,
-      );
-    }
+    const size = await imageSize(stat, newBacking, 'backing file');
+    const mismatches = backingMismatches(newBacking, header, { size, mtime: stat.mtime }).map((m) => m.problem);
     if (mismatches.length > 0 && !options.unsafe) {
       throw new UbdcowError('backing-mismatch', `${mismatches[0]}; not the same backing file (use --unsafe to rebase anyway)`, {
         file: newBacking,
@@ -82,7 +51,7 @@ export async function rebaseCow(cowPath: string, newBacking: string, options: Re
     });
     let comparison: RebaseResult['comparison'];
     if (options.compare) {
-      comparison = await compareBackings(fs, path.resolve(header.backingFile), newBacking, header.size);
+      comparison = await compareBackings(fs, resolveBackingPath(header), newBacking, header.size);
       if (comparison.compared && !comparison.equal && !options.unsafe) {
         throw new UbdcowError(
           'backing-differs',
@@ -91,7 +60,7 @@ export async function rebaseCow(cowPath: string, newBacking: string, options: Re
         );
       }
     }
-    await rewriteHeader(image.file, cowPath, { ...header, backingFile: stored });
+    await rewriteHeader(image, { ...header, backingFile: stored });
     return {
       file: cowPath,
       oldBacking: header.backingFile,
@@ -100,9 +69,7 @@ export async function rebaseCow(cowPath: string, newBacking: string, options: Re
       overridden: mismatches,
       comparison,
     };
-  } finally {
-    await image.file.close().catch(() => undefined);
-  }
+  });
 }
 
 const COMPARE_CHUNK_BYTES = 4 << 20;

@@ -126,6 +126,13 @@ function readU64(dv: DataView, offset: number, littleEndian: boolean, field: str
   return Number(value);
 }
 
+/** True when `bytes` start with the COW magic in either byte order (parseHeader decides the rest). */
+export function hasCowMagic(bytes: Uint8Array): boolean {
+  if (bytes.length < 4) return false;
+  const dv = view(bytes);
+  return dv.getUint32(0, false) === COW_MAGIC || dv.getUint32(0, true) === COW_MAGIC;
+}
+
 /** Works out version and byte order from the first 8 bytes, as the kernel does. */
 function detectVersion(bytes: Uint8Array): { version: number; littleEndian: boolean } {
   if (bytes.length < 8) {

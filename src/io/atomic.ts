@@ -36,16 +36,16 @@ export async function removeStaleTemporaries(fs: FileSystem, destination: string
   return removed;
 }
 
-/**
- * Writes a file under a temporary name in the same folder, syncs it, then puts it in place:
- * with link() when it must not replace anything (atomic no-clobber), rename() when it may.
- * The destination never holds a half-written file, and on failure it is untouched.
- */
 /** The refusal to replace `file`, wherever a command finds it already there. */
 export function existsError(file: string): UbdcowError {
   return new UbdcowError('exists', `${file}: already exists (use --force to overwrite)`, { file });
 }
 
+/**
+ * Writes a file under a temporary name in the same folder, syncs it, then puts it in place:
+ * with link() when it must not replace anything (atomic no-clobber), rename() when it may.
+ * The destination never holds a half-written file, and on failure it is untouched.
+ */
 export async function writeNewFile(
   fs: FileSystem,
   destination: string,

@@ -1,5 +1,5 @@
 import { fromSystemError } from '../errors.js';
-import type { FileHandleLike } from './file.js';
+import { type FileHandleLike, writeAll } from './file.js';
 
 /*
  * Clearing a bitmap without filling its holes. A COW's bitmap is sparse like the rest of the file:
@@ -34,11 +34,7 @@ export async function clearNonZeroBytes(file: FileHandleLike, filePath: string, 
     }
     // Past the end of the file there is nothing to clear (it reads as zeros).
     for (const run of nonZeroRuns(buffer.subarray(0, got))) {
-      try {
-        await file.write(zeros, 0, run.end - run.start, offset + at + run.start);
-      } catch (err) {
-        throw fromSystemError(err, filePath, 'clear the bitmap of');
-      }
+      await writeAll(file, filePath, 'clear the bitmap of', { buffer: zeros, offset: 0, length: run.end - run.start, position: offset + at + run.start });
       written += run.end - run.start;
     }
   }

@@ -1,13 +1,15 @@
-import { UbdcowError, fromSystemError } from '../errors.js';
+import { UbdcowError, checkByteRange, fileEndsEarly, fromSystemError } from '../errors.js';
 import type { SectorBitmap } from '../format/bitmap.js';
 import type { CowGeometry } from '../format/geometry.js';
 import type { CowHeader } from '../format/header.js';
+import { readWholeBitmap } from './allocation.js';
+import { type OpenedFile, backingError, checkBacking, openBacking } from './backing.js';
 import { BitmapWriter } from './bitmap-writer.js';
 import { type FileHandleLike, type FileSystem, nodeFileSystem, readExactly } from './file.js';
 import { GroupSync } from './group-sync.js';
-import { type CowImage, checkBacking, openImage, readWholeBitmap } from './image.js';
+import { type CowImage, openLockedImage } from './image.js';
+import { type ReadSpan, planRead } from './read-plan.js';
 import { RangeLock } from './range-lock.js';
-import { lockCowFile } from './lock.js';
 
 export interface OpenCowOptions {
   /** Backing file to use instead of the header's path (like UML's `ubdN=cow,backing`). */
@@ -51,26 +53,19 @@ export interface CowDevice {
 export async function openCow(cowPath: string, options: OpenCowOptions = {}): Promise<CowDevice> {
   const fs = options.fs ?? nodeFileSystem;
   const readOnly = options.readOnly ?? false;
-  const image = await openImage(cowPath, { fs, mode: readOnly ? 'r' : 'r+' });
-  const opened: FileHandleLike[] = [image.file];
+  // The lock is held until the COW file is closed (close()), so not withImage's scope.
+  const lock = (options.lock ?? true) ? (readOnly ? 'read' : 'write') : 'none';
+  const image = await openLockedImage(cowPath, { fs, mode: readOnly ? 'r' : 'r+', lock });
+  let backing: OpenedFile | undefined;
   try {
-    // Held until the COW file is closed.
-    if (options.lock ?? true) await lockCowFile(image.file, image.path, { exclusive: !readOnly });
-    const backing = await checkBacking(image.header, options.backing, fs);
-    if (backing.state !== 'ok') {
-      throw new UbdcowError(`backing-${backing.state}`, `${cowPath}: ${backing.problem ?? `backing file ${backing.path} is ${backing.state}`}`, { file: cowPath });
-    }
-    let backingFile: FileHandleLike;
-    try {
-      backingFile = await fs.open(backing.path, 'r');
-    } catch (err) {
-      throw fromSystemError(err, backing.path, 'open backing file');
-    }
-    opened.push(backingFile);
+    const report = await checkBacking(image.header, options.backing, fs);
+    if (report.state !== 'ok') throw backingError(cowPath, report);
+    backing = await openBacking(fs, report.path, 'r');
     const bitmap = await readWholeBitmap(image);
-    return new Engine(image, backingFile, bitmap, { readOnly, sync: options.sync ?? false });
+    return new Engine(image, backing, bitmap, { readOnly, sync: options.sync ?? false });
   } catch (err) {
-    for (const file of opened) await file.close().catch(() => undefined);
+    await image.handle.close().catch(() => undefined);
+    await backing?.handle.close().catch(() => undefined);
     throw err;
   }
 }
@@ -88,6 +83,9 @@ class Engine implements CowDevice {
   readonly readOnly: boolean;
   private readonly cow: FileHandleLike;
   private readonly path: string;
+  private readonly backing: FileHandleLike;
+  /** The backing file as opened (an override, or the header's path resolved), named in its errors. */
+  private readonly backingPath: string;
   private readonly writeLocks = new RangeLock();
   private readonly bitmapWriter: BitmapWriter;
   private readonly cowSync: GroupSync;
@@ -98,12 +96,14 @@ class Engine implements CowDevice {
 
   constructor(
     image: CowImage,
-    private readonly backing: FileHandleLike,
+    backing: OpenedFile,
     private readonly bitmap: SectorBitmap,
     private readonly options: EngineOptions,
   ) {
-    this.cow = image.file;
+    this.cow = image.handle;
     this.path = image.path;
+    this.backing = backing.handle;
+    this.backingPath = backing.path;
     this.header = image.header;
     this.geometry = image.geometry;
     this.size = image.header.size;
@@ -181,17 +181,9 @@ class Engine implements CowDevice {
     return new UbdcowError('closed', `${this.path}: cannot ${action} a device after close()`, { file: this.path });
   }
 
-  private checkRange(offset: number, length: number, action: string): void {
-    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0) {
-      throw new UbdcowError('bad-range', `${this.path}: ${action} at offset ${offset} of ${length} bytes: expected non-negative whole numbers`, { file: this.path });
-    }
-    if (offset + length > this.size) {
-      throw new UbdcowError(
-        'out-of-range',
-        `${this.path}: ${action} of ${length} bytes at offset ${offset} passes the end of the disk (${this.size} bytes)`,
-        { file: this.path },
-      );
-    }
+  /** The read planned over the live bitmap (see read-plan.ts). */
+  private plan(offset: number, end: number): ReadSpan[] {
+    return planRead(this.bitmap, this.sectorSize, this.geometry.coveredSectors, offset, end).spans;
   }
 
   /**
@@ -200,18 +192,14 @@ class Engine implements CowDevice {
    */
   private fastRead(offset: number, buffer: Uint8Array): Promise<Uint8Array> | undefined {
     const length = buffer.length;
-    this.checkRange(offset, length, 'read');
+    checkByteRange(this.path, 'read', offset, length, this.size);
     if (length === 0) return undefined;
+    const spans = this.plan(offset, offset + length);
+    if (spans.length !== 1) return undefined;
     const first = Math.floor(offset / this.sectorSize);
     const end = Math.ceil((offset + length) / this.sectorSize);
-    const covered = this.geometry.coveredSectors;
-    let fromCow: boolean;
-    if (first >= covered) fromCow = false;
-    else if (end > covered) return undefined;
-    else if (this.bitmap.allSet(first, end)) fromCow = true;
-    else if (this.bitmap.noneSet(first, end) && this.bitmapWriter.updatesOverlapping(first, end).length === 0) fromCow = false;
-    else return undefined;
-    return this.readSpan(fromCow, buffer, 0, length, offset).then(() => buffer);
+    if (!spans[0].fromCow && this.bitmapWriter.updatesOverlapping(first, end).length > 0) return undefined;
+    return this.readSpan(spans[0], buffer, offset).then(() => buffer);
   }
 
   /** The general path; `fastRead` has checked the range already. */
@@ -236,40 +224,26 @@ class Engine implements CowDevice {
     if (updates.length > 0) await Promise.allSettled(updates);
   }
 
-  /** Fills `buffer` with the disk's bytes from `offset`, run by run of the bitmap. */
+  /** Fills `buffer` with the disk's bytes from `offset`, span by span of the read plan. */
   private async fill(buffer: Uint8Array, offset: number): Promise<void> {
-    const end = offset + buffer.length;
-    const sectorSize = this.sectorSize;
-    const first = Math.floor(offset / sectorSize);
-    const last = Math.ceil(end / sectorSize);
-    const covered = Math.min(last, this.geometry.coveredSectors);
-    const reads: Promise<void>[] = [];
-    const readRun = (fromCow: boolean, runStart: number, runEnd: number) => {
-      const from = Math.max(runStart * sectorSize, offset);
-      const to = Math.min(runEnd * sectorSize, end);
-      if (to > from) reads.push(this.readSpan(fromCow, buffer, from - offset, to - from, from));
-    };
-    if (first < covered) {
-      for (const run of this.bitmap.runs(first, covered)) readRun(run.allocated, run.start, run.end);
-    }
-    if (last > Math.max(first, covered)) readRun(false, Math.max(first, covered), last);
-    await Promise.all(reads);
+    await Promise.all(this.plan(offset, offset + buffer.length).map((span) => this.readSpan(span, buffer, offset)));
   }
 
-  private async readSpan(fromCow: boolean, buffer: Uint8Array, bufferOffset: number, length: number, diskOffset: number): Promise<void> {
-    const file = fromCow ? this.path : this.header.backingFile;
+  /** Reads one span into `buffer`, which holds the disk's bytes from `bufferStart`. */
+  private async readSpan(span: ReadSpan, buffer: Uint8Array, bufferStart: number): Promise<void> {
+    const { fromCow, diskOffset, length } = span;
+    const file = fromCow ? this.path : this.backingPath;
     const position = fromCow ? this.geometry.dataOffset + diskOffset : diskOffset;
-    await readExactly(fromCow ? this.cow : this.backing, file, 'read', { buffer, offset: bufferOffset, length, position }, (got) => {
-      const where = fromCow ? `${this.path}: data area` : `${this.header.backingFile}: backing file`;
-      return new UbdcowError('truncated', `${where} ends at ${position + got}, expected data up to ${position + length}`, { file });
-    });
+    await readExactly(fromCow ? this.cow : this.backing, file, 'read', { buffer, offset: diskOffset - bufferStart, length, position }, (got) =>
+      fileEndsEarly(file, position, got, position + length, fromCow ? 'the data area' : 'the backing file'),
+    );
   }
 
   private async doWrite(offset: number, data: Uint8Array): Promise<void> {
     if (this.readOnly) {
       throw new UbdcowError('read-only', `${this.path}: device is open read-only`, { file: this.path });
     }
-    this.checkRange(offset, data.length, 'write');
+    checkByteRange(this.path, 'write', offset, data.length, this.size);
     if (data.length === 0) return;
     const sectorSize = this.sectorSize;
     const first = Math.floor(offset / sectorSize);

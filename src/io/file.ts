@@ -1,6 +1,7 @@
 import * as fsp from 'node:fs/promises';
 import * as fs from 'node:fs';
 import { fromSystemError } from '../errors.js';
+import { type OsCalls, osCalls, osCallsUnavailable, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, SYNC_FILE_RANGE_WAIT_AFTER, SYNC_FILE_RANGE_WAIT_BEFORE, SYNC_FILE_RANGE_WRITE } from '../os/libc.js';
 
 /**
  * The small file interface everything above the OS goes through, so tests can record, delay,
@@ -26,6 +27,31 @@ export interface FileHandleLike {
   close(): Promise<void>;
   /** The OS file descriptor, when there is one (needed for POSIX record locks). */
   readonly fd?: number;
+  /*
+   * System calls Node lacks (src/os), optional so injected file systems may leave them out and
+   * tests may make them fail. Callers go through the helpers in src/io/extents.ts and
+   * src/io/file-ops.ts, which fall back to plain reads and writes when a method is absent or
+   * throws "not supported here" (ENOSYS when the bindings are unavailable).
+   */
+  /** lseek SEEK_DATA: the first data byte at or after `position`; undefined when only holes follow. */
+  seekData?(position: number): number | undefined;
+  /** lseek SEEK_HOLE: the first hole byte at or after `position` (the end of the file is one). */
+  seekHole?(position: number): number;
+  /** FICLONE (no range: this whole file becomes source's) or FICLONERANGE. */
+  cloneFrom?(source: FileHandleLike, range?: CloneRange): Promise<void>;
+  /** copy_file_range from `source` once; resolves with the bytes copied (0 at source EOF). */
+  copyRangeFrom?(source: FileHandleLike, sourceOffset: number, length: number, targetOffset: number): Promise<number>;
+  /** fallocate(PUNCH_HOLE | KEEP_SIZE): the range reads as zeros and frees its blocks. */
+  punchHole?(offset: number, length: number): Promise<void>;
+  /** sync_file_range: start writeback of the range, and with `wait` also wait for it. */
+  syncRange?(offset: number, length: number, wait: boolean): Promise<void>;
+}
+
+/** Source and target byte ranges of a clone; offsets and length a multiple of the block size. */
+export interface CloneRange {
+  sourceOffset: number;
+  length: number;
+  targetOffset: number;
 }
 
 /**
@@ -49,12 +75,59 @@ export async function readExactly(
   if (got < target.length) throw onShort(got);
 }
 
+/** Reads exactly `length` bytes with the blocking call; errors as readExactly. */
+export function readExactlySync(
+  handle: Required<Pick<FileHandleLike, 'readSync'>>,
+  file: string,
+  action: string,
+  target: { buffer: Uint8Array; offset: number; length: number; position: number },
+  onShort: (got: number) => Error,
+): void {
+  let got: number;
+  try {
+    got = handle.readSync(target.buffer, target.offset, target.length, target.position);
+  } catch (err) {
+    throw fromSystemError(err, file, action);
+  }
+  if (got < target.length) throw onShort(got);
+}
+
+/** Writes all `length` bytes; an I/O error becomes fromSystemError(err, file, action). */
+export async function writeAll(
+  handle: Pick<FileHandleLike, 'write'>,
+  file: string,
+  action: string,
+  source: { buffer: Uint8Array; offset: number; length: number; position: number },
+): Promise<void> {
+  try {
+    await handle.write(source.buffer, source.offset, source.length, source.position);
+  } catch (err) {
+    throw fromSystemError(err, file, action);
+  }
+}
+
+/** writeAll with the blocking call. */
+export function writeAllSync(
+  handle: Required<Pick<FileHandleLike, 'writeSync'>>,
+  file: string,
+  action: string,
+  source: { buffer: Uint8Array; offset: number; length: number; position: number },
+): void {
+  try {
+    handle.writeSync(source.buffer, source.offset, source.length, source.position);
+  } catch (err) {
+    throw fromSystemError(err, file, action);
+  }
+}
+
 export interface FileStat {
   size: number;
   /** Modification time in whole seconds, as the kernel compares it. */
   mtime: number;
   /** Bytes actually allocated on disk. */
   allocated: number;
+  /** The file system's preferred I/O size (st_blksize), when known: clones align to it. */
+  blockSize?: number;
   kind: 'file' | 'directory' | 'block-device' | 'fifo' | 'other';
   /** Device number for block devices (to find their size). */
   rdev: number;
@@ -122,6 +195,7 @@ function toFileStat(stats: fs.Stats): FileStat {
     size: stats.size,
     mtime: Math.floor(stats.mtimeMs / 1000),
     allocated: stats.blocks * 512,
+    blockSize: stats.blksize,
     kind: kindOf(stats),
     rdev: stats.rdev,
     dev: stats.dev,
@@ -130,6 +204,14 @@ function toFileStat(stats: fs.Stats): FileStat {
 }
 
 type IoCallback = (err: NodeJS.ErrnoException | null, bytes: number) => void;
+
+/** What the OS extras throw where they cannot run: ENOSYS, which every caller treats as "fall back". */
+export function unavailableError(syscall: string, why: string): NodeJS.ErrnoException {
+  const err: NodeJS.ErrnoException = new Error(`ENOSYS: ${syscall} unavailable: ${why}`);
+  err.code = 'ENOSYS';
+  err.syscall = syscall;
+  return err;
+}
 
 /** What FileHandle methods reject with once the handle is closed. */
 function fileClosedError(syscall: string): NodeJS.ErrnoException {
@@ -217,6 +299,44 @@ class NodeFileHandle implements FileHandleLike {
     for (let done = 0; done < length; ) {
       done += fs.writeSync(this.handle.fd, buffer, offset + done, length - done, position + done);
     }
+  }
+
+  /** The bindings, or an ENOSYS error saying why there are none (callers fall back on it). */
+  private os(syscall: string): OsCalls {
+    if (this.closing) throw fileClosedError(syscall);
+    const calls = osCalls();
+    if (!calls) throw unavailableError(syscall, osCallsUnavailable() ?? 'no bindings');
+    return calls;
+  }
+
+  seekData(position: number): number | undefined {
+    return this.os('lseek').seekData(this.handle.fd, position);
+  }
+
+  seekHole(position: number): number {
+    return this.os('lseek').seekHole(this.handle.fd, position);
+  }
+
+  async cloneFrom(source: FileHandleLike, range?: CloneRange): Promise<void> {
+    const calls = this.os('ioctl');
+    if (source.fd === undefined) throw unavailableError('ioctl', 'the source has no descriptor');
+    if (range) await calls.cloneRange(this.handle.fd, source.fd, range.sourceOffset, range.length, range.targetOffset);
+    else await calls.clone(this.handle.fd, source.fd);
+  }
+
+  async copyRangeFrom(source: FileHandleLike, sourceOffset: number, length: number, targetOffset: number): Promise<number> {
+    const calls = this.os('copy_file_range');
+    if (source.fd === undefined) throw unavailableError('copy_file_range', 'the source has no descriptor');
+    return calls.copyFileRange(source.fd, sourceOffset, this.handle.fd, targetOffset, length);
+  }
+
+  async punchHole(offset: number, length: number): Promise<void> {
+    await this.os('fallocate').fallocate(this.handle.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
+  }
+
+  async syncRange(offset: number, length: number, wait: boolean): Promise<void> {
+    const flags = wait ? SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER : SYNC_FILE_RANGE_WRITE;
+    await this.os('sync_file_range').syncFileRange(this.handle.fd, offset, length, flags);
   }
 
   private settled(): void {

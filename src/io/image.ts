@@ -1,13 +1,21 @@
-import * as path from 'node:path';
-import { CowFormatError, UbdcowError, fromSystemError } from '../errors.js';
-import { type CowHeader, MAX_HEADER_SIZE, parseHeader } from '../format/header.js';
+import { CowFormatError, fromSystemError, notAFile } from '../errors.js';
+import { type CowHeader, MAX_HEADER_SIZE, type ParsedHeader, hasCowMagic, parseHeader, serializeSameLayout } from '../format/header.js';
 import { type CowGeometry, computeGeometry } from '../format/geometry.js';
-import { SectorBitmap } from '../format/bitmap.js';
-import { type FileHandleLike, type FileStat, type FileSystem, type OpenMode, nodeFileSystem, readExactly, sizeOf } from './file.js';
+import { type FileHandleLike, type FileStat, type FileSystem, type OpenMode, nodeFileSystem, sizeOf } from './file.js';
+import { lockCowFile } from './lock.js';
+
+/*
+ * Opening COW files (and the other image files commands touch): refuse what cannot be an image
+ * before opening it, parse and validate the header, and hand back one handle the caller closes.
+ * withImage is the prelude every command that works on a COW goes through: open, lock, work, close.
+ */
 
 /** An open COW file: its parsed header, geometry and handle. */
 export interface CowImage {
   path: string;
+  /** The open COW file; whoever opened the image closes it. */
+  handle: FileHandleLike;
+  /** @deprecated the same handle as `handle` (the old name). */
   file: FileHandleLike;
   header: CowHeader;
   geometry: CowGeometry;
@@ -33,10 +41,8 @@ export async function statImageFile(fs: FileSystem, file: string, what: string):
   } catch (err) {
     throw fromSystemError(err, file, `open ${what}`);
   }
-  if (stat.kind === 'directory') throw new UbdcowError('not-a-file', `${file}: is a directory, expected a ${what}`, { file });
-  if (stat.kind !== 'file' && stat.kind !== 'block-device') {
-    throw new UbdcowError('not-a-file', `${file}: is a ${stat.kind}, expected a ${what} (a regular file or block device)`, { file });
-  }
+  if (stat.kind === 'directory') throw notAFile(file, 'a directory', `a ${what}`);
+  if (stat.kind !== 'file' && stat.kind !== 'block-device') throw notAFile(file, `a ${stat.kind}`, `a ${what} (a regular file or block device)`);
   return stat;
 }
 
@@ -66,7 +72,42 @@ export async function probeReadable(fs: FileSystem, file: string, what: string):
   }
 }
 
-/** Opens and validates a COW file; the caller closes `image.file`. */
+/** Size in bytes of a regular file or block device; a failed look-up (sysfs for devices) names the file. */
+export async function imageSize(stat: FileStat, file: string, what: string): Promise<number> {
+  try {
+    return await sizeOf(stat);
+  } catch (err) {
+    throw fromSystemError(err, file, `find the size of ${what}`);
+  }
+}
+
+/**
+ * What a file's first bytes say: no COW magic (a raw image, or anything else), a COW header that
+ * parses, or COW magic with a header no reader accepts (`error` says why).
+ */
+export type HeaderProbe =
+  | { magic: false; bytes: Uint8Array }
+  | { magic: true; bytes: Uint8Array; parsed: ParsedHeader }
+  | { magic: true; bytes: Uint8Array; error: CowFormatError };
+
+/** Reads the first bytes of an open file and tells whether they are a COW header (the one header probe). */
+export async function probeHeader(handle: FileHandleLike, file: string, action = 'read COW header'): Promise<HeaderProbe> {
+  let bytes = new Uint8Array(MAX_HEADER_SIZE);
+  try {
+    bytes = bytes.subarray(0, await handle.read(bytes, 0, bytes.length, 0));
+  } catch (err) {
+    throw fromSystemError(err, file, action);
+  }
+  if (!hasCowMagic(bytes)) return { magic: false, bytes };
+  try {
+    return { magic: true, bytes, parsed: parseHeader(bytes) };
+  } catch (err) {
+    if (err instanceof CowFormatError) return { magic: true, bytes, error: err.inFile(file) };
+    throw err;
+  }
+}
+
+/** Opens and validates a COW file; the caller closes `image.handle`. */
 export async function openImage(file: string, options: OpenImageOptions = {}): Promise<CowImage> {
   const fs = options.fs ?? nodeFileSystem;
   const { handle } = await openImageFile(fs, file, 'COW file', options.mode ?? 'r');
@@ -80,34 +121,32 @@ export async function openImage(file: string, options: OpenImageOptions = {}): P
 
 async function readImage(file: string, handle: FileHandleLike): Promise<CowImage> {
   let stat: FileStat;
-  let start: Uint8Array;
   try {
     stat = await handle.stat();
-    start = new Uint8Array(MAX_HEADER_SIZE);
-    const got = await handle.read(start, 0, start.length, 0);
-    start = start.subarray(0, got);
   } catch (err) {
     throw fromSystemError(err, file, 'read COW header');
   }
-  if (start.length === 0) throw new CowFormatError('empty', 'file', 'empty', 'a UML COW file', file);
-  let parsed;
+  const probe = await probeHeader(handle, file);
+  if (probe.bytes.length === 0) throw new CowFormatError('empty', 'file', 'empty', 'a UML COW file', file);
+  let parsed: ParsedHeader;
   let geometry: CowGeometry;
   try {
-    parsed = parseHeader(start);
+    // Without the magic, parseHeader says so in its own words (bad-magic, truncated-header).
+    parsed = 'parsed' in probe ? probe.parsed : parseHeader(probe.bytes);
+    if ('error' in probe) throw probe.error;
     geometry = computeGeometry(parsed.header);
   } catch (err) {
     if (err instanceof CowFormatError) throw err.inFile(file);
     throw err;
   }
-  const fileSize = await sizeOf(stat).catch((err) => {
-    throw fromSystemError(err, file, 'find the size of');
-  });
+  const fileSize = await imageSize(stat, file, 'COW file');
   const bitmapEnd = geometry.bitmapOffset + geometry.bitmapLength;
   if (fileSize < bitmapEnd) {
     throw new CowFormatError('truncated-bitmap', 'file length', fileSize, `at least ${bitmapEnd} bytes (the bitmap ends there)`, file);
   }
   return {
     path: file,
+    handle,
     file: handle,
     header: parsed.header,
     geometry,
@@ -118,109 +157,59 @@ async function readImage(file: string, handle: FileHandleLike): Promise<CowImage
   };
 }
 
-/** 1 MiB of bitmap covers 4 GiB of disk: big enough to be fast, small enough for any image. */
-export const BITMAP_CHUNK_BYTES = 1 << 20;
+/** Writes a header over the old one (same layout) and makes it durable. */
+export async function rewriteHeader(image: Pick<CowImage, 'handle' | 'path'>, header: CowHeader): Promise<void> {
+  let bytes: Uint8Array;
+  try {
+    bytes = serializeSameLayout(header);
+  } catch (err) {
+    if (err instanceof CowFormatError) throw err.inFile(image.path);
+    throw err;
+  }
+  try {
+    await image.handle.write(bytes, 0, bytes.length, 0);
+    await image.handle.sync();
+  } catch (err) {
+    throw fromSystemError(err, image.path, 'rewrite the header of');
+  }
+}
 
 /**
- * Streams the bitmap a chunk at a time; each slice's sector numbers are relative to
- * `slice.firstSector`. Only covered sectors (see CowGeometry) are included.
+ * The lock a command holds on the COW while it works: `write` (the kind the UML kernel takes,
+ * needs mode r+), `read` (enough to keep a UML from starting, and to refuse one that runs), or
+ * `none` (the caller decides, e.g. check only probes).
  */
-export async function* bitmapSlices(image: CowImage, chunkBytes = BITMAP_CHUNK_BYTES): AsyncGenerator<SectorBitmap> {
-  const { bitmapOffset, bitmapLength, coveredSectors } = image.geometry;
-  const buffer = new Uint8Array(Math.min(chunkBytes, Math.max(bitmapLength, 1)));
-  for (let byte = 0; byte < bitmapLength; byte += buffer.length) {
-    const length = Math.min(buffer.length, bitmapLength - byte);
-    await readExactly(image.file, image.path, 'read the bitmap of', { buffer, offset: 0, length, position: bitmapOffset + byte }, (got) =>
-      new CowFormatError('truncated-bitmap', 'bitmap', `${bitmapOffset + byte + got} bytes into the file`, `${bitmapLength} bytes from offset ${bitmapOffset}`, image.path),
-    );
-    const firstSector = byte * 8;
-    const bits = Math.min(length * 8, coveredSectors - firstSector);
-    yield new SectorBitmap(buffer.subarray(0, length), bits, firstSector);
-  }
+export type ImageLock = 'write' | 'read' | 'none';
+
+export interface WithImageOptions {
+  fs?: FileSystem;
+  mode?: Extract<OpenMode, 'r' | 'r+'>;
+  lock: ImageLock;
 }
 
-/** An allocated extent in sectors: [start, end) of the virtual disk. */
-export interface SectorExtent {
-  start: number;
-  end: number;
-}
-
-/** Allocated extents of the whole disk, merged across chunk boundaries. */
-export async function* allocatedExtents(image: CowImage, chunkBytes = BITMAP_CHUNK_BYTES): AsyncGenerator<SectorExtent> {
-  let pending: SectorExtent | undefined;
-  for await (const slice of bitmapSlices(image, chunkBytes)) {
-    for (const run of slice.allocatedRuns()) {
-      const start = slice.firstSector + run.start;
-      const end = slice.firstSector + run.end;
-      if (pending && pending.end === start) {
-        pending.end = end;
-        continue;
-      }
-      if (pending) yield pending;
-      pending = { start, end };
-    }
-  }
-  if (pending) yield pending;
-}
-
-/** Reads the whole bitmap into memory (the engine keeps it live, as the kernel does). */
-export async function readWholeBitmap(image: CowImage): Promise<SectorBitmap> {
-  const { bitmapOffset, bitmapLength, coveredSectors } = image.geometry;
-  const bytes = new Uint8Array(bitmapLength);
-  await readExactly(image.file, image.path, 'read the bitmap of', { buffer: bytes, offset: 0, length: bitmapLength, position: bitmapOffset }, (got) =>
-    new CowFormatError('truncated-bitmap', 'bitmap', `${got} bytes`, `${bitmapLength} bytes`, image.path),
-  );
-  return new SectorBitmap(bytes, coveredSectors);
-}
-
-export type BackingState = 'ok' | 'missing' | 'unreadable' | 'size-mismatch' | 'mtime-mismatch' | 'not-a-file';
-
-export interface BackingReport {
-  /** The path checked: the override if one was given, else the header's. */
-  path: string;
-  /** The header's path, resolved as the kernel would (relative to the current folder). */
-  state: BackingState;
-  expected: { size: number; mtime: number };
-  actual?: { size: number; mtime: number };
-  /** One line saying what is wrong, when something is. */
-  problem?: string;
-}
-
-/** The kernel's open-time checks on the backing file: size and mtime must match the header. */
-export async function checkBacking(header: CowHeader, override?: string, fs: FileSystem = nodeFileSystem): Promise<BackingReport> {
-  const backingPath = path.resolve(override ?? header.backingFile);
-  const expected = { size: header.size, mtime: header.mtime };
-  let stat: FileStat;
+/** Opens the COW and takes its lock; the caller closes `image.handle` (which drops the lock). */
+export async function openLockedImage(file: string, options: WithImageOptions): Promise<CowImage> {
+  const image = await openImage(file, { fs: options.fs, mode: options.mode });
   try {
-    stat = await fs.stat(backingPath);
+    if (options.lock !== 'none') await lockCowFile(image.handle, file, { exclusive: options.lock === 'write' });
+    return image;
   } catch (err) {
-    const code = (err as NodeJS.ErrnoException).code;
-    const state: BackingState = code === 'ENOENT' || code === 'ENOTDIR' ? 'missing' : 'unreadable';
-    return { path: backingPath, state, expected, problem: fromSystemError(err, backingPath, 'open backing file').message };
+    await image.handle.close().catch(() => undefined);
+    throw err;
   }
-  if (stat.kind !== 'file' && stat.kind !== 'block-device') {
-    return { path: backingPath, state: 'not-a-file', expected, problem: `${backingPath}: backing file is a ${stat.kind}` };
+}
+
+/**
+ * The command prelude: open the COW, lock it, run `work`, close it (also on error; a close error
+ * never hides the work's own). The lock lasts exactly as long as `work`.
+ */
+export async function withImage<T>(file: string, options: WithImageOptions, work: (image: CowImage) => Promise<T>): Promise<T> {
+  const image = await openLockedImage(file, options);
+  try {
+    return await work(image);
+  } finally {
+    await image.handle.close().catch(() => undefined);
   }
-  const actual = { size: await sizeOf(stat), mtime: stat.mtime };
-  if (actual.size !== expected.size) {
-    return {
-      path: backingPath,
-      state: 'size-mismatch',
-      expected,
-      actual,
-      problem: `${backingPath}: backing size is ${actual.size} bytes, header says ${expected.size}`,
-    };
-  }
-  if (actual.mtime !== expected.mtime) {
-    return {
-      path: backingPath,
-      state: 'mtime-mismatch',
-      expected,
-      actual,
-      problem: `${backingPath}: backing mtime is ${actual.mtime} (${isoTime(actual.mtime)}), header says ${expected.mtime} (${isoTime(expected.mtime)})`,
-    };
-  }
-  return { path: backingPath, state: 'ok', expected, actual };
 }
 
 export function isoTime(seconds: number): string {

@@ -1,9 +1,16 @@
-import * as path from 'node:path';
-import { UbdcowError, fromSystemError } from '../errors.js';
-import { COW_MAGIC } from '../format/header.js';
+import { UbdcowError, checkByteRange, fileEndsEarly, fileTooShort, fromSystemError, notACow } from '../errors.js';
 import { SectorBitmap } from '../format/bitmap.js';
-import { type FileHandleLike, type FileSystem, nodeFileSystem, readExactly, sizeOf } from './file.js';
-import { BITMAP_CHUNK_BYTES, type CowImage, type SectorExtent, allocatedExtents, openImage, openImageFile } from './image.js';
+import { BITMAP_CHUNK_BYTES, type SectorExtent, allocatedExtents, readBitmapChunk } from './allocation.js';
+import { backingMismatches, openBacking, resolveBackingPath } from './backing.js';
+import { type FileHandleLike, type FileSystem, nodeFileSystem, readExactly } from './file.js';
+import { type CowImage, openImage, openImageFile, probeHeader } from './image.js';
+import { planRead } from './read-plan.js';
+
+/*
+ * A read-only view of the disk a guest would see: a raw image file as it is (RawDisk), or a COW
+ * file seen through its backing file (CowDisk: allocated sectors from the COW's data area, the rest
+ * from the backing, as planRead says). Only a window of the bitmap is in memory at a time.
+ */
 
 /** Which file a virtual disk's unwritten sectors come from, for telling "same base" apart. */
 export interface FileIdentity {
@@ -13,13 +20,8 @@ export interface FileIdentity {
   mtime: number;
 }
 
-/**
- * A read-only view of the disk a guest would see: a raw image file as it is, or a COW file seen
- * through its backing file (allocated sectors from the COW's data area, the rest from the backing).
- */
-export interface VirtualDisk {
+interface DiskBase {
   path: string;
-  kind: 'raw' | 'cow';
   /** Virtual disk size in bytes (for a COW, the size its header records). */
   size: number;
   /** The COW's sector size; 512 for raw files, the unit the kernel uses. */
@@ -34,19 +36,31 @@ export interface VirtualDisk {
    * early, is an error: a short file never reads as zeros.
    */
   read(offset: number, length: number, into?: Uint8Array): Promise<Uint8Array>;
-  /** COW only: allocated extents in sectors, merged, streamed from the bitmap. */
-  allocatedExtents?(): AsyncIterable<SectorExtent>;
-  /** COW only: the COW image itself (header, geometry, handle). */
-  cow?: CowImage;
-  /** COW only: the backing file as a raw disk, when it was opened. */
-  backing?: VirtualDisk;
-  /**
-   * COW only: reads the backing file's bytes at these virtual disk offsets, whatever the bitmap
-   * says (what the disk held before the COW was written).
-   */
-  readBacking?(offset: number, length: number, into?: Uint8Array): Promise<Uint8Array>;
   close(): Promise<void>;
 }
+
+/** A raw image file: the disk is the file. */
+export interface RawDisk extends DiskBase {
+  kind: 'raw';
+}
+
+/** A COW file seen through its backing file. */
+export interface CowDisk extends DiskBase {
+  kind: 'cow';
+  /** The COW image itself (header, geometry, handle). */
+  cow: CowImage;
+  /** The backing file as a raw disk; undefined when it was not opened (openBacking: false). */
+  backing: RawDisk | undefined;
+  /** Allocated extents in sectors, merged, streamed from the bitmap. */
+  allocatedExtents(): AsyncIterable<SectorExtent>;
+  /**
+   * Reads the backing file's bytes at these virtual disk offsets, whatever the bitmap says (what
+   * the disk held before the COW was written). Without the backing file open: `no-backing`.
+   */
+  readBacking(offset: number, length: number, into?: Uint8Array): Promise<Uint8Array>;
+}
+
+export type VirtualDisk = RawDisk | CowDisk;
 
 export interface OpenVirtualDiskOptions {
   /** Backing file to use instead of the one a COW's header names (like uml_moo -b). */
@@ -63,83 +77,56 @@ export interface OpenVirtualDiskOptions {
 
 export const RAW_SECTOR_SIZE = 512;
 
+const NO_BITS = SectorBitmap.empty(0);
+
 /** Opens a raw file or a COW file (told apart by the COW magic number, in either byte order). */
 export async function openVirtualDisk(file: string, options: OpenVirtualDiskOptions = {}): Promise<VirtualDisk> {
   const fs = options.fs ?? nodeFileSystem;
   if (await looksLikeCow(fs, file)) return openCowDisk(file, options, fs);
   if (options.backing !== undefined) {
-    throw new UbdcowError('not-a-cow', `${file}: is not a UML COW file (no COW magic), so a backing file (${options.backing}) makes no sense for it`, { file });
+    throw notACow(file, `, so a backing file (${options.backing}) makes no sense for it`);
   }
   return openRawDisk(file, fs, 'disk image');
 }
 
-/** True when the file starts with the COW magic; parseHeader then decides whether it is valid. */
+/** True when the file starts with the COW magic; openImage then decides whether it is valid. */
 async function looksLikeCow(fs: FileSystem, file: string): Promise<boolean> {
   const { handle } = await openImageFile(fs, file, 'disk image');
   try {
-    const start = new Uint8Array(4);
-    const got = await handle.read(start, 0, 4, 0).catch((err) => {
-      throw fromSystemError(err, file, 'read disk image');
-    });
-    if (got < 4) return false;
-    const view = new DataView(start.buffer);
-    return view.getUint32(0, false) === COW_MAGIC || view.getUint32(0, true) === COW_MAGIC;
+    return (await probeHeader(handle, file, 'read disk image')).magic;
   } finally {
     await handle.close().catch(() => undefined);
   }
 }
 
-async function identityOf(fs: FileSystem, file: string, size: number, mtime: number): Promise<FileIdentity> {
-  const realPath = await fs.realpath(file).catch((err) => {
-    throw fromSystemError(err, file, 'resolve the path of');
-  });
-  return { realPath, size, mtime };
-}
-
-function checkRange(disk: { path: string; size: number }, offset: number, length: number, into?: Uint8Array): void {
-  if (!(Number.isSafeInteger(offset) && Number.isSafeInteger(length) && offset >= 0 && length >= 0 && offset + length <= disk.size)) {
-    throw new UbdcowError('out-of-range', `${disk.path}: read of ${length} bytes at offset ${offset} is outside the disk (0 to ${disk.size} bytes)`, {
-      file: disk.path,
-    });
-  }
-  if (into && into.length < length) throw new RangeError(`buffer of ${into.length} bytes cannot hold ${length}`);
-}
-
-/** Reads exactly `length` bytes or says which file ended where. */
-async function readDiskBytes(
-  handle: FileHandleLike,
-  file: string,
-  what: string,
-  into: Uint8Array,
-  at: number,
-  length: number,
-  position: number,
-): Promise<void> {
+/** Reads exactly `length` bytes of `file` from `position` into `into` at `at`, or says where the file ended. */
+async function readDiskBytes(handle: FileHandleLike, file: string, what: string, into: Uint8Array, at: number, length: number, position: number): Promise<void> {
   await readExactly(handle, file, `read ${what}`, { buffer: into, offset: at, length, position }, (got) =>
-    new UbdcowError(
-      'short-read',
-      `${file}: ${what} ends early: got ${got} of ${length} bytes at byte ${position}, expected all of them (is the file truncated?)`,
-      { file },
-    ),
+    fileEndsEarly(file, position, got, position + length, what),
   );
 }
 
-async function openRawDisk(file: string, fs: FileSystem, what: string): Promise<VirtualDisk> {
-  const { handle, stat } = await openImageFile(fs, file, what);
+function checkRead(disk: DiskBase, offset: number, length: number, into?: Uint8Array): void {
+  checkByteRange(disk.path, 'read', offset, length, disk.size);
+  if (into && into.length < length) throw new RangeError(`buffer of ${into.length} bytes cannot hold ${length}`);
+}
+
+async function openRawDisk(file: string, fs: FileSystem, what: string): Promise<RawDisk> {
+  const opened = await openBacking(fs, file, 'r', what);
+  const { handle, size, mtime } = opened;
   try {
-    const size = await sizeOf(stat).catch((err) => {
-      throw fromSystemError(err, file, `find the size of ${what}`);
+    const realPath = await fs.realpath(file).catch((err) => {
+      throw fromSystemError(err, file, 'resolve the path of');
     });
-    const base = await identityOf(fs, file, size, stat.mtime);
-    const disk: VirtualDisk = {
+    const disk: RawDisk = {
       path: file,
       kind: 'raw',
       size,
       sectorSize: RAW_SECTOR_SIZE,
-      base,
+      base: { realPath, size, mtime },
       warnings: [],
       async read(offset, length, into) {
-        checkRange(disk, offset, length, into);
+        checkRead(disk, offset, length, into);
         const buffer = into ?? new Uint8Array(length);
         await readDiskBytes(handle, file, what, buffer, 0, length, offset);
         return buffer.subarray(0, length);
@@ -171,26 +158,22 @@ class BitmapWindow {
   async at(sector: number): Promise<SectorBitmap> {
     const current = this.slice;
     if (current && sector >= current.firstSector && sector < current.firstSector + current.bitCount) return current;
-    const { bitmapOffset, bitmapLength, coveredSectors } = this.image.geometry;
     const windowBits = this.buffer.length * 8;
-    const firstSector = Math.floor(sector / windowBits) * windowBits;
-    const firstByte = firstSector / 8;
-    const length = Math.min(this.buffer.length, bitmapLength - firstByte);
+    const firstByte = Math.floor(sector / windowBits) * (windowBits / 8);
+    const length = Math.min(this.buffer.length, this.image.geometry.bitmapLength - firstByte);
     this.slice = undefined;
-    await readDiskBytes(this.image.file, this.image.path, 'the bitmap of', this.buffer, 0, length, bitmapOffset + firstByte);
-    const bits = Math.min(length * 8, coveredSectors - firstSector);
-    this.slice = new SectorBitmap(this.buffer.subarray(0, length), bits, firstSector);
+    this.slice = await readBitmapChunk(this.image, firstByte, length, this.buffer);
     return this.slice;
   }
 }
 
-async function openCowDisk(file: string, options: OpenVirtualDiskOptions, fs: FileSystem): Promise<VirtualDisk> {
+async function openCowDisk(file: string, options: OpenVirtualDiskOptions, fs: FileSystem): Promise<CowDisk> {
   const image = await openImage(file, { fs });
-  let backing: VirtualDisk | undefined;
+  let backing: RawDisk | undefined;
   try {
     const { header, geometry } = image;
     const warnings = [...image.warnings];
-    const backingPath = path.resolve(options.backing ?? header.backingFile);
+    const backingPath = resolveBackingPath(header, options.backing);
     let base: FileIdentity;
     if (options.openBacking === false) {
       base = { realPath: backingPath, size: header.size, mtime: header.mtime };
@@ -200,35 +183,27 @@ async function openCowDisk(file: string, options: OpenVirtualDiskOptions, fs: Fi
       }
       backing = await openRawDisk(backingPath, fs, 'backing file');
       base = backing.base;
-      if (backing.base.mtime !== header.mtime) {
-        warnings.push(`backing file ${backingPath} has mtime ${backing.base.mtime}, the header says ${header.mtime} (the kernel would refuse it)`);
-      }
-      if (backing.size !== header.size) {
-        warnings.push(`backing file ${backingPath} is ${backing.size} bytes, the header says ${header.size}`);
-      }
+      // Reading goes on (the user may want to see the disk anyway); the kernel would refuse it.
+      for (const mismatch of backingMismatches(backingPath, header, backing.base)) warnings.push(`${mismatch.problem} (the kernel would refuse it)`);
     }
     const { sectorSize, size } = header;
     const window = new BitmapWindow(image, options.bitmapWindowBytes ?? BITMAP_CHUNK_BYTES);
     const backingDisk = backing;
 
     const readAllocated = (buffer: Uint8Array, at: number, length: number, offset: number) =>
-      readDiskBytes(image.file, file, 'the COW data area', buffer, at, length, geometry.dataOffset + offset);
+      readDiskBytes(image.handle, file, 'the data area', buffer, at, length, geometry.dataOffset + offset);
 
     const readFromBacking = async (buffer: Uint8Array, at: number, length: number, offset: number): Promise<void> => {
       if (!backingDisk) {
         throw new UbdcowError('no-backing', `${file}: byte ${offset} is not in the COW and the backing file was not opened`, { file });
       }
       if (offset + length > backingDisk.size) {
-        throw new UbdcowError(
-          'short-backing',
-          `${backingDisk.path}: backing file is ${backingDisk.size} bytes, ${file} needs its bytes up to ${offset + length}`,
-          { file: backingDisk.path },
-        );
+        throw fileTooShort(backingDisk.path, backingDisk.size, offset + length, `the backing file of ${file}`);
       }
       await backingDisk.read(offset, length, buffer.subarray(at, at + length));
     };
 
-    const disk: VirtualDisk = {
+    const disk: CowDisk = {
       path: file,
       kind: 'cow',
       size,
@@ -238,48 +213,39 @@ async function openCowDisk(file: string, options: OpenVirtualDiskOptions, fs: Fi
       cow: image,
       backing,
       async read(offset, length, into) {
-        checkRange(disk, offset, length, into);
+        checkRead(disk, offset, length, into);
         const buffer = into ?? new Uint8Array(length);
         const end = offset + length;
         let position = offset;
         while (position < end) {
           const sector = Math.floor(position / sectorSize);
-          let runEndSector: number;
-          let allocated: boolean;
-          if (sector >= geometry.coveredSectors) {
-            // V1/V2 bitmaps have no bit for the last few sectors: those always come from the backing.
-            runEndSector = geometry.sectors;
-            allocated = false;
-          } else {
-            const slice = await window.at(sector);
-            const relative = sector - slice.firstSector;
-            const lastWanted = Math.min(Math.ceil(end / sectorSize), slice.firstSector + slice.bitCount) - slice.firstSector;
-            allocated = slice.get(relative);
-            runEndSector = slice.firstSector + (allocated ? slice.nextClear(relative, lastWanted) : slice.nextSet(relative, lastWanted));
+          // Past the covered sectors (V1/V2's historic rounding) planRead needs no bits.
+          const bits = sector < geometry.coveredSectors ? await window.at(sector) : NO_BITS;
+          const plan = planRead(bits, sectorSize, geometry.coveredSectors, position, end);
+          for (const span of plan.spans) {
+            const at = span.diskOffset - offset;
+            if (span.fromCow) await readAllocated(buffer, at, span.length, span.diskOffset);
+            else await readFromBacking(buffer, at, span.length, span.diskOffset);
           }
-          const runEnd = Math.min(end, runEndSector * sectorSize);
-          const at = position - offset;
-          if (allocated) await readAllocated(buffer, at, runEnd - position, position);
-          else await readFromBacking(buffer, at, runEnd - position, position);
-          position = runEnd;
+          position = plan.end;
         }
         return buffer.subarray(0, length);
       },
       async readBacking(offset, length, into) {
-        checkRange(disk, offset, length, into);
+        checkRead(disk, offset, length, into);
         const buffer = into ?? new Uint8Array(length);
         await readFromBacking(buffer, 0, length, offset);
         return buffer.subarray(0, length);
       },
       allocatedExtents: () => allocatedExtents(image),
       async close() {
-        await image.file.close();
+        await image.handle.close();
         if (backingDisk) await backingDisk.close();
       },
     };
     return disk;
   } catch (err) {
-    await image.file.close().catch(() => undefined);
+    await image.handle.close().catch(() => undefined);
     if (backing) await backing.close().catch(() => undefined);
     throw err;
   }
@@ -287,7 +253,7 @@ async function openCowDisk(file: string, options: OpenVirtualDiskOptions, fs: Fi
 
 /** Allocated extents of a COW disk in bytes of the virtual disk: [start, end), clipped to its size. */
 export async function* allocatedByteExtents(disk: VirtualDisk): AsyncGenerator<{ start: number; end: number }> {
-  if (!disk.allocatedExtents) return;
+  if (disk.kind !== 'cow') return;
   for await (const extent of disk.allocatedExtents()) {
     const start = extent.start * disk.sectorSize;
     const end = Math.min(extent.end * disk.sectorSize, disk.size);

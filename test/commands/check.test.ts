@@ -3,7 +3,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { checkCow } from '../../src/commands/check.js';
-import { commitJournalPath } from '../../src/commands/commit.js';
+import { commitJournalPath } from '../../src/commands/commit/index.js';
 import { createCow } from '../../src/commands/create.js';
 import { UbdcowError } from '../../src/errors.js';
 import { FIXTURE_MTIME, buildCow, holdLockInChild, readRange, snapshot } from '../helpers/cow-fixtures.js';

@@ -1,7 +1,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { commitCow } from '../../src/commands/commit.js';
+import { commitCow } from '../../src/commands/commit/index.js';
 import { createCow } from '../../src/commands/create.js';
 import { inspectCow } from '../../src/commands/inspect.js';
 import { nonZeroRuns } from '../../src/io/bitmap-clear.js';

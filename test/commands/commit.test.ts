@@ -3,25 +3,25 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import fc from 'fast-check';
 import { beforeAll, describe, expect, it } from 'vitest';
-import { commitCow, commitJournalPath, readCommitJournal } from '../../src/commands/commit.js';
+import { commitCow, commitJournalPath, readCommitJournal } from '../../src/commands/commit/index.js';
 import { parseHeader } from '../../src/format/header.js';
 import type { HeaderLayout } from '../../src/format/header.js';
-import { checkBacking, openImage } from '../../src/io/image.js';
+import { openImage } from '../../src/io/image.js';
+import { checkBacking } from '../../src/io/backing.js';
 import { type FileSystem, nodeFileSystem } from '../../src/io/file.js';
 import { UbdcowError } from '../../src/errors.js';
 import {
   type BuiltCow,
   FIXTURE_MTIME,
-  InjectedFailure,
   allocatedBytes,
   buildCow,
   countSetBits,
-  failingFileSystem,
   holdLockInChild,
   readRange,
   snapshot,
 } from '../helpers/cow-fixtures.js';
 import { useTempDir } from '../helpers/tmp.js';
+import { FaultyFileSystem } from '../hostile/faulty-fs.js';
 import { wrapHandle } from '../helpers/wrap-handle.js';
 import { ensureBuiltCli, repoRoot } from '../helpers/tools.js';
 
@@ -62,7 +62,7 @@ async function expectEmptiedOver(built: BuiltCow): Promise<void> {
     expect(image.fileSize).toBe(built.geometry.fileLength);
     expect((await checkBacking(image.header)).state).toBe('ok');
   } finally {
-    await image.file.close();
+    await image.handle.close();
   }
   const data = readRange(built.cowPath, built.geometry.dataOffset, built.header.size);
   expect(data.every((byte) => byte === 0)).toBe(true);
@@ -297,9 +297,9 @@ describe('commitCow in place', () => {
 
   it('touches only allocated sectors of the backing file', async () => {
     const built = buildCow(tmp.path, { size: 1 << 20, extents: [{ start: 10, end: 12 }] });
-    const fsCount = failingFileSystem();
+    const fsCount = new FaultyFileSystem(nodeFileSystem);
     await commitCow(built.cowPath, { fs: fsCount });
-    const backingWrites = fsCount.log.filter((entry) => entry.startsWith('write base.img'));
+    const backingWrites = fsCount.writeLog.filter((entry) => entry.startsWith('write base.img'));
     expect(backingWrites).toEqual([`write base.img @${10 * 512}+1024`]);
   });
 
@@ -349,27 +349,30 @@ describe('commitCow in place', () => {
     };
     const probeDir = fs.mkdtempSync(path.join(tmp.path, 'probe-'));
     const probe = buildCow(probeDir, spec);
-    const counter = failingFileSystem();
+    const counter = new FaultyFileSystem(nodeFileSystem);
     await commitCow(probe.cowPath, { fs: counter, chunkBytes: 16384 });
-    expect(counter.log.some((entry) => entry.startsWith('truncate vm.cow'))).toBe(true);
-    const total = counter.mutations;
+    expect(counter.writeLog.some((entry) => entry.startsWith('truncate vm.cow'))).toBe(true);
+    // The copy into the backing file takes the blocking calls on real files: those are faulted too.
+    expect(counter.blockingSteps).toBeGreaterThan(0);
+    const total = counter.writes;
     expect(total).toBeGreaterThan(15);
 
     for (let failAt = 1; failAt <= total; failAt++) {
       const dir = fs.mkdtempSync(path.join(tmp.path, `fail-${failAt}-`));
       const built = buildCow(dir, spec);
-      const failing = failingFileSystem({ failAt });
+      const failing = new FaultyFileSystem(nodeFileSystem, { kind: 'write', at: failAt, code: 'EIO' });
       const err = await commitCow(built.cowPath, { fs: failing, chunkBytes: 16384 }).then(
         () => undefined,
         (e: unknown) => e,
       );
-      expect(err, `operation ${failAt} (${failing.log.at(-1)})`).toBeDefined();
-      expect((err as UbdcowError).cause ?? err).toBeInstanceOf(InjectedFailure);
+      expect(err, `operation ${failAt} (${failing.writeLog.at(-1)})`).toBeDefined();
+      expect(failing.injected, `operation ${failAt}`).toBeDefined();
+      expect(String((err as Error).message)).toMatch(/EIO|input\/output error/);
       const rerun = await commitCow(built.cowPath, { chunkBytes: 16384 });
-      expectSameBytes(readFile(built.backingPath), built.expected, `after failing ${failing.log.at(-1)}`);
+      expectSameBytes(readFile(built.backingPath), built.expected, `after failing ${failing.writeLog.at(-1)}`);
       await expectEmptiedOver(built);
       // Once the backing file has been written, only the journal lets the re-run through.
-      if (rerun.resumed) expect(failing.log.some((entry) => entry.startsWith('write base.img'))).toBe(true);
+      if (rerun.resumed) expect(failing.writeLog.some((entry) => entry.startsWith('write base.img'))).toBe(true);
       fs.rmSync(dir, { recursive: true });
     }
   });
@@ -377,11 +380,11 @@ describe('commitCow in place', () => {
   it('a commit killed outright (SIGKILL, no cleanup) at any stage finishes when run again', async () => {
     const spec = { size: 400_000, extents: [{ start: 10, end: 500 }, { start: 600, end: 700 }], seed: 9 };
     const probe = buildCow(fs.mkdtempSync(path.join(tmp.path, 'probe-')), spec);
-    const counter = failingFileSystem();
+    const counter = new FaultyFileSystem(nodeFileSystem);
     await commitCow(probe.cowPath, { fs: counter, chunkBytes: 16384 });
     // 1-based operation numbers of the stages a crash can interrupt.
     const stage = (prefix: string, nth = 0) =>
-      counter.log.map((entry, index) => (entry.startsWith(prefix) ? index + 1 : -1)).filter((index) => index > 0)[nth];
+      counter.writeLog.map((entry, index) => (entry.startsWith(prefix) ? index + 1 : -1)).filter((index) => index > 0)[nth];
     const firstBackingWrite = stage('write base.img');
     const bitmapClear = stage('write vm.cow');
     const headerWrite = stage('write vm.cow @0+');
@@ -394,9 +397,10 @@ describe('commitCow in place', () => {
       fs.writeFileSync(
         script,
         [
-          `import { commitCow } from ${JSON.stringify(path.join(repoRoot, 'src/commands/commit.ts'))};`,
-          `import { failingFileSystem } from ${JSON.stringify(path.join(repoRoot, 'test/helpers/cow-fixtures.ts'))};`,
-          `await commitCow(${JSON.stringify(built.cowPath)}, { fs: failingFileSystem({ failAt: ${killAt}, kill: true }), chunkBytes: 16384 });`,
+          `import { commitCow } from ${JSON.stringify(path.join(repoRoot, 'src/commands/commit/index.ts'))};`,
+          `import { FaultyFileSystem } from ${JSON.stringify(path.join(repoRoot, 'test/hostile/faulty-fs.ts'))};`,
+          `import { nodeFileSystem } from ${JSON.stringify(path.join(repoRoot, 'src/io/file.ts'))};`,
+          `await commitCow(${JSON.stringify(built.cowPath)}, { fs: new FaultyFileSystem(nodeFileSystem, { kind: 'write', at: ${killAt}, code: 'EIO', kill: true }), chunkBytes: 16384 });`,
         ].join('\n'),
       );
       const child = spawnSync(process.execPath, ['--import', 'tsx', script], { cwd: repoRoot, encoding: 'utf8' });

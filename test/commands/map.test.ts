@@ -7,7 +7,7 @@ import { createCow } from '../../src/commands/create.js';
 import { type MappedExtent, mapCow } from '../../src/commands/map.js';
 import { parseHeader } from '../../src/format/header.js';
 import { computeGeometry } from '../../src/format/geometry.js';
-import { writeCowSectors } from '../../bench/util.js';
+import { writeCowSectors } from '../helpers/cow-writes.js';
 import { ensureBuiltCli, run } from '../helpers/tools.js';
 import { useTempDir } from '../helpers/tmp.js';
 

@@ -3,7 +3,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { checkCow } from '../../src/commands/check.js';
-import { commitCow, commitJournalPath } from '../../src/commands/commit.js';
+import { commitCow, commitJournalPath } from '../../src/commands/commit/index.js';
 import { rebaseCow } from '../../src/commands/rebase.js';
 import { UbdcowError } from '../../src/errors.js';
 import { type HeaderLayout, parseHeader } from '../../src/format/header.js';
@@ -76,14 +76,14 @@ describe('rebaseCow', () => {
     const files = [built.cowPath, built.backingPath, copy];
     const before = snapshot(tmp.path, files);
     const err = await refusal(rebaseCow(built.cowPath, copy), 'backing-mismatch');
-    expect(err.message).toMatch(/copy\.img: mtime is \d+ \(.*\), expected 1600000000 \(.*the header's mtime\); not the same backing file \(use --unsafe/);
+    expect(err.message).toMatch(/copy\.img: backing mtime is \d+ \(.*\), header says 1600000000 \(.*\); not the same backing file \(use --unsafe/);
     expect(snapshot(tmp.path, files)).toEqual(before);
 
     const short = path.join(tmp.path, 'short.img');
     fs.writeFileSync(short, Buffer.alloc(4096));
     fs.utimesSync(short, FIXTURE_MTIME, FIXTURE_MTIME);
     const sizeErr = await refusal(rebaseCow(built.cowPath, short), 'backing-mismatch');
-    expect(sizeErr.message).toMatch(/short\.img: size is 4096 bytes, expected 100000/);
+    expect(sizeErr.message).toMatch(/short\.img: backing size is 4096 bytes, header says 100000/);
     expect(snapshot(tmp.path, files).files).toEqual(before.files);
 
     const unsafe = await rebaseCow(built.cowPath, copy, { unsafe: true });
@@ -174,7 +174,7 @@ describe('ubdcow rebase (CLI)', () => {
     fs.copyFileSync(path.join(tmp.path, 'new.img'), path.join(tmp.path, 'fresh.img'));
     const refused = cli(['rebase', 'vm.cow', 'fresh.img']);
     expect(refused.status).toBe(1);
-    expect(refused.stderr).toMatch(/^ubdcow rebase: fresh\.img: mtime is \d+ .*\(use --unsafe to rebase anyway\)\n$/);
+    expect(refused.stderr).toMatch(/^ubdcow rebase: fresh\.img: backing mtime is \d+ .*\(use --unsafe to rebase anyway\)\n$/);
 
     const unsafe = cli(['rebase', '-u', 'vm.cow', 'fresh.img']);
     expect(unsafe.status, unsafe.stderr).toBe(0);

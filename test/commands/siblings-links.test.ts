@@ -2,7 +2,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { checkCow } from '../../src/commands/check.js';
-import { commitCow } from '../../src/commands/commit.js';
+import { commitCow } from '../../src/commands/commit/index.js';
 import { createCow } from '../../src/commands/create.js';
 import { UbdcowError } from '../../src/errors.js';
 import { serializeV3 } from '../../src/format/header.js';

@@ -459,6 +459,6 @@ describe('error messages stay on one line', () => {
   it('escapes control characters a damaged backing path brings into a message', () => {
     const err = new UbdcowError('backing-missing', '/t\nmp/base\timg\x01: cannot open backing file');
     expect(err.message).toBe('/t\\nmp/base\\timg\\x01: cannot open backing file');
-    expect(new CowFormatError('x', 'backing_file', 'a\nb', 'c').message).not.toContain('\n');
+    expect(new CowFormatError('backing-nul', 'backing_file', 'a\nb', 'c').message).not.toContain('\n');
   });
 });

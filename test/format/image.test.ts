@@ -7,7 +7,8 @@ import { CowFormatError, UbdcowError } from '../../src/errors.js';
 import { serializeV1, serializeV2, serializeV3 } from '../../src/format/header.js';
 import { computeGeometry } from '../../src/format/geometry.js';
 import { parseHeader } from '../../src/format/header.js';
-import { allocatedExtents, bitmapSlices, openImage, readWholeBitmap } from '../../src/io/image.js';
+import { openImage } from '../../src/io/image.js';
+import { allocatedExtents, bitmapSlices, readWholeBitmap } from '../../src/io/allocation.js';
 import { useTempDir } from '../helpers/tmp.js';
 
 const tmp = useTempDir();
@@ -60,7 +61,7 @@ describe('openImage', () => {
       expect(image.dataAreaTruncated).toBe(false);
       expect(image.warnings).toEqual([]);
     } finally {
-      await image.file.close();
+      await image.handle.close();
     }
   });
 
@@ -77,7 +78,7 @@ describe('openImage', () => {
     const file = path.join(tmp.path, 'bitmap-only.cow');
     writeCow(file, serializeV3(v3Fields(8 << 20)), new Uint8Array(0), 8192 + 2048);
     const image = await openImage(file);
-    await image.file.close();
+    await image.handle.close();
     expect(image.dataAreaTruncated).toBe(true);
   });
 
@@ -116,7 +117,7 @@ describe('openImage', () => {
     const file = path.join(tmp.path, 'big-sectors.cow');
     writeCow(file, serializeV3({ ...v3Fields(1 << 20), sectorSize: 4096 }), new Uint8Array(32));
     const image = await openImage(file);
-    await image.file.close();
+    await image.handle.close();
     expect(image.warnings).toEqual(["sector size is 4096; the kernel's ubd driver assumes 512"]);
   });
 });
@@ -143,7 +144,7 @@ describe('allocatedExtents and bitmapSlices', () => {
             expect(slices.map((s) => s.firstSector)).toEqual(slices.map((_, i) => i * chunkBytes * 8));
             expect(slices.reduce((sum, s) => sum + s.bitCount, 0)).toBe(sectors);
           } finally {
-            await image.file.close();
+            await image.handle.close();
           }
         },
       ),
@@ -158,7 +159,7 @@ describe('allocatedExtents and bitmapSlices', () => {
     try {
       expect(await collect(allocatedExtents(image, 1))).toEqual([{ start: 0, end: 64 }]);
     } finally {
-      await image.file.close();
+      await image.handle.close();
     }
   });
 
@@ -170,7 +171,7 @@ describe('allocatedExtents and bitmapSlices', () => {
       expect(await collect(allocatedExtents(image))).toEqual([{ start: 10, end: 11 }]);
       expect((await readWholeBitmap(image)).countSet()).toBe(1);
     } finally {
-      await image.file.close();
+      await image.handle.close();
     }
   });
 
@@ -190,7 +191,7 @@ describe('allocatedExtents and bitmapSlices', () => {
         { start: 14, end: 16 },
       ]);
     } finally {
-      await image.file.close();
+      await image.handle.close();
     }
   });
 
@@ -203,7 +204,7 @@ describe('allocatedExtents and bitmapSlices', () => {
       expect(await collect(bitmapSlices(image))).toEqual([]);
       expect((await readWholeBitmap(image)).bitCount).toBe(0);
     } finally {
-      await image.file.close();
+      await image.handle.close();
     }
   });
 });

@@ -18,7 +18,7 @@ import {
 import { SectorBitmap } from '../../src/format/bitmap.js';
 import type { FileHandleLike, FileSystem } from '../../src/io/file.js';
 import { nodeFileSystem } from '../../src/io/file.js';
-import { seededRandom } from '../../bench/util.js';
+import { seededRandom } from './cow-writes.js';
 
 export { seededRandom };
 
@@ -174,7 +174,7 @@ export interface LockHolder {
 
 /**
  * Another process holding a POSIX write lock on the whole file, taken with fcntl(F_SETLK) the way
- * the UML kernel does (python's lockf), independent of the os-lock package under test.
+ * the UML kernel does (python's lockf), independent of the fcntl binding under test.
  */
 export async function holdLockInChild(file: string): Promise<LockHolder> {
   const script = [
@@ -215,64 +215,4 @@ export function procLocksFor(file: string): string[] {
       const device = line.trim().split(/\s+/)[5];
       return device !== undefined && device.split(':')[2] === String(inode);
     });
-}
-
-export class InjectedFailure extends Error {
-  readonly code = 'EIO';
-  constructor(readonly operation: string) {
-    super(`injected failure at ${operation}`);
-  }
-}
-
-export interface FailingFileSystem extends FileSystem {
-  /** Mutating operations (write, truncate, sync, rename, link, unlink) done so far. */
-  readonly mutations: number;
-  readonly log: string[];
-}
-
-/**
- * The real file system, except that mutating operation number `failAt` (counting from 1) throws
- * (or, with `kill`, kills the process on the spot, so no cleanup code runs) instead of happening.
- * With no `failAt` it only counts.
- */
-export function failingFileSystem(options: { failAt?: number; kill?: boolean } = {}): FailingFileSystem {
-  let mutations = 0;
-  const log: string[] = [];
-  const mutate = async <T>(operation: string, run: () => Promise<T>): Promise<T> => {
-    mutations++;
-    log.push(operation);
-    if (options.failAt === mutations) {
-      if (options.kill) process.kill(process.pid, 'SIGKILL');
-      throw new InjectedFailure(operation);
-    }
-    return run();
-  };
-  const wrap = (file: FileHandleLike, name: string): FileHandleLike => ({
-    get fd() {
-      return file.fd;
-    },
-    read: (buffer, offset, length, position) => file.read(buffer, offset, length, position),
-    write: (buffer, offset, length, position) =>
-      mutate(`write ${path.basename(name)} @${position}+${length}`, () => file.write(buffer, offset, length, position)),
-    datasync: () => mutate(`datasync ${path.basename(name)}`, () => file.datasync()),
-    sync: () => mutate(`sync ${path.basename(name)}`, () => file.sync()),
-    truncate: (length) => mutate(`truncate ${path.basename(name)} ${length}`, () => file.truncate(length)),
-    stat: () => file.stat(),
-    close: () => file.close(),
-  });
-  return {
-    get mutations() {
-      return mutations;
-    },
-    log,
-    open: async (name, mode) => wrap(await nodeFileSystem.open(name, mode), name),
-    stat: (name) => nodeFileSystem.stat(name),
-    rename: (from, to) => mutate(`rename ${path.basename(from)}`, () => nodeFileSystem.rename(from, to)),
-    link: (existing, newPath) => mutate(`link ${path.basename(newPath)}`, () => nodeFileSystem.link(existing, newPath)),
-    unlink: (name) => mutate(`unlink ${path.basename(name)}`, () => nodeFileSystem.unlink(name)),
-    realpath: (name) => nodeFileSystem.realpath(name),
-    readdir: (name) => nodeFileSystem.readdir(name),
-    syncDirectory: (dir) => nodeFileSystem.syncDirectory(dir),
-    utimes: (name, atime, mtime) => nodeFileSystem.utimes(name, atime, mtime),
-  };
 }

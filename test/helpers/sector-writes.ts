@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import type { SectorWrite } from '../../bench/util.js';
+import type { SectorWrite } from './cow-writes.js';
 
 /** Where a write goes: `count` sectors from sector `at` (taken modulo the disk's sector count). */
 export interface SectorPick {

@@ -1,9 +1,21 @@
 import { execFileSync, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { hasTool, repoRoot } from '../../bench/util.js';
+import { fileURLToPath } from 'node:url';
 
-export { hasTool, repoRoot };
+export const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
+
+const toolFound = new Map<string, boolean>();
+
+/** True when `name` is an executable on PATH (asked once per name). */
+export function hasTool(name: string): boolean {
+  let present = toolFound.get(name);
+  if (present === undefined) {
+    present = spawnSync('which', [name], { stdio: 'ignore' }).status === 0;
+    toolFound.set(name, present);
+  }
+  return present;
+}
 
 /** The tools among `names` that are not installed. */
 export function missingTools(...names: string[]): string[] {

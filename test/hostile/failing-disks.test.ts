@@ -10,7 +10,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { checkCow } from '../../src/commands/check.js';
-import { commitCow, commitJournalPath } from '../../src/commands/commit.js';
+import { commitCow, commitJournalPath } from '../../src/commands/commit/index.js';
 import { createCow } from '../../src/commands/create.js';
 import { rebaseCow } from '../../src/commands/rebase.js';
 import { UbdcowError } from '../../src/errors.js';

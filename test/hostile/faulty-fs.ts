@@ -3,7 +3,10 @@
  * one of them fail: the Nth read step or the Nth write step, with the errno asked for. Read steps
  * are everything that only looks (read, stat, realpath, readdir, open for reading or updating);
  * write steps are everything that changes the disk (write, truncate, sync, datasync, create,
- * rename, link, unlink, directory sync, utimes). Without a plan it only counts and logs.
+ * rename, link, unlink, directory sync, utimes). Blocking reads and writes (readSync, writeSync)
+ * are steps too, so the copy real files take is faulted like the async one. With `kill` the
+ * process dies on the spot (SIGKILL: no cleanup code runs) instead. Without a plan it only counts
+ * and logs.
  */
 import * as path from 'node:path';
 import type { FileHandleLike, FileSystem, OpenMode } from '../../src/io/file.js';
@@ -15,6 +18,8 @@ export interface FaultPlan {
   /** 1-based number of the step of that kind that fails. */
   at: number;
   code: 'ENOSPC' | 'EIO';
+  /** Kill the process (SIGKILL) at that step instead of failing it: a crash, not an error. */
+  kill?: boolean;
 }
 
 /** What an injected failure looks like: a Node system error with an errno code. */
@@ -26,8 +31,12 @@ export function systemError(code: string, call: string): NodeJS.ErrnoException {
 export class FaultyFileSystem implements FileSystem {
   reads = 0;
   writes = 0;
+  /** Steps taken through readSync/writeSync (counted in reads and writes too). */
+  blockingSteps = 0;
   /** Every step, in order: "read stat base.img", "write write vm.cow @8192+17", ... */
   readonly log: string[] = [];
+  /** The write steps alone, in order (entry N - 1 is write step N): "write vm.cow @0+4128", "sync base.img", ... */
+  readonly writeLog: string[] = [];
   /** The step that failed, when the plan's step was reached. */
   injected: string | undefined;
 
@@ -40,7 +49,9 @@ export class FaultyFileSystem implements FileSystem {
   private step(kind: StepKind, call: string): void {
     const count = kind === 'read' ? ++this.reads : ++this.writes;
     this.log.push(`${kind} ${call}`);
+    if (kind === 'write') this.writeLog.push(call);
     if (this.plan && this.plan.kind === kind && this.plan.at === count) {
+      if (this.plan.kill) process.kill(process.pid, 'SIGKILL');
       this.injected = `${kind} #${count}: ${call}`;
       throw systemError(this.plan.code, call);
     }
@@ -59,10 +70,12 @@ export class FaultyFileSystem implements FileSystem {
     if (handle.readSync && handle.writeSync) {
       const { readSync, writeSync } = { readSync: handle.readSync.bind(handle), writeSync: handle.writeSync.bind(handle) };
       blocking.readSync = (buffer, offset, length, position) => {
+        this.blockingSteps++;
         step('read', `read ${name} @${position}+${length}`);
         return readSync(buffer, offset, length, position);
       };
       blocking.writeSync = (buffer, offset, length, position) => {
+        this.blockingSteps++;
         step('write', `write ${name} @${position}+${length}`);
         writeSync(buffer, offset, length, position);
       };

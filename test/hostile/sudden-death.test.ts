@@ -12,7 +12,7 @@ import { randomBytes } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { commitJournalPath } from '../../src/commands/commit.js';
+import { commitJournalPath } from '../../src/commands/commit/index.js';
 import { computeGeometry } from '../../src/format/geometry.js';
 import { parseHeader, serializeV3 } from '../../src/format/header.js';
 import { makeTempDir, removeTempDir } from '../helpers/tmp.js';

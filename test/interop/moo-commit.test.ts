@@ -14,7 +14,7 @@ import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { commitCow } from '../../src/commands/commit.js';
+import { commitCow } from '../../src/commands/commit/index.js';
 import { SectorBitmap } from '../../src/format/bitmap.js';
 import type { HeaderLayout } from '../../src/format/header.js';
 import { openImage } from '../../src/io/image.js';
@@ -140,13 +140,13 @@ describe.skipIf(missing.length > 0)(titleWithSkipReason('ubdcow commit matches u
       const bitmap = SectorBitmap.empty(image.geometry.bitmapLength * 8);
       for (const extent of randomExtents(7, size / 512)) {
         const data = randomBytes(random, (extent.end - extent.start) * 512);
-        await image.file.write(data, 0, data.length, image.geometry.dataOffset + extent.start * 512);
+        await image.handle.write(data, 0, data.length, image.geometry.dataOffset + extent.start * 512);
         expected.set(data, extent.start * 512);
         bitmap.setRange(extent.start, extent.end);
       }
-      await image.file.write(bitmap.bytes, 0, image.geometry.bitmapLength, image.geometry.bitmapOffset);
+      await image.handle.write(bitmap.bytes, 0, image.geometry.bitmapLength, image.geometry.bitmapOffset);
     } finally {
-      await image.file.close();
+      await image.handle.close();
     }
 
     umlMoo([cow, path.join(tmp.path, 'moo.img')]);

@@ -49,8 +49,8 @@ describe('openCow API contract', () => {
     const dev = await openCow(cow);
     expect(await codeOf(dev.read(64 * 1024 - 10, 11))).toBe('out-of-range');
     expect(await codeOf(dev.write(64 * 1024, new Uint8Array(1)))).toBe('out-of-range');
-    expect(await codeOf(dev.read(-1, 10))).toBe('bad-range');
-    expect(await codeOf(dev.read(1.5, 10))).toBe('bad-range');
+    expect(await codeOf(dev.read(-1, 10))).toBe('out-of-range');
+    expect(await codeOf(dev.read(1.5, 10))).toBe('out-of-range');
     await dev.close();
   });
 
@@ -75,11 +75,32 @@ describe('openCow API contract', () => {
 
   it('refuses a backing file whose size or mtime changed, as the kernel does', async () => {
     await fsp.utimes(base, new Date(), new Date(Date.now() + 5000));
-    expect(await codeOf(openCow(cow))).toBe('backing-mtime-mismatch');
+    expect(await codeOf(openCow(cow))).toBe('backing-mismatch');
     await fsp.appendFile(base, Buffer.alloc(512));
-    expect(await codeOf(openCow(cow))).toBe('backing-size-mismatch');
+    expect(await codeOf(openCow(cow))).toBe('backing-mismatch');
     await fsp.rm(base);
     expect(await codeOf(openCow(cow))).toBe('backing-missing');
+  });
+
+  it('names the backing file it opened (the override, not the header\'s) when a read from it fails', async () => {
+    const moved = path.join(dir, 'moved.img');
+    await fsp.cp(base, moved, { preserveTimestamps: true });
+    const dev = await openCow(cow, { backing: moved, readOnly: true });
+    try {
+      // The override shrinks under the open device: the read of its second half comes up short.
+      await fsp.truncate(moved, 32 * 1024);
+      const err = await dev.read(40 * 1024, 512).then(
+        () => undefined,
+        (e: unknown) => e as UbdcowError,
+      );
+      expect(err).toBeInstanceOf(UbdcowError);
+      expect(err!.code).toBe('truncated');
+      expect(err!.file).toBe(moved);
+      expect(err!.message).toContain(moved);
+      expect(err!.message).not.toContain(base);
+    } finally {
+      await dev.close();
+    }
   });
 
   it('uses a backing file given in place of the stored path, after the same checks', async () => {

@@ -16,7 +16,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { promisify } from 'node:util';
-import { lock, unlock } from 'os-lock';
+import { osCalls } from '../../src/os/libc.js';
 import { makeTempDir } from '../helpers/tmp.js';
 import { ensureBuiltCli, missingTools, titleWithSkipReason } from '../helpers/tools.js';
 
@@ -424,16 +424,28 @@ export function processesInGroup(pgid: number): number[] {
 
 async function takeGuestLock(): Promise<() => Promise<void>> {
   const handle = await fs.promises.open(guestLockPath, 'a');
-  try {
-    await lock(handle.fd, 0, 0, { exclusive: true });
-  } catch (err) {
-    await handle.close();
-    throw err;
+  const calls = osCalls();
+  // F_SETLK polled rather than F_SETLKW, which would block a thread of the pool until granted.
+  for (;;) {
+    try {
+      calls?.setLock(handle.fd, 'write');
+      break;
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EAGAIN' && (err as NodeJS.ErrnoException).code !== 'EACCES') {
+        await handle.close();
+        throw err;
+      }
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
   }
   let released: Promise<void> | undefined;
   return () =>
     (released ??= (async () => {
-      await unlock(handle.fd, 0, 0).catch(() => undefined);
+      try {
+        calls?.setLock(handle.fd, 'unlock');
+      } catch {
+        // Closing drops it anyway.
+      }
       await handle.close();
     })());
 }

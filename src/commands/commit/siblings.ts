@@ -1,8 +1,9 @@
 import * as path from 'node:path';
-import { UbdcowError, fromSystemError } from '../errors.js';
-import { MAX_HEADER_SIZE, parseHeader } from '../format/header.js';
-import type { FileSystem } from '../io/file.js';
-import { fileIdentityOrUndefined, foldersOfKnownNames } from '../io/file-identity.js';
+import { UbdcowError, fromSystemError } from '../../errors.js';
+import { resolveBackingPath } from '../../io/backing.js';
+import type { FileSystem } from '../../io/file.js';
+import { fileIdentityOrUndefined, foldersOfKnownNames } from '../../io/file-identity.js';
+import { probeHeader } from '../../io/image.js';
 
 /** Errors that mean "this is not something we could read anyway", not "we could not look". */
 const skippable = new Set(['ENOENT', 'EACCES', 'EPERM', 'ELOOP', 'ENOTDIR']);
@@ -78,19 +79,15 @@ async function namesBacking(fs: FileSystem, file: string, backing: FileNames): P
   const stat = await fs.stat(file);
   if (stat.kind !== 'file' || stat.size < 8) return false;
   const handle = await fs.open(file, 'r');
-  let start: Uint8Array;
+  let probe;
   try {
-    start = new Uint8Array(MAX_HEADER_SIZE);
-    start = start.subarray(0, await handle.read(start, 0, start.length, 0));
+    probe = await probeHeader(handle, file, 'read');
   } finally {
     await handle.close();
   }
-  let backingFile: string;
-  try {
-    backingFile = parseHeader(start).header.backingFile;
-  } catch {
-    return false; // not a COW file (or not one any reader would use)
-  }
-  const named = path.resolve(path.dirname(file), backingFile);
+  // Not a COW file (or not one any reader would use).
+  if (!('parsed' in probe)) return false;
+  // Where the kernel would look for it (resolveBackingPath), so a sibling is what a UML would read.
+  const named = resolveBackingPath(probe.parsed.header);
   return sameFile(await namesOf(fs, named), backing);
 }

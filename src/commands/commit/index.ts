@@ -1,0 +1,25 @@
+import { usageError } from '../../errors.js';
+import { commitInPlace } from './in-place.js';
+import { commitToNewFile } from './new-file.js';
+import type { CommitOptions, CommitResult } from './shared.js';
+
+/*
+ * `ubdcow commit`: the dispatch between the two merges. new-file.ts writes a new image (what
+ * `uml_moo COW OUT` makes); in-place.ts merges into the backing file (what `uml_moo -d COW` does),
+ * with a journal so an interrupted merge can be finished. shared.ts holds their common checks.
+ */
+
+export { COMMIT_CHUNK_BYTES, type CommitOptions, type CommitResult, type InPlaceCommitResult, type NewFileCommitResult } from './shared.js';
+export { commitJournalPath, readCommitJournal, interruptedCommitMessage, type CommitJournal } from '../../io/commit-journal.js';
+
+/**
+ * Merges a COW file with its backing file: into a new image file (`output`, what `uml_moo COW OUT`
+ * makes) or into the backing file itself (what `uml_moo -d COW` does, then empties the COW so the
+ * VM can go on using it over the merged base).
+ */
+export async function commitCow(cowPath: string, options: CommitOptions = {}): Promise<CommitResult> {
+  if (options.output !== undefined && options.keep) {
+    throw usageError(`${options.output}: --keep only applies to an in-place commit (no OUT); a new image never changes the COW`);
+  }
+  return options.output === undefined ? commitInPlace(cowPath, options) : commitToNewFile(cowPath, options.output, options);
+}

@@ -1,0 +1,213 @@
+import * as path from 'node:path';
+import { UbdcowError, fileEndsEarly, fromSystemError } from '../../errors.js';
+import { type WindowRuns, allocatedWindows } from '../../io/allocation.js';
+import { existsError, writeNewFile } from '../../io/atomic.js';
+import { type OpenedFile, checkBacking, openBacking } from '../../io/backing.js';
+import { interruptedCommitError, readCommitJournal } from '../../io/commit-journal.js';
+import { type FileHandleLike, type FileSystem, nodeFileSystem, readExactly, writeAll } from '../../io/file.js';
+import { type CowImage, withImage } from '../../io/image.js';
+import { ImageWriter } from '../../io/image-writer.js';
+import { type CommitOptions, HOLE_BLOCK_BYTES, type NewFileCommitResult, judgeBacking, readCowRun, roundChunk, summarizeAllocation } from './shared.js';
+
+/*
+ * Commit to a new image file (what `uml_moo COW OUT` makes): the merged disk is assembled a window
+ * at a time from the backing file and the COW's allocated runs, all-zero blocks are left as holes,
+ * and the file appears atomically (writeNewFile). Neither the COW nor the backing file is written.
+ */
+
+/** Refuses to write the merged image over the COW file it is made from; true when `output` exists. */
+async function refuseOutputOverCow(fs: FileSystem, cowPath: string, output: string): Promise<boolean> {
+  const [cowReal, outputReal] = await Promise.all([
+    fs.realpath(cowPath).catch(() => path.resolve(cowPath)),
+    fs.realpath(output).catch(() => undefined),
+  ]);
+  if (outputReal === cowReal) {
+    throw new UbdcowError('output-is-cow', `${output}: is the COW file itself; write the merged image to another file`, { file: output });
+  }
+  return outputReal !== undefined;
+}
+
+export async function commitToNewFile(cowPath: string, output: string, options: CommitOptions): Promise<NewFileCommitResult> {
+  const started = Date.now();
+  const fs = options.fs ?? nodeFileSystem;
+  const force = options.force ?? false;
+  const chunkBytes = roundChunk(options.chunkBytes);
+  const outputExists = await refuseOutputOverCow(fs, cowPath, output);
+  if (outputExists && !force) {
+    throw existsError(output);
+  }
+  // A read lock suffices: it conflicts with the write lock a running UML holds or would take.
+  return withImage(cowPath, { fs, mode: 'r', lock: 'read' }, async (image) => {
+    if (await readCommitJournal(fs, cowPath)) throw interruptedCommitError(cowPath);
+    const report = await checkBacking(image.header, options.backing, fs);
+    const overridden = judgeBacking(cowPath, report, force);
+    const summary = await summarizeAllocation(image);
+    const backing = await openBacking(fs, report.path, 'r');
+    let writtenBytes = 0;
+    try {
+      await writeNewFile(fs, output, force, async (out, temporaryPath) => {
+        const writer = await ImageWriter.open(fs, out, temporaryPath);
+        try {
+          writtenBytes = await writeMergedImage(image, backing, { file: out, writer, path: output }, chunkBytes, options.onProgress);
+        } finally {
+          await writer.close();
+        }
+      });
+    } finally {
+      await backing.handle.close().catch(() => undefined);
+    }
+    return {
+      mode: 'new-file',
+      cow: cowPath,
+      output,
+      backing: report.path,
+      size: image.header.size,
+      allocatedBytes: summary.allocatedBytes,
+      extents: summary.extents,
+      writtenBytes,
+      emptied: false,
+      resumed: false,
+      overridden,
+      durationMs: Date.now() - started,
+      warnings: [...image.warnings],
+    };
+  });
+}
+
+/**
+ * A separate read costs about as much as copying this many bytes of holes (a thread-pool round
+ * trip against memcpy of zero pages), so a span reads run by run only when its runs are fewer.
+ */
+const BYTES_PER_SEPARATE_READ = 256 * 1024;
+const WINDOWS_IN_FLIGHT = 3;
+const BACKGROUND_SYNC_BYTES = 64 << 20;
+
+/** The new image being written: its descriptor, the writer in front of it, the name to report. */
+interface MergedImageOutput {
+  file: FileHandleLike;
+  writer: ImageWriter;
+  path: string;
+}
+
+/**
+ * Assembles the merged disk a window at a time (the backing's bytes, then the COW's allocated
+ * runs over them) and writes only the blocks that are not all zeros, so zero regions stay holes.
+ * Returns the bytes written.
+ */
+async function writeMergedImage(
+  image: CowImage,
+  backing: OpenedFile,
+  output: MergedImageOutput,
+  windowBytes: number,
+  onProgress: CommitOptions['onProgress'],
+): Promise<number> {
+  const { size } = image.header;
+  const windows = allocatedWindows(image, windowBytes);
+  let next = await windows.next();
+  let written = 0;
+  let done = 0;
+  onProgress?.(0, size);
+  // A few windows in flight keep the disk and the thread pool busy; each has its own buffers.
+  const idle = Array.from({ length: WINDOWS_IN_FLIGHT }, () => ({ window: output.writer.allocate(windowBytes), cowData: new Uint8Array(windowBytes) }));
+  const inFlight = new Set<Promise<void>>();
+  let failure: unknown;
+  let backgroundSync: Promise<void> | undefined;
+  let syncedUpTo = 0;
+  for (let windowStart = 0; windowStart < size && failure === undefined; windowStart += windowBytes) {
+    const length = Math.min(windowBytes, size - windowStart);
+    let runs: WindowRuns['runs'] = [];
+    if (!next.done && next.value.start === windowStart) {
+      runs = next.value.runs;
+      next = await windows.next();
+    }
+    while (idle.length === 0) await Promise.race(inFlight);
+    const buffers = idle.pop()!;
+    const task = mergeWindow(image, backing, output, buffers, windowStart, length, runs).then(
+      (bytes) => {
+        written += bytes;
+        done += length;
+        onProgress?.(done, size);
+        if (!output.writer.isDirect && written - syncedUpTo >= BACKGROUND_SYNC_BYTES && backgroundSync === undefined) {
+          // Start write-back while the copy goes on, so the final fsync has little left to do.
+          syncedUpTo = written;
+          backgroundSync = output.file.datasync().finally(() => (backgroundSync = undefined));
+          backgroundSync.catch((err: unknown) => (failure ??= fromSystemError(err, output.path, 'sync')));
+        }
+      },
+      (err: unknown) => {
+        failure ??= err;
+      },
+    );
+    const tracked = task.finally(() => {
+      inFlight.delete(tracked);
+      idle.push(buffers);
+    });
+    inFlight.add(tracked);
+  }
+  await Promise.all(inFlight);
+  await backgroundSync?.catch(() => undefined);
+  if (failure !== undefined) throw failure;
+  try {
+    await output.file.truncate(size);
+  } catch (err) {
+    throw fromSystemError(err, output.path, 'set the length of');
+  }
+  return written;
+}
+
+/** One window of the merged disk: the backing's bytes, the COW's runs over them, non-zero blocks out. */
+async function mergeWindow(
+  image: CowImage,
+  backing: OpenedFile,
+  output: MergedImageOutput,
+  buffers: { window: Uint8Array; cowData: Uint8Array },
+  windowStart: number,
+  length: number,
+  runs: WindowRuns['runs'],
+): Promise<number> {
+  const { window, cowData } = buffers;
+  // A shorter backing file (only with --force) reads as zeros past its end; short of that is truncation.
+  const fromBacking = Math.max(0, Math.min(length, backing.size - windowStart));
+  const target = { buffer: window, offset: 0, length: fromBacking, position: windowStart };
+  await readExactly(backing.handle, backing.path, 'read', target, (got) =>
+    fileEndsEarly(backing.path, windowStart, got, windowStart + fromBacking, 'the backing file'),
+  );
+  window.fill(0, fromBacking, length);
+  if (runs.length > 0) {
+    const spanStart = runs[0].start;
+    const spanEnd = runs[runs.length - 1].end;
+    if (runs.length * BYTES_PER_SEPARATE_READ < spanEnd - spanStart) {
+      // Few runs in a wide span: read each straight into place rather than the span's holes.
+      await Promise.all(runs.map((run) => readCowRun(image, window, run.start - windowStart, run.start, run.end)));
+    } else {
+      await readCowRun(image, cowData, 0, spanStart, spanEnd);
+      for (const run of runs) window.set(cowData.subarray(run.start - spanStart, run.end - spanStart), run.start - windowStart);
+    }
+  }
+  return writeNonZeroBlocks(output, window.subarray(0, length), windowStart);
+}
+
+const zeroBlock = new Uint8Array(HOLE_BLOCK_BYTES);
+
+function isZero(bytes: Uint8Array): boolean {
+  return Buffer.compare(bytes, zeroBlock.subarray(0, bytes.length)) === 0;
+}
+
+/** Writes the non-zero blocks of `data` (file offset `position`), coalescing neighbours. */
+async function writeNonZeroBlocks(output: MergedImageOutput, data: Uint8Array, position: number): Promise<number> {
+  let written = 0;
+  let runStart = -1;
+  const flush = async (end: number) => {
+    if (runStart < 0) return;
+    await writeAll(output.writer, output.path, 'write', { buffer: data, offset: runStart, length: end - runStart, position: position + runStart });
+    written += end - runStart;
+    runStart = -1;
+  };
+  for (let block = 0; block < data.length; block += HOLE_BLOCK_BYTES) {
+    const end = Math.min(block + HOLE_BLOCK_BYTES, data.length);
+    if (isZero(data.subarray(block, end))) await flush(block);
+    else if (runStart < 0) runStart = block;
+  }
+  await flush(data.length);
+  return written;
+}

@@ -1,0 +1,218 @@
+/**
+ * `ubdcow serve`: a UML COW (through the engine, with its lock and its data-before-bitmap order)
+ * or a raw image as an NBD export. base:allocation reports what the COW holds as data and what
+ * reads through to the backing file as a hole (without the zero flag: the backing's bytes are
+ * not known to be zero), so qemu-img map, nbdinfo --map and qemu-img convert -B see the COW's
+ * own allocation. The spec lets a client treat such a hole's contents as undefined and qemu-img
+ * compare takes them for zeros, hence `allocation: 'merged'` (everything reported as data).
+ */
+import * as fs from 'node:fs';
+import { UbdcowError, fromSystemError } from '../errors.js';
+import { COW_MAGIC } from '../format/header.js';
+import { type CowDevice, openCow } from '../io/engine.js';
+import { type NbdBlockDevice, type NbdServer, serveNbd } from '../nbd/server.js';
+import { STATE_HOLE, type StatusDescriptor } from '../nbd/protocol.js';
+
+export interface ServeOptions {
+  /** Backing file instead of the COW header's (COW images only). */
+  backing?: string;
+  socket?: string;
+  port?: number;
+  bind?: string;
+  readOnly?: boolean;
+  name?: string;
+  /** Every write durable before its reply (like UML's ubdNs). */
+  sync?: boolean;
+  shared?: number;
+  pidFile?: string;
+  /**
+   * What base:allocation describes. 'cow' (default): sectors the COW holds are data, sectors that
+   * read through to the backing are holes (NBD_STATE_HOLE without NBD_STATE_ZERO), so map tools
+   * and `qemu-img convert -B` see the COW's own allocation. 'merged': the whole disk is data, for
+   * clients that take a hole without the zero flag to read as zeros (qemu-img compare does).
+   */
+  allocation?: 'cow' | 'merged';
+  log?: (line: string) => void;
+}
+
+export interface ServeHandle {
+  server: NbdServer;
+  kind: 'cow' | 'raw';
+  size: number;
+  readOnly: boolean;
+  /** Stops the server (in-flight requests finish), flushes, closes the image (releasing its lock). */
+  close(): Promise<void>;
+}
+
+export async function serveImage(image: string, options: ServeOptions = {}): Promise<ServeHandle> {
+  const kind = (await startsWithCowMagic(image)) ? 'cow' : 'raw';
+  if (kind === 'raw' && options.backing !== undefined) {
+    throw new UbdcowError('not-a-cow', `${image}: is not a UML COW file (no COW magic), so a backing file (${options.backing}) makes no sense for it`, { file: image });
+  }
+  const device = kind === 'cow' ? await cowExport(image, options) : await rawExport(image, options);
+  let server: NbdServer;
+  try {
+    server = await serveNbd(device, {
+      socket: options.socket,
+      port: options.port,
+      bind: options.bind,
+      name: options.name,
+      description: `ubdcow ${kind === 'cow' ? 'COW' : 'raw'} image ${image}`,
+      readOnly: options.readOnly,
+      shared: options.shared,
+      writesDurable: Boolean(options.sync),
+      log: options.log,
+    });
+  } catch (err) {
+    await device.close().catch(() => undefined);
+    throw err;
+  }
+  if (options.pidFile !== undefined) {
+    try {
+      await fs.promises.writeFile(options.pidFile, `${process.pid}\n`);
+    } catch (err) {
+      await server.close().catch(() => undefined);
+      await device.close().catch(() => undefined);
+      throw fromSystemError(err, options.pidFile, 'write the pid file');
+    }
+  }
+  let closing: Promise<void> | undefined;
+  return {
+    server,
+    kind,
+    size: device.size,
+    readOnly: Boolean(options.readOnly) || device.readOnly,
+    close() {
+      closing ??= (async () => {
+        try {
+          await server.close();
+        } finally {
+          await device.close();
+          if (options.pidFile !== undefined) await fs.promises.unlink(options.pidFile).catch(() => undefined);
+        }
+      })();
+      return closing;
+    },
+  };
+}
+
+type ClosableDevice = NbdBlockDevice & { close(): Promise<void> };
+
+async function startsWithCowMagic(file: string): Promise<boolean> {
+  let handle: fs.promises.FileHandle;
+  try {
+    handle = await fs.promises.open(file, 'r');
+  } catch (err) {
+    throw fromSystemError(err, file, 'open image');
+  }
+  try {
+    const start = Buffer.alloc(4);
+    const { bytesRead } = await handle.read(start, 0, 4, 0);
+    return bytesRead === 4 && (start.readUInt32BE(0) === COW_MAGIC || start.readUInt32LE(0) === COW_MAGIC);
+  } catch (err) {
+    throw fromSystemError(err, file, 'read image');
+  } finally {
+    await handle.close().catch(() => undefined);
+  }
+}
+
+async function cowExport(image: string, options: ServeOptions): Promise<ClosableDevice> {
+  const cow = await openCow(image, { backing: options.backing, readOnly: options.readOnly, sync: options.sync });
+  return {
+    size: cow.size,
+    readOnly: cow.readOnly,
+    readInto: (offset, buffer) => cow.readInto(offset, buffer),
+    write: (offset, data) => cow.write(offset, data),
+    flush: () => cow.flush(),
+    blockStatus: options.allocation === 'merged' ? undefined : (offset, length, maxExtents) => cowAllocation(cow, offset, length, maxExtents),
+    close: () => cow.close(),
+  };
+}
+
+/** Sectors examined per block-status request before answering with what was found (clients ask again). */
+const MAX_SCANNED_SECTORS = 1 << 23;
+
+/**
+ * base:allocation over the COW bitmap: runs of sectors the COW holds (status 0) and runs that
+ * read through to the backing (NBD_STATE_HOLE), clipped to [offset, offset + length).
+ */
+export function cowAllocation(
+  cow: Pick<CowDevice, 'sectorSize' | 'isAllocated'>,
+  offset: number,
+  length: number,
+  maxExtents: number,
+): StatusDescriptor[] {
+  const sectorSize = cow.sectorSize;
+  const end = offset + length;
+  const out: StatusDescriptor[] = [];
+  let sector = Math.floor(offset / sectorSize);
+  const lastSector = Math.ceil(end / sectorSize);
+  let runStart = offset;
+  let runAllocated = cow.isAllocated(sector);
+  let scanned = 0;
+  for (sector++; sector < lastSector; sector++) {
+    const allocated = cow.isAllocated(sector);
+    if (allocated !== runAllocated) {
+      const boundary = sector * sectorSize;
+      out.push({ length: boundary - runStart, flags: runAllocated ? 0 : STATE_HOLE });
+      if (out.length >= maxExtents) return out;
+      runStart = boundary;
+      runAllocated = allocated;
+    }
+    if (++scanned >= MAX_SCANNED_SECTORS) {
+      const boundary = (sector + 1) * sectorSize;
+      if (boundary < end) {
+        out.push({ length: boundary - runStart, flags: runAllocated ? 0 : STATE_HOLE });
+        return out;
+      }
+    }
+  }
+  out.push({ length: end - runStart, flags: runAllocated ? 0 : STATE_HOLE });
+  return out;
+}
+
+async function rawExport(image: string, options: ServeOptions): Promise<ClosableDevice> {
+  let handle: fs.promises.FileHandle;
+  let readOnly = Boolean(options.readOnly);
+  try {
+    handle = await fs.promises.open(image, readOnly ? 'r' : 'r+');
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (readOnly || (code !== 'EACCES' && code !== 'EROFS' && code !== 'EPERM')) throw fromSystemError(err, image, 'open image');
+    // Like qemu-nbd on a file it cannot write: serve it read-only rather than not at all.
+    handle = await fs.promises.open(image, 'r').catch((e) => {
+      throw fromSystemError(e, image, 'open image');
+    });
+    readOnly = true;
+  }
+  const stat = await handle.stat();
+  if (!stat.isFile()) {
+    await handle.close();
+    throw new UbdcowError('not-a-file', `${image}: is not a regular file; serve a COW or a raw image file`, { file: image });
+  }
+  const size = stat.size;
+  const sync = Boolean(options.sync);
+  return {
+    size,
+    readOnly,
+    async readInto(offset, buffer) {
+      let done = 0;
+      while (done < buffer.length) {
+        const { bytesRead } = await handle.read(buffer, done, buffer.length - done, offset + done);
+        if (bytesRead === 0) throw new UbdcowError('truncated', `${image}: ends before byte ${offset + buffer.length}`, { file: image });
+        done += bytesRead;
+      }
+      return buffer;
+    },
+    async write(offset, data) {
+      let done = 0;
+      while (done < data.length) {
+        const { bytesWritten } = await handle.write(data, done, data.length - done, offset + done);
+        done += bytesWritten;
+      }
+      if (sync) await handle.datasync();
+    },
+    flush: () => (readOnly ? Promise.resolve() : handle.datasync()),
+    close: () => handle.close(),
+  };
+}

@@ -1,0 +1,121 @@
+/**
+ * The one place the guest file-system code touches the virtual disk (src/io/virtual-disk.ts):
+ * a COW seen through its backing file, or a raw image, as a read-only byte source. If the virtual
+ * disk's shape changes, only this file adapts.
+ *
+ * Invariant: nothing here can write. The object handed to libext2fs (ext2fs) refuses writes,
+ * flushes and discards with EROFS, so even a library bug cannot reach the user's files.
+ */
+import { UbdcowError } from '../errors.js';
+import { allocatedByteExtents, openVirtualDisk, type VirtualDisk } from '../io/virtual-disk.js';
+
+export interface ByteRange {
+  start: number;
+  end: number;
+}
+
+/** A read-only guest disk: a raw image, or a COW seen through its backing file. */
+export interface GuestDisk {
+  path: string;
+  kind: 'raw' | 'cow';
+  size: number;
+  /** The real path of the file unwritten sectors come from (the raw file itself, or the COW's backing). */
+  basePath: string;
+  warnings: string[];
+  read(offset: number, length: number, into?: Uint8Array): Promise<Uint8Array>;
+  /** COW only: the byte ranges of the virtual disk the COW holds (everything else is the backing's). */
+  writtenRanges?(): Promise<ByteRange[]>;
+  /** COW only: the backing file as its own raw disk (what the disk held before the COW). */
+  backing?: GuestDisk;
+  close(): Promise<void>;
+}
+
+function wrap(disk: VirtualDisk, owner?: VirtualDisk): GuestDisk {
+  const guest: GuestDisk = {
+    path: disk.path,
+    kind: disk.kind,
+    size: disk.size,
+    basePath: disk.base.realPath,
+    warnings: disk.warnings,
+    read: (offset, length, into) => disk.read(offset, length, into),
+    // The backing is closed with its COW.
+    close: owner ? async () => undefined : () => disk.close(),
+  };
+  if (disk.kind === 'cow') {
+    guest.writtenRanges = async () => {
+      const ranges: ByteRange[] = [];
+      for await (const range of allocatedByteExtents(disk)) ranges.push(range);
+      return ranges;
+    };
+    if (disk.backing) guest.backing = wrap(disk.backing, disk);
+  }
+  return guest;
+}
+
+export async function openGuestDisk(image: string, options: { backing?: string } = {}): Promise<GuestDisk> {
+  return wrap(await openVirtualDisk(image, { backing: options.backing }));
+}
+
+function readOnlyError(): Error {
+  return Object.assign(new Error('read-only: ubdcow never writes to a guest disk'), { code: 'EROFS', errno: 30 });
+}
+
+/**
+ * The disk object libext2fs (npm `ext2fs`) expects, like file-disk's: read/write/flush/discard/
+ * getCapacity with Node's positional-read signature. Only reads do anything.
+ */
+export class ReadOnlyExt2fsDisk {
+  /** Writes libext2fs attempted (always refused); a test asserts it stays 0 for reads. */
+  refusedWrites = 0;
+  readonly readOnly = true;
+
+  constructor(private readonly disk: GuestDisk) {}
+
+  async read(buffer: Buffer, bufferOffset: number, length: number, fileOffset: number): Promise<{ bytesRead: number; buffer: Buffer }> {
+    // libext2fs asks for whole blocks; the last one may run past a disk whose size is not a multiple.
+    const wanted = Math.max(0, Math.min(length, this.disk.size - fileOffset));
+    if (wanted > 0) await this.disk.read(fileOffset, wanted, buffer.subarray(bufferOffset, bufferOffset + wanted));
+    if (wanted < length) buffer.fill(0, bufferOffset + wanted, bufferOffset + length);
+    return { bytesRead: length, buffer };
+  }
+
+  async write(): Promise<never> {
+    this.refusedWrites++;
+    throw readOnlyError();
+  }
+
+  async discard(): Promise<never> {
+    this.refusedWrites++;
+    throw readOnlyError();
+  }
+
+  async flush(): Promise<void> {
+    // Nothing was written, so there is nothing to flush; succeeding lets unmount finish.
+  }
+
+  async getCapacity(): Promise<number> {
+    return this.disk.size;
+  }
+}
+
+/** A byte source limited to one partition (or the whole disk at offset 0). */
+export interface FsSource {
+  disk: GuestDisk;
+  offset: number;
+  size: number;
+  read(offset: number, length: number, into?: Uint8Array): Promise<Uint8Array>;
+}
+
+export function partitionSource(disk: GuestDisk, offset: number, size: number): FsSource {
+  return {
+    disk,
+    offset,
+    size,
+    read(at, length, into) {
+      if (at < 0 || at + length > size) {
+        throw new UbdcowError('corrupt-fs', `${disk.path}: the file system points at bytes ${at}..${at + length}, past its end (${size} bytes)`, { file: disk.path });
+      }
+      return disk.read(offset + at, length, into);
+    },
+  };
+}

@@ -1,0 +1,475 @@
+/**
+ * A COW sector bitmap loaded on demand, a fixed-size slice at a time, with bounded memory: so
+ * opening a COW costs the same for 1 GiB and 15 TiB (a 3.75 GiB bitmap), and scans skip the
+ * bitmap's holes with SEEK_DATA instead of reading them as zeros.
+ *
+ * Invariants:
+ * - A cached slice holds the bitmap as the file has it, plus the bits set or cleared since (which
+ *   make it dirty). A dirty slice is never evicted: it leaves memory only after writeBack wrote
+ *   it and nothing changed it meanwhile (a generation count per slice tells). A slice pinned by a
+ *   view, or being written, is never evicted either. Clean slices are evicted least recently
+ *   used first once the cache holds more than `maxCachedBytes`; dirty and pinned slices may keep
+ *   it above that bound, which `overBudget` shows.
+ * - The cache never writes on its own. The engine's order stays the caller's: data first, then
+ *   the bitmap bytes that claim it (BitmapWriter sets bits just before writing their slice).
+ *   writeBack writes a snapshot of the bytes, so bits set while the write is in flight are not
+ *   torn and keep their slice dirty.
+ * - Bits past `coveredSectors` do not exist: views refuse them, as SectorBitmap does.
+ *
+ * Sector numbers are whole disk sectors (up to 2^35 and beyond for a 16 TiB disk); within a slice
+ * they are below 2^31 (slices are at most 2^24 bytes), where SectorBitmap is fastest.
+ */
+import { CowFormatError, fromSystemError } from '../errors.js';
+import { SectorBitmap, type SectorRun } from '../format/bitmap.js';
+import { dataExtents } from './extents.js';
+import type { FileHandleLike } from './file.js';
+import type { CowImage } from './image.js';
+
+export interface LazyBitmapOptions {
+  file: FileHandleLike;
+  /** Named in errors. */
+  path: string;
+  /** File position of bitmap byte 0. */
+  bitmapOffset: number;
+  /** Bitmap bytes on disk. */
+  bitmapLength: number;
+  /** Sectors that have a bit (at most bitmapLength * 8). */
+  coveredSectors: number;
+  /** Bytes per slice (default 64 KiB: 524,288 sectors, 256 MiB of disk per slice). */
+  sliceBytes?: number;
+  /** Soft bound on cached slice bytes (default 16 MiB). */
+  maxCachedBytes?: number;
+}
+
+interface Slice {
+  readonly index: number;
+  readonly bitmap: SectorBitmap;
+  pins: number;
+  writes: number;
+  /** Bumped by every change; writeBack cleans a slice only if it is unchanged since its snapshot. */
+  generation: number;
+  /** Bytes changed since the file last had them: [dirtyStart, dirtyEnd) within the slice; empty when clean. */
+  dirtyStart: number;
+  dirtyEnd: number;
+}
+
+export interface DirtySlice {
+  index: number;
+  /** File position of the first changed byte. */
+  position: number;
+  /** The changed bytes (a live view: copy it before awaiting). */
+  bytes: Uint8Array;
+}
+
+export interface LazyBitmapStats {
+  loads: number;
+  evictions: number;
+  /** Slices skipped by scans because the file has a hole there. */
+  holesSkipped: number;
+}
+
+/** Sync access to the slices covering an acquired sector range; release() unpins them. */
+export interface BitmapView {
+  readonly start: number;
+  readonly end: number;
+  get(sector: number): boolean;
+  set(sector: number, value?: boolean): void;
+  setRange(start: number, end: number, value?: boolean): void;
+  allSet(start: number, end: number): boolean;
+  noneSet(start: number, end: number): boolean;
+  /** First set sector in [from, end), or `end`. */
+  nextSet(from: number, end: number): number;
+  /** First clear sector in [from, end), or `end`. */
+  nextClear(from: number, end: number): number;
+  countSet(start: number, end: number): number;
+  /** Runs of equal state over [start, end), joined across slice boundaries. */
+  runs(start: number, end: number): Generator<SectorRun>;
+  release(): void;
+}
+
+const MAX_SLICE_BYTES = 1 << 24;
+
+/** A LazyBitmap over an opened COW image's bitmap (what openCow would use instead of readWholeBitmap). */
+export function lazyBitmapOf(image: CowImage, options: Pick<LazyBitmapOptions, 'sliceBytes' | 'maxCachedBytes'> = {}): LazyBitmap {
+  const { bitmapOffset, bitmapLength, coveredSectors } = image.geometry;
+  return new LazyBitmap({ file: image.handle, path: image.path, bitmapOffset, bitmapLength, coveredSectors, ...options });
+}
+
+export class LazyBitmap {
+  readonly sliceBytes: number;
+  readonly sliceSectors: number;
+  readonly sliceCount: number;
+  readonly coveredSectors: number;
+  readonly stats: LazyBitmapStats = { loads: 0, evictions: 0, holesSkipped: 0 };
+  private readonly maxCachedBytes: number;
+  /** Map order is recency: a used slice is moved to the end. */
+  private readonly slices = new Map<number, Slice>();
+  private readonly loading = new Map<number, Promise<Slice>>();
+  private cached = 0;
+
+  constructor(private readonly options: LazyBitmapOptions) {
+    this.sliceBytes = options.sliceBytes ?? 64 * 1024;
+    if (!Number.isInteger(this.sliceBytes) || this.sliceBytes < 1 || this.sliceBytes > MAX_SLICE_BYTES) {
+      throw new RangeError(`slice size ${this.sliceBytes} bytes: expected a whole number from 1 to ${MAX_SLICE_BYTES}`);
+    }
+    if (options.coveredSectors > options.bitmapLength * 8) {
+      throw new RangeError(`a bitmap of ${options.bitmapLength} bytes cannot cover ${options.coveredSectors} sectors`);
+    }
+    this.sliceSectors = this.sliceBytes * 8;
+    this.coveredSectors = options.coveredSectors;
+    this.sliceCount = Math.ceil(options.bitmapLength / this.sliceBytes);
+    this.maxCachedBytes = options.maxCachedBytes ?? 16 * 1024 * 1024;
+  }
+
+  /** Bytes of slices in memory. */
+  get cachedBytes(): number {
+    return this.cached;
+  }
+
+  get cachedSlices(): number {
+    return this.slices.size;
+  }
+
+  /** True when dirty or pinned slices keep the cache above its bound (time to writeBack). */
+  get overBudget(): boolean {
+    return this.cached > this.maxCachedBytes;
+  }
+
+  /** The cached state of `sector`, or undefined when its slice is not in memory. */
+  peek(sector: number): boolean | undefined {
+    this.checkRange(sector, sector + 1);
+    const index = Math.floor(sector / this.sliceSectors);
+    const slice = this.slices.get(index);
+    return slice ? slice.bitmap.get(sector - index * this.sliceSectors) : undefined;
+  }
+
+  async get(sector: number): Promise<boolean> {
+    const view = await this.acquire(sector, sector + 1);
+    try {
+      return view.get(sector);
+    } finally {
+      view.release();
+    }
+  }
+
+  async setRange(start: number, end: number, value = true): Promise<void> {
+    const view = await this.acquire(start, end);
+    try {
+      view.setRange(start, end, value);
+    } finally {
+      view.release();
+    }
+  }
+
+  /** Loads and pins the slices of [start, end) until the view is released. */
+  async acquire(start: number, end: number): Promise<BitmapView> {
+    this.checkRange(start, end);
+    const first = Math.floor(start / this.sliceSectors);
+    const last = end > start ? Math.floor((end - 1) / this.sliceSectors) : first - 1;
+    const pinned: Slice[] = [];
+    try {
+      for (let index = first; index <= last; index++) pinned.push(await this.pin(index));
+    } catch (err) {
+      for (const slice of pinned) slice.pins--;
+      throw err;
+    }
+    this.evict();
+    return this.view(start, end, pinned, first);
+  }
+
+  /** Dirty slices in slice order, each with the changed bytes and where they go. */
+  *dirtySlices(): Generator<DirtySlice> {
+    const indexes = [...this.slices.values()].filter((slice) => slice.dirtyEnd > slice.dirtyStart).map((slice) => slice.index);
+    for (const index of indexes.sort((a, b) => a - b)) {
+      const slice = this.slices.get(index)!;
+      yield {
+        index,
+        position: this.options.bitmapOffset + index * this.sliceBytes + slice.dirtyStart,
+        bytes: slice.bitmap.bytes.subarray(slice.dirtyStart, slice.dirtyEnd),
+      };
+    }
+  }
+
+  /**
+   * Writes the changed bytes of the slices holding sectors [start, end) (default: all), and
+   * marks a slice clean when nothing changed it during its write. Call only after the data the
+   * bits claim is written.
+   */
+  async writeBack(start = 0, end = this.coveredSectors): Promise<void> {
+    this.checkRange(start, end);
+    if (end <= start) return;
+    const first = Math.floor(start / this.sliceSectors);
+    const last = Math.floor((end - 1) / this.sliceSectors);
+    const targets = [...this.slices.values()].filter((slice) => slice.index >= first && slice.index <= last && slice.dirtyEnd > slice.dirtyStart);
+    await Promise.all(targets.map((slice) => this.writeSlice(slice)));
+    this.evict();
+  }
+
+  /** Sectors set in [start, end); slices the file has as holes are counted as 0 without reading. */
+  async countSet(start = 0, end = this.coveredSectors): Promise<number> {
+    let count = 0;
+    await this.scan(start, end, (view, from, to) => {
+      count += view.countSet(from, to);
+    });
+    return count;
+  }
+
+  /** Runs of set sectors in [start, end), joined across slices, skipping the bitmap's holes. */
+  async *allocatedRuns(start = 0, end = this.coveredSectors): AsyncGenerator<SectorRun> {
+    const found: SectorRun[] = [];
+    let pending: SectorRun | undefined;
+    const flushTo = (run: SectorRun) => {
+      if (pending && pending.end === run.start) pending.end = run.end;
+      else {
+        if (pending) found.push(pending);
+        pending = { ...run };
+      }
+    };
+    // Runs are gathered slice by slice and handed out between slices.
+    for await (const _ of this.scanSlices(start, end, (view, from, to) => {
+      let sector = view.nextSet(from, to);
+      while (sector < to) {
+        const runEnd = view.nextClear(sector, to);
+        flushTo({ start: sector, end: runEnd, allocated: true });
+        sector = view.nextSet(runEnd, to);
+      }
+    })) {
+      while (found.length > 0) yield found.shift()!;
+    }
+    if (pending) yield pending;
+  }
+
+  private async scan(start: number, end: number, visit: (view: BitmapView, from: number, to: number) => void): Promise<void> {
+    for await (const _ of this.scanSlices(start, end, visit)) {
+      // Each step has visited one slice.
+    }
+  }
+
+  /**
+   * Visits the slices of [start, end) in order, each through a view pinned only while visited;
+   * slices not cached that lie wholly in holes of the file are skipped unread.
+   */
+  private async *scanSlices(start: number, end: number, visit: (view: BitmapView, from: number, to: number) => void): AsyncGenerator<void> {
+    this.checkRange(start, end);
+    if (end <= start) return;
+    const { file, bitmapOffset, bitmapLength } = this.options;
+    const first = Math.floor(start / this.sliceSectors);
+    const last = Math.floor((end - 1) / this.sliceSectors);
+    const extents = dataExtents(file, bitmapOffset + first * this.sliceBytes, bitmapOffset + Math.min(bitmapLength, (last + 1) * this.sliceBytes));
+    let extent = await extents.next();
+    try {
+      for (let index = first; index <= last; index++) {
+        const sliceStart = bitmapOffset + index * this.sliceBytes;
+        const sliceEnd = sliceStart + this.sliceBytes;
+        while (!extent.done && extent.value.end <= sliceStart) extent = await extents.next();
+        const holds = !extent.done && extent.value.start < sliceEnd;
+        if (!holds && !this.slices.has(index) && !this.loading.has(index)) {
+          this.stats.holesSkipped++;
+          continue;
+        }
+        const from = Math.max(start, index * this.sliceSectors);
+        const to = Math.min(end, (index + 1) * this.sliceSectors);
+        const view = await this.acquire(from, to);
+        try {
+          visit(view, from, to);
+        } finally {
+          view.release();
+        }
+        yield;
+      }
+    } finally {
+      await extents.return(undefined);
+    }
+  }
+
+  private async writeSlice(slice: Slice): Promise<void> {
+    const { file, bitmapOffset } = this.options;
+    const generation = slice.generation;
+    const from = slice.dirtyStart;
+    const snapshot = slice.bitmap.bytes.slice(from, slice.dirtyEnd);
+    slice.writes++;
+    try {
+      await file.write(snapshot, 0, snapshot.length, bitmapOffset + slice.index * this.sliceBytes + from);
+    } catch (err) {
+      // The slice stays dirty: its bits are still only in memory.
+      throw fromSystemError(err, this.options.path, 'write the bitmap of');
+    } finally {
+      slice.writes--;
+    }
+    if (slice.generation === generation) {
+      slice.dirtyStart = 0;
+      slice.dirtyEnd = 0;
+    }
+  }
+
+  /**
+   * Loads and pins slice `index`. Between a load finishing and this continuation running, other
+   * code may have evicted the slice (and even loaded, changed and written a new copy), so only
+   * the copy the cache holds now is pinned; an evicted one is read again.
+   */
+  private async pin(index: number): Promise<Slice> {
+    for (;;) {
+      const slice = await this.load(index);
+      if (this.slices.get(index) === slice) {
+        slice.pins++;
+        return slice;
+      }
+    }
+  }
+
+  private load(index: number): Promise<Slice> {
+    const cached = this.slices.get(index);
+    if (cached) {
+      this.slices.delete(index);
+      this.slices.set(index, cached);
+      return Promise.resolve(cached);
+    }
+    let loading = this.loading.get(index);
+    if (!loading) {
+      loading = this.read(index).finally(() => this.loading.delete(index));
+      this.loading.set(index, loading);
+    }
+    return loading;
+  }
+
+  private async read(index: number): Promise<Slice> {
+    const { file, path, bitmapOffset, bitmapLength } = this.options;
+    const byteStart = index * this.sliceBytes;
+    const length = Math.min(this.sliceBytes, bitmapLength - byteStart);
+    const bytes = new Uint8Array(length);
+    let got: number;
+    try {
+      got = await file.read(bytes, 0, length, bitmapOffset + byteStart);
+    } catch (err) {
+      throw fromSystemError(err, path, 'read the bitmap of');
+    }
+    if (got < length) {
+      throw new CowFormatError('truncated-bitmap', 'bitmap', `cut off at byte ${byteStart + got}`, `${bitmapLength} bytes`, path);
+    }
+    const firstSector = index * this.sliceSectors;
+    const bitCount = Math.max(0, Math.min(this.sliceSectors, this.coveredSectors - firstSector));
+    const slice: Slice = { index, bitmap: new SectorBitmap(bytes, bitCount, firstSector), pins: 0, writes: 0, generation: 0, dirtyStart: 0, dirtyEnd: 0 };
+    this.stats.loads++;
+    this.slices.set(index, slice);
+    this.cached += length;
+    return slice;
+  }
+
+  /** Drops least recently used clean, unpinned, idle slices while over the bound. */
+  private evict(): void {
+    if (this.cached <= this.maxCachedBytes) return;
+    for (const slice of this.slices.values()) {
+      if (this.cached <= this.maxCachedBytes) break;
+      if (slice.pins > 0 || slice.writes > 0 || slice.dirtyEnd > slice.dirtyStart) continue;
+      this.slices.delete(slice.index);
+      this.cached -= slice.bitmap.bytes.length;
+      this.stats.evictions++;
+    }
+  }
+
+  private view(start: number, end: number, pinned: Slice[], first: number): BitmapView {
+    const sliceSectors = this.sliceSectors;
+    let released = false;
+    const sliceOf = (sector: number): Slice => {
+      if (released) throw new Error('bitmap view used after release()');
+      if (!(sector >= start && sector < end)) throw new RangeError(`sector ${sector} outside the acquired range [${start}, ${end})`);
+      return pinned[Math.floor(sector / sliceSectors) - first]!;
+    };
+    const check = (from: number, to: number) => {
+      if (released) throw new Error('bitmap view used after release()');
+      if (!(from >= start && to <= end && from <= to)) throw new RangeError(`sector range [${from}, ${to}) outside the acquired range [${start}, ${end})`);
+    };
+    /** Calls fn per slice piece of [from, to) with slice-local bounds; stops when it returns a number. */
+    const each = (from: number, to: number, fn: (slice: Slice, localFrom: number, localTo: number, base: number) => number | undefined): number | undefined => {
+      check(from, to);
+      let sector = from;
+      while (sector < to) {
+        const slice = pinned[Math.floor(sector / sliceSectors) - first]!;
+        const base = slice.index * sliceSectors;
+        const pieceEnd = Math.min(to, base + sliceSectors);
+        const result = fn(slice, sector - base, pieceEnd - base, base);
+        if (result !== undefined) return result;
+        sector = pieceEnd;
+      }
+      return undefined;
+    };
+    const touch = (slice: Slice, localFrom: number, localTo: number) => {
+      const byteFrom = Math.floor(localFrom / 8);
+      const byteTo = Math.ceil(localTo / 8);
+      slice.generation++;
+      if (slice.dirtyEnd > slice.dirtyStart) {
+        slice.dirtyStart = Math.min(slice.dirtyStart, byteFrom);
+        slice.dirtyEnd = Math.max(slice.dirtyEnd, byteTo);
+      } else {
+        slice.dirtyStart = byteFrom;
+        slice.dirtyEnd = byteTo;
+      }
+    };
+    const view: BitmapView = {
+      start,
+      end,
+      get: (sector) => {
+        const slice = sliceOf(sector);
+        return slice.bitmap.get(sector - slice.index * sliceSectors);
+      },
+      set: (sector, value = true) => {
+        const slice = sliceOf(sector);
+        const local = sector - slice.index * sliceSectors;
+        if (slice.bitmap.get(local) === value) return;
+        slice.bitmap.set(local, value);
+        touch(slice, local, local + 1);
+      },
+      setRange: (from, to, value = true) => {
+        each(from, to, (slice, localFrom, localTo) => {
+          const already = value ? slice.bitmap.allSet(localFrom, localTo) : slice.bitmap.noneSet(localFrom, localTo);
+          if (!already) {
+            slice.bitmap.setRange(localFrom, localTo, value);
+            touch(slice, localFrom, localTo);
+          }
+          return undefined;
+        });
+      },
+      allSet: (from, to) => view.nextClear(from, to) === to,
+      noneSet: (from, to) => view.nextSet(from, to) === to,
+      nextSet: (from, to) => each(from, to, (slice, a, b, base) => {
+        const found = slice.bitmap.nextSet(a, b);
+        return found < b ? base + found : undefined;
+      }) ?? to,
+      nextClear: (from, to) => each(from, to, (slice, a, b, base) => {
+        const found = slice.bitmap.nextClear(a, b);
+        return found < b ? base + found : undefined;
+      }) ?? to,
+      countSet: (from, to) => {
+        let count = 0;
+        each(from, to, (slice, a, b) => {
+          count += slice.bitmap.countSet(a, b);
+          return undefined;
+        });
+        return count;
+      },
+      *runs(from, to) {
+        check(from, to);
+        let sector = from;
+        while (sector < to) {
+          const allocated = view.get(sector);
+          const runEnd = allocated ? view.nextClear(sector, to) : view.nextSet(sector, to);
+          yield { start: sector, end: runEnd, allocated };
+          sector = runEnd;
+        }
+      },
+      release: () => {
+        if (released) return;
+        released = true;
+        for (const slice of pinned) slice.pins--;
+        this.evict();
+      },
+    };
+    return view;
+  }
+
+  private checkRange(start: number, end: number): void {
+    if (!(Number.isSafeInteger(start) && Number.isSafeInteger(end) && start >= 0 && end <= this.coveredSectors && start <= end)) {
+      throw new RangeError(`sector range [${start}, ${end}) outside a bitmap of ${this.coveredSectors} sectors`);
+    }
+  }
+}
