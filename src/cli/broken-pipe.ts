@@ -5,11 +5,11 @@
  * uncaught exception: a stack trace and exit 1. Installed once at start-up, this listener turns
  * EPIPE into silence: the rest of the output is dropped, the command's work runs to its end (a
  * `check --repair` is finished, never left half-done, because commands print only after their
- * work) and its exit status stands (0, or diff's and check's answer 1). `cat` and `read`, which
- * stream, also stop early. Any other error on stdout is reported in one line, exit 1.
+ * work) and its exit status stands (0, or diff's and check's answer 1). `cat`, `read` and `get`,
+ * which stream, also stop early; `serve` keeps serving after its "listening" line found no reader. Any other error on stdout is reported in one line, exit 1.
  */
 
-/** `errorExitCode`: the status for any other stdout error (2 for diff and check, else 1). */
+/** `errorExitCode`: the status for any other stdout error (2 for diff, check, ls and get, else 1). */
 export function quietOnBrokenPipe(errorExitCode: number, stream: NodeJS.WriteStream = process.stdout, errors: NodeJS.WriteStream = process.stderr): void {
   stream.on('error', (err: NodeJS.ErrnoException) => {
     if (err.code === 'EPIPE') return;

@@ -52,7 +52,8 @@ export function buildParser(argv: string[]): Argv {
 export async function main(argv: string[]): Promise<void> {
   const command = commandName(argv);
   const debug = argv.includes('--debug');
-  quietOnBrokenPipe(errorExitCode(command));
+  // ls and get answer questions too (their failures exit 2, guest-commands.ts): so does a stdout error.
+  quietOnBrokenPipe(command === 'ls' || command === 'get' ? 2 : errorExitCode(command));
   try {
     await buildParser(argv).parseAsync();
   } catch (err) {
