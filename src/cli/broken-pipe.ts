@@ -6,7 +6,8 @@
  * EPIPE into silence: the rest of the output is dropped, the command's work runs to its end (a
  * `check --repair` is finished, never left half-done, because commands print only after their
  * work) and its exit status stands (0, or diff's and check's answer 1). `cat`, `read` and `get`,
- * which stream, also stop early; `serve` keeps serving after its "listening" line found no reader. Any other error on stdout is reported in one line, exit 1.
+ * which stream, also stop early; `serve` keeps serving after its "listening" line found no reader.
+ * Any other error on stdout is reported in one line, with the command's failure status.
  */
 
 /** `errorExitCode`: the status for any other stdout error (2 for diff, check, ls and get, else 1). */
