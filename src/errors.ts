@@ -69,7 +69,8 @@ export type UbdcowErrorCode =
   | 'not-a-dir'
   | 'not-a-symlink'
   | 'symlink-loop'
-  | 'which-partition';
+  | 'which-partition'
+  | 'kernel-bitmap-overlap';
 
 /**
  * Errors that reach users. Every failure the CLI reports is one of these, so it can print one line

@@ -2,6 +2,7 @@ import yargs, { type Argv, type CommandModule } from 'yargs';
 import { UbdcowError, oneLine, usageError } from '../errors.js';
 import { commands } from './registry.js';
 import { CliExit } from './exit.js';
+import { quietOnBrokenPipe } from './broken-pipe.js';
 import { setQuiet } from './format.js';
 
 /** Options every command takes (yargs adds help and version itself). */
@@ -159,6 +160,8 @@ export function buildParser(argv: string[]): Argv {
 export async function main(argv: string[]): Promise<void> {
   const command = commandName(argv);
   const debug = argv.includes('--debug');
+  // ls and get answer questions too (their failures exit 2, guest-commands.ts): so does a stdout error.
+  quietOnBrokenPipe(command === 'ls' || command === 'get' ? 2 : errorExitCode(command));
   try {
     await buildParser(argv).parseAsync();
   } catch (err) {

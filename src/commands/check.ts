@@ -1,4 +1,5 @@
 import { CowFormatError, fromSystemError } from '../errors.js';
+import { describeBitmapOverlap, describeHangingDisk } from '../format/kernel-traps.js';
 import { allocatedExtents } from '../io/allocation.js';
 import { type BackingReport, checkBacking } from '../io/backing.js';
 import { commitJournalExists, interruptedCommitMessage } from '../io/commit-journal.js';
@@ -24,7 +25,8 @@ export type CheckProblemCode =
   | 'backing-not-a-file'
   | 'backing-size'
   | 'backing-mtime'
-  | 'commit-interrupted';
+  | 'commit-interrupted'
+  | 'kernel-bitmap-overlap';
 
 export interface CheckProblem {
   code: CheckProblemCode;
@@ -77,6 +79,7 @@ export async function checkCow(cowPath: string, options: CheckOptions = {}): Pro
       opened = true;
       if (!options.repair) result.inUse = await isCowFileLocked(image.handle, cowPath, { exclusive: false });
       result.warnings.push(...image.warnings);
+      checkKernelTraps(image, result);
       await checkLength(image, result);
       await checkBitsBeyondEnd(image, result, options.repair ?? false);
       const backing = await checkBacking(image.header, options.backing, fs);
@@ -105,14 +108,28 @@ export async function checkCow(cowPath: string, options: CheckOptions = {}): Pro
   return result;
 }
 
+/**
+ * Issue 15 items 6 and 7: an alignment whose data area the kernel's bitmap writes overlap is a
+ * problem (guest writes corrupt sector 0); a disk too small for the kernel is a warning.
+ */
+function checkKernelTraps(image: CowImage, result: CheckResult): void {
+  const overlap = describeBitmapOverlap(image.geometry, image.header.alignment);
+  if (overlap) result.problems.push({ code: 'kernel-bitmap-overlap', message: `${image.path}: ${overlap}`, repairable: false });
+  const hanging = describeHangingDisk(image.geometry);
+  if (hanging) result.warnings.push(`${image.path}: ${hanging}`);
+}
+
 /** A file shorter than its data area: sectors allocated past the end have lost their data. */
 async function checkLength(image: CowImage, result: CheckResult): Promise<void> {
   const { fileLength, dataOffset } = image.geometry;
   if (!image.dataAreaTruncated) return;
   const { sectorSize } = image.header;
   let lostSectors = 0;
+  // A sector with any byte past the end is lost: only the whole sectors before the end survive
+  // (issue 15 item 2: this rounded up, calling a sector cut 1-511 bytes in intact).
+  const firstLost = Math.floor((image.fileSize - dataOffset) / sectorSize);
   for await (const extent of allocatedExtents(image)) {
-    const firstPastEnd = Math.max(extent.start, Math.ceil((image.fileSize - dataOffset) / sectorSize));
+    const firstPastEnd = Math.max(extent.start, firstLost);
     if (extent.end > firstPastEnd) lostSectors += extent.end - firstPastEnd;
   }
   const consequence =

@@ -9,6 +9,7 @@ import {
   validateHeader,
 } from '../format/header.js';
 import { type CowGeometry, computeGeometry } from '../format/geometry.js';
+import { describeBitmapOverlap, describeHangingDisk } from '../format/kernel-traps.js';
 import { type FileSystem, nodeFileSystem } from '../io/file.js';
 import { imageSize, probeReadable, statImageFile } from '../io/image.js';
 import { existsError, writeNewFile } from '../io/atomic.js';
@@ -84,6 +85,14 @@ export async function createCow(cowPath: string, backing: string, options: Creat
     if (err instanceof CowFormatError) throw err.inFile(cowPath);
     throw err;
   }
+  // Issue 15 items 6 and 7: files the UML kernel would corrupt or hang on.
+  const overlap = describeBitmapOverlap(geometry, header.alignment);
+  if (overlap && !options.force) {
+    throw new UbdcowError('kernel-bitmap-overlap', `${cowPath}: ${overlap} (or --force to create it anyway)`, { file: cowPath });
+  }
+  if (overlap) warnings.push(overlap);
+  const hanging = describeHangingDisk(geometry);
+  if (hanging) warnings.push(hanging);
   if (!options.force) await refuseExisting(fs, cowPath);
   else await refuseOverwritingBacking(fs, cowPath, backing);
   await writeNewFile(fs, cowPath, options.force ?? false, async (file) => {

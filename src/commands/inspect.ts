@@ -1,6 +1,7 @@
 import type { CowGeometry } from '../format/geometry.js';
 import type { CowHeader, HeaderLayout } from '../format/header.js';
 import type { FileSystem } from '../io/file.js';
+import { describeBitmapOverlap, describeHangingDisk } from '../format/kernel-traps.js';
 import { allocatedExtents } from '../io/allocation.js';
 import { type BackingReport, checkBacking } from '../io/backing.js';
 import { isoTime, openImage } from '../io/image.js';
@@ -87,6 +88,8 @@ export async function inspectCow(cowPath: string, options: InspectOptions = {}):
     const lastSectorShortfall = lastSectorAllocated ? geometry.sectors * header.sectorSize - header.size : 0;
     const allocatedBytes = allocatedSectors * header.sectorSize - lastSectorShortfall;
     const warnings = [...image.warnings];
+    // Issue 15 items 6 and 7: what the UML kernel would do wrong with this file.
+    for (const trap of [describeBitmapOverlap(geometry, header.alignment), describeHangingDisk(geometry)]) if (trap) warnings.push(trap);
     if (image.dataAreaTruncated) {
       warnings.push(`file is ${image.fileSize} bytes, its data area needs ${geometry.fileLength}: truncated`);
     }

@@ -1,6 +1,7 @@
 import * as path from 'node:path';
 import { UbdcowError, fromSystemError } from '../errors.js';
 import type { FileHandleLike, FileSystem } from './file.js';
+import { removeOnSignal } from './signal-cleanup.js';
 
 /** A hidden sibling name for building `destination` before it appears atomically. */
 export function temporaryNameFor(destination: string): string {
@@ -59,6 +60,8 @@ export async function writeNewFile(
   } catch (err) {
     throw fromSystemError(err, destination, 'create');
   }
+  // Ctrl-C or SIGTERM while the file is being built removes it (issue 15 item 4).
+  const forget = removeOnSignal(temporary);
   // Set once `destination` is our new file, linked next to the temporary name (no-clobber mode).
   let linked = false;
   try {
@@ -85,5 +88,7 @@ export async function writeNewFile(
       throw existsError(destination);
     }
     throw fromSystemError(err, destination, 'write');
+  } finally {
+    forget();
   }
 }

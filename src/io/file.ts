@@ -131,6 +131,12 @@ export interface FileStat {
   kind: 'file' | 'directory' | 'block-device' | 'fifo' | 'other';
   /** Device number for block devices (to find their size). */
   rdev: number;
+  /**
+   * Device and inode: what names one file, whatever path (symlink, hard link) reaches it. The
+   * kernel tells backing files apart this way. Optional: a test file system may leave them out.
+   */
+  dev?: number;
+  ino?: number;
 }
 
 /**
@@ -208,6 +214,8 @@ function toFileStat(stats: fs.Stats): FileStat {
     blockSize: stats.blksize,
     kind: kindOf(stats),
     rdev: stats.rdev,
+    dev: stats.dev,
+    ino: stats.ino,
   };
 }
 

@@ -32,7 +32,7 @@ export const commitCommand: CommandModule = {
       .option('check-siblings', {
         type: 'string',
         array: true,
-        describe: 'In place: also look in this folder for other COWs over the same backing (the COW\'s and the backing\'s folders are always searched)',
+        describe: 'In place: also look in this folder for other COWs over the same backing (always searched: the COW\'s folder and the folders of the backing\'s path and real path; files are matched by device and inode)',
       })
       .option('progress', { alias: 'p', type: 'boolean', describe: 'Show a progress bar (default: only when stderr is a terminal; --no-progress never)' })
       .option('json', { type: 'boolean', describe: 'Print the result as JSON' })

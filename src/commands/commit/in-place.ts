@@ -1,6 +1,7 @@
 import * as path from 'node:path';
 import { UbdcowError, fromSystemError } from '../../errors.js';
-import { type WindowRuns, BITMAP_CHUNK_BYTES, allocatedWindows } from '../../io/allocation.js';
+import { type WindowRuns, allocatedWindows } from '../../io/allocation.js';
+import { clearNonZeroBytes } from '../../io/bitmap-clear.js';
 import { type BackingReport, checkBacking, openBacking } from '../../io/backing.js';
 import { type CommitJournal, readCommitJournal, removeCommitJournal, writeCommitJournal } from '../../io/commit-journal.js';
 import { type FileHandleLike, type FileSystem, nodeFileSystem, readExactlySync, writeAll, writeAllSync } from '../../io/file.js';
@@ -189,11 +190,8 @@ async function copyRunsAsync(image: CowImage, backing: FileHandleLike, backingPa
  */
 async function emptyCow(image: CowImage, backingMtime: number): Promise<void> {
   const { bitmapOffset, bitmapLength, dataOffset, fileLength } = image.geometry;
-  const zeros = new Uint8Array(Math.min(bitmapLength, BITMAP_CHUNK_BYTES));
-  for (let at = 0; at < bitmapLength; at += zeros.length) {
-    const length = Math.min(zeros.length, bitmapLength - at);
-    await writeAll(image.handle, image.path, 'clear the bitmap of', { buffer: zeros, offset: 0, length, position: bitmapOffset + at });
-  }
+  // Only the bytes holding bits: zeros over the whole bitmap would fill its holes (issue 15 item 5).
+  await clearNonZeroBytes(image.handle, image.path, bitmapOffset, bitmapLength);
   await rewriteHeader(image, { ...image.header, mtime: backingMtime });
   try {
     await image.handle.truncate(dataOffset);

@@ -25,7 +25,8 @@ export interface CommitOptions {
   force?: boolean;
   /**
    * In place: folders to search for other COW files over the same backing file (always searched:
-   * the COW's folder and the backing file's folder). Finding any refuses the commit unless forced.
+   * the COW's folder and the folders of the backing's path and real path; files are matched by
+   * device and inode). Finding any refuses the commit unless forced.
    */
   checkSiblings?: string[];
   onProgress?: (doneBytes: number, totalBytes: number) => void;

@@ -2,6 +2,7 @@ import * as path from 'node:path';
 import { UbdcowError, fromSystemError } from '../../errors.js';
 import { resolveBackingPath } from '../../io/backing.js';
 import type { FileSystem } from '../../io/file.js';
+import { fileIdentityOrUndefined, foldersOfKnownNames } from '../../io/file-identity.js';
 import { probeHeader } from '../../io/image.js';
 
 /** Errors that mean "this is not something we could read anyway", not "we could not look". */
@@ -21,11 +22,16 @@ export interface SiblingSearch {
  * swallowed: the caller must not take "could not look" for "none there".
  */
 export async function findSiblingCows(fs: FileSystem, cowPath: string, backingPath: string, folders: string[]): Promise<SiblingSearch> {
-  const self = await fs.realpath(cowPath).catch(() => path.resolve(cowPath));
-  const backing = await fs.realpath(backingPath).catch(() => path.resolve(backingPath));
+  // Files are told apart by (dev, ino), as the kernel does (issue 15 item 1): a sibling may name
+  // the base through a symlink, a hard link or a symlinked folder. The folders of every known
+  // name of the base (as written, real path) are searched besides the ones given.
+  const self = await namesOf(fs, cowPath);
+  const backing = await namesOf(fs, backingPath);
   const found = new Set<string>();
+  const seen = new Set<string>();
   const unreadable: UbdcowError[] = [];
-  for (const folder of new Set(folders.map((f) => path.resolve(f)))) {
+  const searched = [...folders, ...(await foldersOfKnownNames(fs, backingPath))];
+  for (const folder of new Set(searched.map((f) => path.resolve(f)))) {
     let names: string[];
     try {
       names = await fs.readdir(folder);
@@ -35,7 +41,10 @@ export async function findSiblingCows(fs: FileSystem, cowPath: string, backingPa
     }
     for (const name of names) {
       const candidate = path.join(folder, name);
-      if (found.has(candidate) || (await fs.realpath(candidate).catch(() => candidate)) === self) continue;
+      // One file seen under two names (a folder and its symlink, two hard links) counts once.
+      const names = await namesOf(fs, candidate);
+      if (sameFile(names, self) || seen.has(names.identity ?? names.real)) continue;
+      seen.add(names.identity ?? names.real);
       try {
         if (await namesBacking(fs, candidate, backing)) found.add(candidate);
       } catch (err) {
@@ -47,7 +56,26 @@ export async function findSiblingCows(fs: FileSystem, cowPath: string, backingPa
   return { siblings: [...found].sort(), unreadable };
 }
 
-async function namesBacking(fs: FileSystem, file: string, backingRealPath: string): Promise<boolean> {
+/** A file's (dev, ino) identity and its real path: either matching means the same file. */
+interface FileNames {
+  identity?: string;
+  real: string;
+}
+
+async function namesOf(fs: FileSystem, file: string): Promise<FileNames> {
+  const [identity, real] = await Promise.all([
+    fileIdentityOrUndefined(fs, file),
+    fs.realpath(file).catch(() => path.resolve(file)),
+  ]);
+  return { identity, real };
+}
+
+/** Same (dev, ino), or (where a stat failed) the same real path, as before identities were compared. */
+function sameFile(a: FileNames, b: FileNames): boolean {
+  return (a.identity !== undefined && a.identity === b.identity) || a.real === b.real;
+}
+
+async function namesBacking(fs: FileSystem, file: string, backing: FileNames): Promise<boolean> {
   const stat = await fs.stat(file);
   if (stat.kind !== 'file' || stat.size < 8) return false;
   const handle = await fs.open(file, 'r');
@@ -61,6 +89,5 @@ async function namesBacking(fs: FileSystem, file: string, backingRealPath: strin
   if (!('parsed' in probe)) return false;
   // Where the kernel would look for it (resolveBackingPath), so a sibling is what a UML would read.
   const named = resolveBackingPath(probe.parsed.header);
-  const resolved = await fs.realpath(named).catch(() => named);
-  return resolved === backingRealPath;
+  return sameFile(await namesOf(fs, named), backing);
 }

@@ -1,0 +1,73 @@
+import { spawn } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { beforeAll, describe, expect, it } from 'vitest';
+import { createCow } from '../../src/commands/create.js';
+import { openCow } from '../../src/io/engine.js';
+import { useTempDir } from '../helpers/tmp.js';
+import { ensureBuiltCli } from '../helpers/tools.js';
+
+/*
+ * Issue 15 item 4: SIGINT or SIGTERM while `commit COW OUT` builds OUT removes the hidden
+ * temporary `.OUT.ubdcow-PID-*.tmp`, leaves no OUT, and the process ends by that signal (shell
+ * status 130 / 143). The disk is a 16 GiB sparse file, so the copy (reading its holes) takes
+ * seconds: the signal is sent as soon as the temporary appears, well inside the copy.
+ */
+
+let cli: string;
+beforeAll(() => {
+  cli = ensureBuiltCli();
+});
+
+async function waitFor<T>(probe: () => T | undefined, timeoutMs: number): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const value = probe();
+    if (value !== undefined) return value;
+    if (Date.now() > deadline) throw new Error('timed out');
+    await new Promise((resolve) => setTimeout(resolve, 5));
+  }
+}
+
+describe('signals during commit to a new file', () => {
+  const tmp = useTempDir();
+
+  for (const signal of ['SIGINT', 'SIGTERM'] as const) {
+    it(`${signal} mid-copy removes the temporary file and leaves no OUT`, async () => {
+      const base = path.join(tmp.path, 'base.img');
+      fs.writeFileSync(base, '');
+      fs.truncateSync(base, 16 * 2 ** 30);
+      const cow = path.join(tmp.path, 'vm.cow');
+      await createCow(cow, base);
+      const dev = await openCow(cow);
+      await dev.write(12 * 2 ** 30, Buffer.from('late in the disk'));
+      await dev.close();
+      const out = path.join(tmp.path, 'out.img');
+
+      const child = spawn(process.execPath, [cli, 'commit', cow, out], { stdio: ['ignore', 'pipe', 'pipe'] });
+      let stderr = '';
+      child.stderr.setEncoding('utf8');
+      child.stderr.on('data', (chunk: string) => (stderr += chunk));
+      const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) =>
+        child.on('close', (code, sig) => resolve({ code, signal: sig })),
+      );
+      const temporary = await waitFor(
+        () => fs.readdirSync(tmp.path).find((name) => /^\.out\.img\.ubdcow-\d+-[a-z0-9]+\.tmp$/.test(name)),
+        20_000,
+      );
+      // Let it get into the copy, then interrupt.
+      await new Promise((resolve) => setTimeout(resolve, 100));
+      expect(child.exitCode).toBeNull();
+      child.kill(signal);
+      const { code, signal: endedBy } = await exited;
+
+      // Ended by the signal itself (a shell reports 128 + its number), or by exit 128 + number.
+      const number = signal === 'SIGINT' ? 2 : 15;
+      expect(endedBy === signal || code === 128 + number, `code ${code} signal ${endedBy}`).toBe(true);
+      expect(stderr).not.toMatch(/^\s+at /m);
+      expect(fs.existsSync(path.join(tmp.path, temporary))).toBe(false);
+      expect(fs.readdirSync(tmp.path).sort()).toEqual(['base.img', 'vm.cow']);
+      expect(fs.existsSync(out)).toBe(false);
+    });
+  }
+});
