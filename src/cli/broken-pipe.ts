@@ -10,12 +10,22 @@
  * Any other error on stdout is reported in one line, with the command's failure status.
  */
 
+/** The failure status for the stream's current command; one listener per stream, however often main() runs in a process. */
+const statusFor = new WeakMap<NodeJS.WriteStream, { errorExitCode: number }>();
+
 /** `errorExitCode`: the status for any other stdout error (2 for diff, check, ls and get, else 1). */
 export function quietOnBrokenPipe(errorExitCode: number, stream: NodeJS.WriteStream = process.stdout, errors: NodeJS.WriteStream = process.stderr): void {
+  const known = statusFor.get(stream);
+  if (known) {
+    known.errorExitCode = errorExitCode;
+    return;
+  }
+  const state = { errorExitCode };
+  statusFor.set(stream, state);
   stream.on('error', (err: NodeJS.ErrnoException) => {
     if (err.code === 'EPIPE') return;
     errors.write(`ubdcow: standard output: cannot write: ${err.message}\n`);
-    process.exitCode = errorExitCode;
+    process.exitCode = state.errorExitCode;
   });
   // Warnings and errors sent to a closed pipe (`2>&1 | true`) have nowhere else to go.
   errors.on('error', () => undefined);
