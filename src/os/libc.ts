@@ -64,6 +64,8 @@ export interface OsCalls {
   seekData(fd: number, position: number): number | undefined;
   /** lseek(fd, position, SEEK_HOLE); the end of the file counts as a hole. */
   seekHole(fd: number, position: number): number;
+  /** lseek(fd, position, SEEK_SET): moves the descriptor's own offset (what write() uses). */
+  seekSet(fd: number, position: number): number;
   /** ioctl(target, FICLONE, source): target shares all of source's extents. */
   clone(targetFd: number, sourceFd: number): Promise<void>;
   /** ioctl(target, FICLONERANGE): offsets and length block-aligned (length may reach source EOF). */
@@ -208,6 +210,11 @@ function bind(): { calls: OsCalls } | { reason: string } {
         const errno = koffi.errno();
         if (errnoNames.get(errno) === 'ENXIO') return undefined;
         throw systemError(errno, 'lseek');
+      },
+      seekSet(fd, position) {
+        const at = Number(lseek(fd, position, SEEK_SET));
+        if (at < 0) throw systemError(koffi.errno(), 'lseek');
+        return at;
       },
       seekHole(fd, position) {
         const at = Number(lseek(fd, position, SEEK_HOLE));

@@ -183,6 +183,29 @@ describe('setups UML cannot use', () => {
   });
 });
 
+describe('cat > file keeps holes', () => {
+  it('skips zero blocks when stdout is a fresh regular file; the offset ends at the end; >> and pipes get every byte', () => {
+    const base = path.join(tmp.path, 'base.img');
+    fs.writeFileSync(base, Buffer.alloc(0));
+    fs.truncateSync(base, 16 << 20);
+    expect(ubdcow(['create', 'vm.cow', 'base.img']).status).toBe(0);
+    const data = Buffer.alloc(300_000, 0x5a);
+    expect(ubdcow(['write', '-q', 'vm.cow', '--offset', '5000001'], { input: data.toString('latin1') }).status).toBe(0);
+    const node = `"${process.execPath}" "${cli}"`;
+    const shell = (script: string) => spawnSync('bash', ['-c', script], { cwd: tmp.path, encoding: 'utf8' });
+    expect(shell(`${node} cat vm.cow > out.img && { ${node} cat vm.cow; printf END; } > tail.img && printf 'pre' > app.img && ${node} cat vm.cow >> app.img && ${node} cat vm.cow | cat > piped.img`).status).toBe(0);
+    const expected = Buffer.alloc(16 << 20);
+    data.copy(expected, 5000001);
+    expect(fs.readFileSync(path.join(tmp.path, 'out.img')).equals(expected)).toBe(true);
+    expect(fs.readFileSync(path.join(tmp.path, 'piped.img')).equals(expected)).toBe(true);
+    expect(fs.readFileSync(path.join(tmp.path, 'tail.img')).equals(Buffer.concat([expected, Buffer.from('END')]))).toBe(true);
+    expect(fs.readFileSync(path.join(tmp.path, 'app.img')).equals(Buffer.concat([Buffer.from('pre'), expected]))).toBe(true);
+    // 300 KB of data: a few hundred KiB on disk, where the piped copy takes all 16 MiB.
+    expect(fs.statSync(path.join(tmp.path, 'out.img')).blocks * 512).toBeLessThan(1 << 20);
+    expect(fs.statSync(path.join(tmp.path, 'piped.img')).blocks * 512).toBeGreaterThan(15 << 20);
+  });
+});
+
 describe('demo', () => {
   it('removes its temporary folder, or keeps it with --keep and says where', () => {
     const removed = ubdcow(['demo']);

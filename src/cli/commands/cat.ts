@@ -1,11 +1,24 @@
 import type { CommandModule } from 'yargs';
 import { type SystemErrorCode, UbdcowError, usageError } from '../../errors.js';
 import { parseByteCount, warn } from '../format.js';
+import { sparseTarget } from '../sparse-stdout.js';
 
 /* `ubdcow cat`: arguments, help and output. The handler imports its library module lazily so `ubdcow --help` stays fast. */
 
 /** Writes chunks to stdout, waiting for it to drain; resolves false if the reader went away. */
 export async function streamToStdout(chunks: AsyncIterable<Uint8Array>): Promise<boolean> {
+  const sparse = sparseTarget(1);
+  if (sparse) {
+    try {
+      for await (const chunk of chunks) sparse.write(chunk);
+      sparse.finish();
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code as SystemErrorCode | undefined;
+      if (err instanceof UbdcowError || !code) throw err;
+      throw new UbdcowError(code, `standard output: cannot write: ${(err as Error).message}`);
+    }
+    return true;
+  }
   const stdout = process.stdout;
   let failure: NodeJS.ErrnoException | undefined;
   let wake: (() => void) | undefined;
