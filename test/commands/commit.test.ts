@@ -327,6 +327,16 @@ describe('commitCow in place', () => {
     await expectEmptiedOver(built);
   });
 
+  it('forced over a backing of another size: says the emptied COW will not open in UML, and how to make one that does', async () => {
+    const built = buildCow(tmp.path, { size: 200_000, extents: [{ start: 20, end: 90 }] });
+    fs.appendFileSync(built.backingPath, Buffer.alloc(512));
+    fs.utimesSync(built.backingPath, FIXTURE_MTIME, FIXTURE_MTIME);
+    await expectUbdcowError(commitCow(built.cowPath), 'backing-mismatch', /use --force/);
+    const result = await commitCow(built.cowPath, { force: true });
+    expect(result.overridden[0]).toMatch(/size/);
+    expect(result.warnings.join('\n')).toMatch(/header records 200000 bytes and the backing has 200512 \(forced\), so UML will refuse it; make a new one: ubdcow create -f /);
+  });
+
   it('refuses a stale journal that does not describe this COW', async () => {
     const built = buildCow(tmp.path, { size: 200_000, extents: [{ start: 1, end: 2 }] });
     fs.utimesSync(built.backingPath, FIXTURE_MTIME + 1, FIXTURE_MTIME + 1);

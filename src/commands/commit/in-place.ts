@@ -101,6 +101,12 @@ export async function commitInPlace(cowPath: string, options: CommitOptions): Pr
     } else {
       const merged = await statImageFile(fs, report.path, 'backing file');
       await emptyCow(image, merged.mtime);
+      if (report.state === 'size-mismatch' && report.actual) {
+        // The size fixes the COW's layout, so the header keeps it: the kernel will refuse the pair.
+        warnings.push(
+          `${cowPath}: emptied and pointed at the merged ${report.path}, but its header records ${image.header.size} bytes and the backing has ${report.actual.size} (forced), so UML will refuse it; make a new one: ubdcow create -f ${cowPath} ${report.path}`,
+        );
+      }
     }
     await removeCommitJournal(fs, cowPath);
     return {
