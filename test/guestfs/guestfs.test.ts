@@ -17,6 +17,7 @@ import { parseGroupDescriptors, parseSuperblock, descriptorBlocks } from '../../
 import { debugfsCat, md5OfFile, runProgram, ubdcow } from '../uml/harness.js';
 import { missingTools, titleWithSkipReason } from '../helpers/tools.js';
 import { useTempDir } from '../helpers/tmp.js';
+import { debugfsListing } from '../helpers/debugfs-listing.js';
 
 const missing = missingTools('mke2fs', 'debugfs', 'dumpe2fs');
 
@@ -96,27 +97,6 @@ function dirsContentOnly<T extends { type: string; what: string[] }>(list: T[]):
   return list.map((c) => (c.type === 'dir' ? { ...c, what: c.what.filter((w) => w === 'content') } : c));
 }
 
-/** `debugfs ls -p` of every directory: path -> "type mode uid gid size". */
-async function debugfsListing(image: string): Promise<Map<string, string>> {
-  const out = new Map<string, string>();
-  const typeOf: Record<string, string> = { '4': 'dir', '10': 'file', '12': 'symlink' };
-  const walk = async (dir: string) => {
-    const listing = await runProgram('debugfs', ['-R', `ls -p ${dir}`, image]);
-    for (const line of listing.stdout.split('\n')) {
-      const parts = line.split('/');
-      if (parts.length < 7) continue;
-      const [, , modeText, uid, gid, name, size] = parts;
-      if (name === '.' || name === '..' || name === '') continue;
-      const mode = parseInt(modeText!, 8);
-      const type = typeOf[(mode >> 12).toString(8)] ?? 'other';
-      const p = dir === '/' ? `/${name}` : `${dir}/${name}`;
-      out.set(p, `${type} ${(mode & 0o7777).toString(8)} ${uid} ${gid} ${type === 'dir' ? '' : size}`);
-      if (type === 'dir') await walk(p);
-    }
-  };
-  await walk('/');
-  return out;
-}
 
 const variants = [
   { type: 'ext2', blockSize: 1024 },

@@ -23,6 +23,7 @@ import {
   umlSuiteTitle,
   umlTestTimeout,
 } from './harness.js';
+import { debugfsListing } from '../helpers/debugfs-listing.js';
 
 const missing = missingUmlTools();
 
@@ -270,23 +271,7 @@ describe.skipIf(missing.length > 0)(umlSuiteTitle('guest files without booting: 
         `${e.type} ${e.mode.toString(8)} ${e.uid} ${e.gid} ${e.type === 'dir' ? '' : e.size}`,
       ]),
     );
-    const theirs = new Map<string, string>();
-    const typeOf: Record<string, string> = { '4': 'dir', '10': 'file', '12': 'symlink' };
-    const walk = async (guestDir: string) => {
-      const listing = await runProgram('debugfs', ['-R', `ls -p ${guestDir}`, mergedA]);
-      for (const line of listing.stdout.split('\n')) {
-        const parts = line.split('/');
-        if (parts.length < 7) continue;
-        const [, , modeText, uid, gid, name, size] = parts;
-        if (name === '.' || name === '..' || name === '') continue;
-        const mode = parseInt(modeText!, 8);
-        const type = typeOf[(mode >> 12).toString(8)] ?? 'other';
-        const p = guestDir === '/' ? `/${name}` : `${guestDir}/${name}`;
-        theirs.set(p, `${type} ${(mode & 0o7777).toString(8)} ${uid} ${gid} ${type === 'dir' ? '' : size}`);
-        if (type === 'dir') await walk(p);
-      }
-    };
-    await walk('/');
+    const theirs = await debugfsListing(mergedA);
     expect(theirs.size).toBeGreaterThan(50);
     expect(ours).toEqual(theirs);
   });
