@@ -124,7 +124,7 @@ async function startsWithCowMagic(file: string): Promise<boolean> {
 }
 
 async function cowExport(image: string, options: ServeOptions): Promise<ClosableDevice> {
-  const cow = await openCow(image, { backing: options.backing, readOnly: options.readOnly, sync: options.sync });
+  const cow = await openCow(image, { backing: options.backing, readOnly: options.readOnly, sync: options.sync, blockingReads: true });
   return {
     size: cow.size,
     readOnly: cow.readOnly,

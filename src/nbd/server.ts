@@ -551,8 +551,19 @@ class Connection {
   }
 
   /** Resolves once the socket can take more (its buffer counts against the in-flight budget). */
+  private corked = false;
+
   private send(data: Buffer): Promise<void> {
     if (this.socket.destroyed || !this.socket.writable) return Promise.resolve();
+    if (!this.corked) {
+      // Replies finished in the same turn of the event loop go out in one writev.
+      this.corked = true;
+      this.socket.cork();
+      setImmediate(() => {
+        this.corked = false;
+        this.socket.uncork();
+      });
+    }
     if (this.socket.write(data)) return Promise.resolve();
     return new Promise((resolve) => this.drainWaiters.push(resolve));
   }

@@ -45,6 +45,23 @@ describe('openCow API contract', () => {
     await dev.close();
   });
 
+  it('blockingReads: the same bytes through the blocking path, and a cut-short backing still names the file', async () => {
+    const dev = await openCow(cow, { blockingReads: true });
+    await dev.write(1000, Buffer.alloc(5000, 0x11));
+    const blocking = Buffer.from(await dev.read(0, 64 * 1024));
+    await dev.close();
+    const plain = await openCow(cow, { readOnly: true });
+    expect(blocking.equals(Buffer.from(await plain.read(0, 64 * 1024)))).toBe(true);
+    await plain.close();
+    expect(blocking.subarray(1000, 6000).equals(Buffer.alloc(5000, 0x11))).toBe(true);
+    // A read past the end of a backing file that shrank under us: an error, never zeros.
+    const reader = await openCow(cow, { readOnly: true, blockingReads: true });
+    await fsp.truncate(base, 32 * 1024);
+    const err = await reader.read(40 * 1024, 4096).catch((e: Error) => e);
+    expect(String(err)).toMatch(/base\.img/);
+    await reader.close();
+  });
+
   it('rejects out-of-range and malformed requests with clear errors', async () => {
     const dev = await openCow(cow);
     expect(await codeOf(dev.read(64 * 1024 - 10, 11))).toBe('out-of-range');
