@@ -27,3 +27,4 @@ export { dataExtents, isHole, type DataExtent } from './io/extents.js';
 export { cloneFile, cloneRange, copyRange, cloneOrCopyFile, punchHole, syncRange, type CloneOutcome, type CopyRangeOptions, type CopyReport, type PunchOutcome } from './io/file-ops.js';
 export { LazyBitmap, lazyBitmapOf, type LazyBitmapOptions, type BitmapView, type DirtySlice, type LazyBitmapStats } from './io/bitmap-cache.js';
 export type { CloneRange } from './io/file.js';
+export type { AllocatedRun } from './io/engine.js';
