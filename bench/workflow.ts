@@ -1,8 +1,9 @@
 /**
  * Workflow benchmarks, each command run as the compiled CLI in a child process:
- *  (a) inspect, map and diff of a 1 TiB sparse COW with 2000 scattered extents (budget: 2 s and
- *      160 MiB peak RSS each);
- *  (b) commit of a 512 MiB image with 8% of its 4 KiB blocks rewritten, against uml_moo (new
+ *  (a) start-up (--version), a 2-byte write (budget 0.5 s, 100 MiB), inspect, map and diff of
+ *      1 TiB and 10 TiB sparse COWs with 2000 scattered extents (budget: 2 s and 160 MiB peak RSS);
+ *  (b) commit of a 512 MiB image with 8% of its 4 KiB blocks rewritten, over a sparse (truncate)
+ *      and a random backing, against uml_moo (new
  *      file and in place, outputs checked identical) and against `cp --sparse=always` of the image.
  *
  * Run: npx tsx bench/workflow.ts [--quick] [--only sparse|commit] [--runs N]
@@ -81,16 +82,16 @@ function sameContents(a: string, b: string): boolean {
   return spawnSync('cmp', ['-s', a, b]).status === 0;
 }
 
-async function sparseBenchmark(): Promise<string[][]> {
-  const dir = path.join(workDir, 'sparse');
+async function sparseBenchmark(tib = 1): Promise<string[][]> {
+  const dir = path.join(workDir, `sparse-${tib}t`);
   fs.mkdirSync(dir);
-  const backing = path.join(dir, 'base-1t.img');
+  const backing = path.join(dir, `base-${tib}t.img`);
   fs.closeSync(fs.openSync(backing, 'w'));
-  fs.truncateSync(backing, TIB);
-  const cow = path.join(dir, 'disk-1t.cow');
+  fs.truncateSync(backing, tib * TIB);
+  const cow = path.join(dir, `disk-${tib}t.cow`);
   await createCow(cow, backing);
   const random = seededRandom(20240601);
-  const sectors = TIB / 512;
+  const sectors = (tib * TIB) / 512;
   const writes: SectorWrite[] = [];
   for (let i = 0; i < SPARSE_EXTENTS; i++) {
     // Extents of 1 to 64 sectors anywhere on the disk, 4 KiB-aligned as guest file systems write.
@@ -102,9 +103,13 @@ async function sparseBenchmark(): Promise<string[][]> {
   writes.sort((a, b) => a.sector - b.sector);
   const built = performance.now();
   await writeCowSectors(cow, writes);
-  console.error(`  built a 1 TiB COW with ${SPARSE_EXTENTS} extents in ${((performance.now() - built) / 1000).toFixed(1)} s`);
-  const rows: string[][] = [['command (1 TiB sparse COW, 2000 extents)', 'time (median)', 'peak RSS', 'budget', 'verdict']];
+  console.error(`  built a ${tib} TiB COW with ${SPARSE_EXTENTS} extents in ${((performance.now() - built) / 1000).toFixed(1)} s`);
+  const rows: string[][] = [[`command (${tib} TiB sparse COW, 2000 extents)`, 'time (median)', 'peak RSS', 'budget', 'verdict']];
+  const twoBytes = path.join(dir, 'two-bytes');
+  fs.writeFileSync(twoBytes, 'hi');
   const cases: Array<[string, string[], number[]]> = [
+    ['ubdcow --version (start-up)', ['--version'], [0]],
+    ['ubdcow write (2 bytes, lazy bitmap)', ['write', cow, '--offset', String(Math.floor(tib * TIB * 0.6)), '--file', twoBytes], [0]],
     ['ubdcow inspect --json', ['inspect', cow, '--json'], [0]],
     ['ubdcow map --json', ['map', cow, '--json'], [0]],
     ['ubdcow diff COW (vs backing, allocated sectors only)', ['diff', cow, '--stat'], [1]],
@@ -118,20 +123,23 @@ async function sparseBenchmark(): Promise<string[][]> {
       console.error(`  map found ${extents} merged extents`);
     }
     const { seconds: time, rssKiB } = await repeat(label, () => measureCli(cliArgs), statuses);
-    const ok = time <= TIME_BUDGET_S && rssKiB <= RSS_BUDGET_KIB;
-    rows.push([label, seconds(time), mebibytes(rssKiB), `${TIME_BUDGET_S} s, ${RSS_BUDGET_KIB / 1024} MiB`, ok ? 'ok' : 'OVER BUDGET']);
+    const [timeBudget, rssBudget] = label.startsWith('ubdcow write') ? [0.5, 100 * 1024] : [TIME_BUDGET_S, RSS_BUDGET_KIB];
+    const ok = time <= timeBudget && rssKiB <= rssBudget;
+    rows.push([label, seconds(time), mebibytes(rssKiB), `${timeBudget} s, ${rssBudget / 1024} MiB`, ok ? 'ok' : 'OVER BUDGET']);
   }
   fs.rmSync(dir, { recursive: true, force: true });
   return rows;
 }
 
-async function commitBenchmark(): Promise<string[][]> {
-  const dir = path.join(workDir, 'commit');
+/** `random`: a backing of random bytes (dense); `sparse`: a backing made with truncate (all holes). */
+async function commitBenchmark(backingKind: 'random' | 'sparse' = 'random'): Promise<string[][]> {
+  const dir = path.join(workDir, `commit-${backingKind}`);
   fs.mkdirSync(dir);
   const backing = path.join(dir, 'base.img');
   const chunk = new Uint8Array(4 * MIB);
   const fd = fs.openSync(backing, 'w');
-  for (let at = 0; at < COMMIT_IMAGE_BYTES; at += chunk.length) fs.writeSync(fd, randomFillSync(chunk), 0, Math.min(chunk.length, COMMIT_IMAGE_BYTES - at));
+  if (backingKind === 'sparse') fs.ftruncateSync(fd, COMMIT_IMAGE_BYTES);
+  else for (let at = 0; at < COMMIT_IMAGE_BYTES; at += chunk.length) fs.writeSync(fd, randomFillSync(chunk), 0, Math.min(chunk.length, COMMIT_IMAGE_BYTES - at));
   fs.closeSync(fd);
   const cow = path.join(dir, 'disk.cow');
   await createCow(cow, backing);
@@ -143,7 +151,7 @@ async function commitBenchmark(): Promise<string[][]> {
   await writeCowSectors(cow, writes);
   console.error(`  ${formatMiB(COMMIT_IMAGE_BYTES)} image, ${chosen.size} of ${blocks} 4 KiB blocks rewritten (${REWRITTEN_FRACTION * 100}%)`);
 
-  const rows: string[][] = [[`contender (${formatMiB(COMMIT_IMAGE_BYTES)} image, 8% of blocks rewritten)`, 'time (median)', 'peak RSS', 'note']];
+  const rows: string[][] = [[`contender (${formatMiB(COMMIT_IMAGE_BYTES)} ${backingKind} backing, 8% of blocks rewritten)`, 'time (median)', 'peak RSS', 'note']];
   const outUbd = path.join(dir, 'out-ubdcow.img');
   const outMoo = path.join(dir, 'out-moo.img');
   const outCp = path.join(dir, 'out-cp.img');
@@ -250,8 +258,8 @@ async function commitBenchmark(): Promise<string[][]> {
 
   const startup = await repeat('ubdcow --version', () => measureCli(['--version']));
   rows.push(['ubdcow --version (node start-up, for scale)', seconds(startup.seconds), mebibytes(startup.rssKiB), '']);
-  ratios.push(`commit to a new file: ${comparison(median(newFile.ubd), median(newFile.moo), 'uml_moo')}`);
-  ratios.push(`commit to a new file: ${comparison(median(newFile.ubd), median(newFile.mooSynced), 'uml_moo followed by sync')}`);
+  ratios.push(`commit to a new file (${backingKind} backing): ${comparison(median(newFile.ubd), median(newFile.moo), 'uml_moo')}`);
+  ratios.push(`commit to a new file (${backingKind} backing): ${comparison(median(newFile.ubd), median(newFile.mooSynced), 'uml_moo followed by sync')}`);
   ratios.push(`commit in place: ${comparison(median(inPlace.ubd), median(inPlace.moo), 'uml_moo -d')}`);
   ratios.push(`commit in place: ${comparison(median(inPlace.ubd), median(inPlace.mooSynced), 'uml_moo -d followed by sync')}`);
   ratios.push(`commit to a new file takes ${(median(newFile.ubd) / median(copyTimes)).toFixed(1)}x the time of cp --sparse=always of the image`);
@@ -283,17 +291,21 @@ async function main(): Promise<void> {
   console.log(`load average at start: ${os.loadavg().map((load) => load.toFixed(2)).join(' ')}\n`);
   ensureBuilt();
   if (!only || only === 'sparse') {
-    console.error('(a) 1 TiB sparse COW');
-    console.log(table(await sparseBenchmark()));
-    console.log();
+    for (const tib of quick ? [1] : [1, 10]) {
+      console.error(`(a) ${tib} TiB sparse COW`);
+      console.log(table(await sparseBenchmark(tib)));
+      console.log();
+    }
   }
   if (!only || only === 'commit') {
     if (!hasTool('uml_moo')) {
       console.log('(b) commit benchmark skipped: uml_moo is not installed');
     } else {
-      console.error('(b) commit');
-      console.log(table(await commitBenchmark()));
-      console.log();
+      for (const kind of ['sparse', 'random'] as const) {
+        console.error(`(b) commit, ${kind} backing`);
+        console.log(table(await commitBenchmark(kind)));
+        console.log();
+      }
       for (const line of ratios) console.log(line);
     }
   }
