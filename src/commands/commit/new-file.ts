@@ -1,11 +1,11 @@
 import * as path from 'node:path';
 import { UbdcowError, fileEndsEarly, fromSystemError } from '../../errors.js';
-import { type WindowRuns, allocatedWindows } from '../../io/allocation.js';
+import { type WindowRuns, allocatedExtents, allocatedWindows, extentBytes } from '../../io/allocation.js';
 import { existsError, writeNewFile } from '../../io/atomic.js';
 import { type OpenedFile, checkBacking, openBacking } from '../../io/backing.js';
 import { interruptedCommitError, readCommitJournal } from '../../io/commit-journal.js';
 import { dataExtents } from '../../io/extents.js';
-import { syncRange } from '../../io/file-ops.js';
+import { cloneFile, copyRange, syncRange } from '../../io/file-ops.js';
 import { type FileHandleLike, type FileSystem, nodeFileSystem, readExactly, writeAll, writeAllSync } from '../../io/file.js';
 import { type CowImage, withImage } from '../../io/image.js';
 import { ImageWriter } from '../../io/image-writer.js';
@@ -54,6 +54,12 @@ export async function commitToNewFile(cowPath: string, output: string, options: 
     let writtenBytes = 0;
     try {
       await writeNewFile(fs, output, force, async (out, temporaryPath) => {
+        const reflinked = await writeByReflink(image, backing, out, output);
+        if (reflinked !== undefined) {
+          writtenBytes = reflinked;
+          options.onProgress?.(image.header.size, image.header.size);
+          return;
+        }
         const writer = await ImageWriter.open(fs, out, temporaryPath);
         try {
           writtenBytes = await writeMergedImage(image, backing, { file: out, writer, path: output }, chunkBytes, options.onProgress);
@@ -80,6 +86,36 @@ export async function commitToNewFile(cowPath: string, output: string, options: 
       warnings: [...image.warnings],
     };
   });
+}
+
+/**
+ * Where the output's file system shares extents (XFS reflink=1, btrfs): the new file becomes a
+ * clone of the backing file (FICLONE, no new space), then the COW's allocated extents, adjacent
+ * ones coalesced, are cloned over it where block-aligned (FICLONERANGE) or copied. The bytes are
+ * the same as the windowed merge writes. Undefined when the clone is not possible here (the
+ * caller then merges window by window; nothing was written). Returns the bytes moved.
+ */
+async function writeByReflink(image: CowImage, backing: OpenedFile, out: FileHandleLike, outputPath: string): Promise<number | undefined> {
+  const { size } = image.header;
+  // A shorter backing (only with --force) would need zeros past its end: leave that to the merge.
+  if (backing.size < size) return undefined;
+  const outcome = await cloneFile(out, backing.handle);
+  if (!outcome.cloned) return undefined;
+  const blockSize = Math.max(4096, (await out.stat().catch(() => undefined))?.blockSize ?? 4096);
+  let moved = 0;
+  try {
+    for await (const extent of allocatedExtents(image)) {
+      const bytes = extentBytes(extent, image);
+      const report = await copyRange(out, image.handle, { sourceOffset: image.geometry.dataOffset + bytes.start, length: bytes.end - bytes.start, targetOffset: bytes.start }, { blockSize });
+      moved += report.cloned + report.copiedInKernel + report.copied;
+    }
+    // The clone has the backing's length; the disk may be shorter (a backing larger than the disk).
+    await out.truncate(size);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ESHORT') throw fileEndsEarly(image.path, image.geometry.dataOffset, 0, image.geometry.dataOffset + size, 'the data area');
+    throw fromSystemError(err, outputPath, 'write');
+  }
+  return moved;
 }
 
 /**
