@@ -183,6 +183,23 @@ export class LazyBitmap {
   }
 
   /**
+   * The cached slice holding all of [start, end), for one synchronous look (no pin, no view: the
+   * engine's per-request fast path); undefined when the range spans slices or is not in memory.
+   */
+  cachedSliceBits(start: number, end: number): SectorBitmap | undefined {
+    const index = Math.floor(start / this.sliceSectors);
+    if (end > (index + 1) * this.sliceSectors || end > this.coveredSectors || start < 0) return undefined;
+    const slice = this.slices.get(index);
+    if (!slice) return undefined;
+    // Most recently used last (only when not last already: a Map re-insert per request costs).
+    if (this.slices.size > 1) {
+      this.slices.delete(index);
+      this.slices.set(index, slice);
+    }
+    return slice.bitmap;
+  }
+
+  /**
    * The view of [start, end) without waiting, when every slice of it is in memory (pinned like
    * acquire's); undefined otherwise. Lets a caller keep a synchronous fast path for cached slices.
    */

@@ -272,15 +272,21 @@ class Engine implements CowDevice {
     if (length === 0) return undefined;
     const first = Math.floor(offset / this.sectorSize);
     const end = Math.ceil((offset + length) / this.sectorSize);
-    const range = this.coveredRange(first, end);
-    // Slices not in memory: the slow path loads them.
-    const view = range ? this.bitmap.tryAcquire(range[0], range[1]) : undefined;
-    if (range && !view) return undefined;
     let spans: ReadSpan[];
-    try {
-      spans = this.plan(view, offset, offset + length);
-    } finally {
-      view?.release();
+    const bits = end <= this.geometry.coveredSectors ? this.bitmap.cachedSliceBits(first, end) : undefined;
+    if (bits) {
+      // The common case: one cached slice, planned without a view.
+      spans = planRead(bits, this.sectorSize, this.geometry.coveredSectors, offset, offset + length).spans;
+    } else {
+      const range = this.coveredRange(first, end);
+      // Slices not in memory: the slow path loads them.
+      const view = range ? this.bitmap.tryAcquire(range[0], range[1]) : undefined;
+      if (range && !view) return undefined;
+      try {
+        spans = this.plan(view, offset, offset + length);
+      } finally {
+        view?.release();
+      }
     }
     if (spans.length !== 1) return undefined;
     if (!spans[0].fromCow && this.bitmapWriter.updatesOverlapping(first, end).length > 0) return undefined;
