@@ -360,7 +360,7 @@ class Engine implements CowDevice {
     let view: BitmapView | undefined;
     try {
       // The bitmap slices of these sectors stay in memory until their bits are written.
-      view = await this.bitmap.acquire(first, end);
+      view = this.bitmap.tryAcquire(first, end) ?? (await this.bitmap.acquire(first, end));
       const spanStart = first * sectorSize;
       const spanEnd = Math.min(end * sectorSize, this.size);
       const sectors = await this.wholeSectors(offset, data, spanStart, spanEnd);
