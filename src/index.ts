@@ -35,3 +35,4 @@ export { openGuestFs, type GuestFs, type GuestFsOptions, type GuestStat } from '
 export { diffFiles, type DiffFilesOptions, type DiffFilesResult, type FileChange, type FileChangeWhat } from './guestfs/diff-files.js';
 export { listGuest, type LsOptions, type LsEntry, type LsResult } from './commands/ls.js';
 export { getGuestFile, getGuestFileTo, type GetOptions } from './commands/get.js';
+export type { AllocatedRun } from './io/engine.js';

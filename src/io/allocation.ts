@@ -1,12 +1,14 @@
 import { CowFormatError } from '../errors.js';
 import { SectorBitmap } from '../format/bitmap.js';
+import { dataExtents } from './extents.js';
 import type { CowImage } from './image.js';
 import { readExactly } from './file.js';
 
 /*
  * Reading a COW's allocation from its bitmap on disk: one chunk reader, and the streams built on
  * it (slices, extents in sectors, runs grouped by copy window). Memory stays at one chunk however
- * large the disk; only the engine holds the whole bitmap, as the kernel does.
+ * large the disk. Parts of the bitmap that are holes in the file (a nearly empty multi-TiB COW:
+ * gigabytes of them) are skipped with SEEK_DATA instead of read as zeros.
  */
 
 /** 1 MiB of bitmap covers 4 GiB of disk: big enough to be fast, small enough for any image. */
@@ -28,12 +30,19 @@ export async function readBitmapChunk(image: CowImage, firstByte: number, length
   return new SectorBitmap(buffer.subarray(0, length), bits, firstSector);
 }
 
-/** Streams the bitmap a chunk at a time; each slice's sector numbers are relative to `slice.firstSector`. */
+/**
+ * Streams the bitmap a chunk at a time, skipping the parts that are holes in the file (all bits
+ * clear there); each slice's sector numbers are relative to `slice.firstSector`. Slices are in
+ * order but need not be contiguous. Without SEEK_DATA, every chunk is read.
+ */
 export async function* bitmapSlices(image: CowImage, chunkBytes = BITMAP_CHUNK_BYTES): AsyncGenerator<SectorBitmap> {
-  const { bitmapLength } = image.geometry;
+  const { bitmapOffset, bitmapLength } = image.geometry;
   const buffer = new Uint8Array(Math.min(chunkBytes, Math.max(bitmapLength, 1)));
-  for (let byte = 0; byte < bitmapLength; byte += buffer.length) {
-    yield await readBitmapChunk(image, byte, Math.min(buffer.length, bitmapLength - byte), buffer);
+  for await (const extent of dataExtents(image.handle, bitmapOffset, bitmapOffset + bitmapLength)) {
+    const end = extent.end - bitmapOffset;
+    for (let byte = extent.start - bitmapOffset; byte < end; byte += buffer.length) {
+      yield await readBitmapChunk(image, byte, Math.min(buffer.length, end - byte), buffer);
+    }
   }
 }
 

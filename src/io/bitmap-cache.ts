@@ -84,6 +84,11 @@ export interface BitmapView {
   countSet(start: number, end: number): number;
   /** Runs of equal state over [start, end), joined across slice boundaries. */
   runs(start: number, end: number): Generator<SectorRun>;
+  /**
+   * The slice holding `sector`, as a SectorBitmap whose sector numbers are disk sectors from
+   * `firstSector` (the window form planRead takes); valid until release().
+   */
+  sliceBits(sector: number): SectorBitmap;
   release(): void;
 }
 
@@ -175,6 +180,111 @@ export class LazyBitmap {
     }
     this.evict();
     return this.view(start, end, pinned, first);
+  }
+
+  /**
+   * The cached slice holding all of [start, end), for one synchronous look (no pin, no view: the
+   * engine's per-request fast path); undefined when the range spans slices or is not in memory.
+   */
+  cachedSliceBits(start: number, end: number): SectorBitmap | undefined {
+    const index = Math.floor(start / this.sliceSectors);
+    if (end > (index + 1) * this.sliceSectors || end > this.coveredSectors || start < 0) return undefined;
+    const slice = this.slices.get(index);
+    if (!slice) return undefined;
+    // Most recently used last (only when not last already: a Map re-insert per request costs).
+    if (this.slices.size > 1) {
+      this.slices.delete(index);
+      this.slices.set(index, slice);
+    }
+    return slice.bitmap;
+  }
+
+  /**
+   * The view of [start, end) without waiting, when every slice of it is in memory (pinned like
+   * acquire's); undefined otherwise. Lets a caller keep a synchronous fast path for cached slices.
+   */
+  tryAcquire(start: number, end: number): BitmapView | undefined {
+    this.checkRange(start, end);
+    const first = Math.floor(start / this.sliceSectors);
+    const last = end > start ? Math.floor((end - 1) / this.sliceSectors) : first - 1;
+    const pinned: Slice[] = [];
+    for (let index = first; index <= last; index++) {
+      const slice = this.slices.get(index);
+      if (!slice) return undefined;
+      pinned.push(slice);
+    }
+    for (const slice of pinned) {
+      slice.pins++;
+      // Most recently used last.
+      this.slices.delete(slice.index);
+      this.slices.set(slice.index, slice);
+    }
+    return this.view(start, end, pinned, first);
+  }
+
+  /**
+   * The state of `sector` synchronously: from memory, or by loading its slice with a blocking
+   * read when the handle has one (for a synchronous API such as CowDevice.isAllocated).
+   */
+  getSync(sector: number): boolean {
+    const cached = this.peek(sector);
+    if (cached !== undefined) return cached;
+    const index = Math.floor(sector / this.sliceSectors);
+    const { file, path, bitmapOffset } = this.options;
+    if (!file.readSync) {
+      throw new Error(`${path}: the bitmap slice of sector ${sector} is not loaded and this file has no blocking read`);
+    }
+    const { byteStart, length, bytes } = this.sliceBuffer(index);
+    let got = 0;
+    try {
+      while (got < length) {
+        const n = file.readSync(bytes, got, length - got, bitmapOffset + byteStart + got);
+        if (n === 0) break;
+        got += n;
+      }
+    } catch (err) {
+      throw fromSystemError(err, path, 'read the bitmap of');
+    }
+    const slice = this.adopt(index, bytes, got);
+    this.evict();
+    return slice.bitmap.get(sector - index * this.sliceSectors);
+  }
+
+  /**
+   * A copy of bitmap bytes [byteStart, byteEnd), whose slices must be in memory (pinned by the
+   * caller): what a caller that writes bitmap bytes itself (the engine's BitmapWriter) writes.
+   */
+  copyBytes(byteStart: number, byteEnd: number): Uint8Array {
+    const out = new Uint8Array(byteEnd - byteStart);
+    for (let byte = byteStart; byte < byteEnd; ) {
+      const index = Math.floor(byte / this.sliceBytes);
+      const slice = this.slices.get(index);
+      if (!slice) throw new Error(`bitmap byte ${byte} is not in memory: acquire its sectors first`);
+      const base = index * this.sliceBytes;
+      const to = Math.min(byteEnd, base + slice.bitmap.bytes.length);
+      out.set(slice.bitmap.bytes.subarray(byte - base, to - base), byte - byteStart);
+      byte = to;
+    }
+    return out;
+  }
+
+  /**
+   * The caller wrote the bitmap bytes of sectors [start, end) itself, in an order it keeps (the
+   * engine: bits set just before their write, overlapping writes queued, slices pinned until
+   * written): their slices are marked clean, so they can be evicted once unpinned. A slice with
+   * other changes must still be pinned by whoever will write them.
+   */
+  markWritten(start: number, end: number): void {
+    this.checkRange(start, end);
+    if (end <= start) return;
+    const first = Math.floor(start / this.sliceSectors);
+    const last = Math.floor((end - 1) / this.sliceSectors);
+    for (let index = first; index <= last; index++) {
+      const slice = this.slices.get(index);
+      if (!slice) continue;
+      slice.dirtyStart = 0;
+      slice.dirtyEnd = 0;
+    }
   }
 
   /** Dirty slices in slice order, each with the changed bytes and where they go. */
@@ -332,17 +442,32 @@ export class LazyBitmap {
     return loading;
   }
 
-  private async read(index: number): Promise<Slice> {
-    const { file, path, bitmapOffset, bitmapLength } = this.options;
+  private sliceBuffer(index: number): { byteStart: number; length: number; bytes: Uint8Array } {
     const byteStart = index * this.sliceBytes;
-    const length = Math.min(this.sliceBytes, bitmapLength - byteStart);
-    const bytes = new Uint8Array(length);
+    const length = Math.min(this.sliceBytes, this.options.bitmapLength - byteStart);
+    return { byteStart, length, bytes: new Uint8Array(length) };
+  }
+
+  private async read(index: number): Promise<Slice> {
+    const { file, path, bitmapOffset } = this.options;
+    const { byteStart, length, bytes } = this.sliceBuffer(index);
     let got: number;
     try {
       got = await file.read(bytes, 0, length, bitmapOffset + byteStart);
     } catch (err) {
       throw fromSystemError(err, path, 'read the bitmap of');
     }
+    return this.adopt(index, bytes, got);
+  }
+
+  /** Caches slice `index` read into `bytes` (`got` of them), unless a copy is cached already. */
+  private adopt(index: number, bytes: Uint8Array, got: number): Slice {
+    const { path, bitmapLength } = this.options;
+    const byteStart = index * this.sliceBytes;
+    const length = bytes.length;
+    // A blocking load (getSync) may have cached this slice while this read was in flight.
+    const already = this.slices.get(index);
+    if (already) return already;
     if (got < length) {
       throw new CowFormatError('truncated-bitmap', 'bitmap', `cut off at byte ${byteStart + got}`, `${bitmapLength} bytes`, path);
     }
@@ -457,6 +582,7 @@ export class LazyBitmap {
           sector = runEnd;
         }
       },
+      sliceBits: (sector) => sliceOf(sector).bitmap,
       release: () => {
         if (released) return;
         released = true;

@@ -1,4 +1,4 @@
-import type { SectorBitmap } from '../format/bitmap.js';
+import type { BitmapView, LazyBitmap } from './bitmap-cache.js';
 import type { FileHandleLike } from './file.js';
 
 /** One request to record sectors [sectorStart, sectorEnd) as living in the COW file. */
@@ -7,6 +7,8 @@ interface BitmapUpdate {
   sectorEnd: number;
   byteStart: number;
   byteEnd: number;
+  /** The caller's view of the sectors, pinned until the update settles. */
+  view: BitmapView;
   done: Promise<void>;
   resolve: () => void;
   reject: (err: unknown) => void;
@@ -20,7 +22,7 @@ interface SliceWrite {
 }
 
 export interface BitmapWriterOptions {
-  bitmap: SectorBitmap;
+  bitmap: LazyBitmap;
   file: FileHandleLike;
   bitmapOffset: number;
   /** Called after a slice is written and before its updates resolve (fdatasync in sync mode). */
@@ -36,6 +38,9 @@ function overlaps(aStart: number, aEnd: number, bStart: number, bEnd: number): b
  * designed: a slice write overlapping one in flight (pending) waits (waiting list) and starts when
  * it completes. Bits are set in memory only just before their slice is written, and never while an
  * overlapping slice is in flight, so the bytes being written are never modified under the write.
+ * The bitmap is a LazyBitmap: each caller pins the slices of its sectors (a view) until its update
+ * settles, so every byte a write covers is in memory; a written slice is marked clean, and can be
+ * evicted once no caller pins it (then memory and file agree, as no write to it is in flight).
  */
 export class BitmapWriter {
   private readonly pending = new Set<SliceWrite>();
@@ -45,12 +50,12 @@ export class BitmapWriter {
 
   /**
    * Records [sectorStart, sectorEnd) as allocated on disk. Call only after the sectors' data is
-   * written. Resolves once the bitmap slice holding their bits is written.
+   * written, holding `view` (acquired over [sectorStart, sectorEnd)) until this resolves or
+   * rejects. Resolves once the bitmap slice holding their bits is written.
    */
-  async commit(sectorStart: number, sectorEnd: number): Promise<void> {
-    const { bitmap } = this.options;
+  async commit(sectorStart: number, sectorEnd: number, view: BitmapView): Promise<void> {
     // Bits already set need no write, but they may belong to a slice still in flight.
-    while (bitmap.allSet(sectorStart, sectorEnd)) {
+    while (view.allSet(sectorStart, sectorEnd)) {
       const inFlight = this.pendingUpdatesOverlapping(sectorStart, sectorEnd);
       if (inFlight.length === 0) return;
       await Promise.allSettled(inFlight.map((update) => update.done));
@@ -66,6 +71,7 @@ export class BitmapWriter {
       sectorEnd,
       byteStart: Math.floor(sectorStart / 8),
       byteEnd: Math.ceil(sectorEnd / 8),
+      view,
       done,
       resolve,
       reject,
@@ -146,15 +152,19 @@ export class BitmapWriter {
   private start(slice: SliceWrite): void {
     const { bitmap, file, bitmapOffset, afterSliceWrite } = this.options;
     // Kept to undo only this slice's bits if its write fails.
-    const before = bitmap.bytes.slice(slice.byteStart, slice.byteEnd);
-    for (const update of slice.updates) bitmap.setRange(update.sectorStart, update.sectorEnd);
+    const before = bitmap.copyBytes(slice.byteStart, slice.byteEnd);
+    for (const update of slice.updates) update.view.setRange(update.sectorStart, update.sectorEnd);
     this.pending.add(slice);
-    const length = slice.byteEnd - slice.byteStart;
+    // A copy: bits set later (by writes not overlapping this one) never change it mid-write.
+    const bytes = bitmap.copyBytes(slice.byteStart, slice.byteEnd);
     const written = file
-      .write(bitmap.bytes, slice.byteStart, length, bitmapOffset + slice.byteStart)
+      .write(bytes, 0, bytes.length, bitmapOffset + slice.byteStart)
       .then(() => afterSliceWrite?.());
     written.then(
-      () => this.finish(slice, undefined),
+      () => {
+        for (const update of slice.updates) bitmap.markWritten(update.sectorStart, update.sectorEnd);
+        this.finish(slice, undefined);
+      },
       (err: unknown) => {
         this.undo(slice, before);
         this.finish(slice, err);
@@ -164,11 +174,10 @@ export class BitmapWriter {
 
   /** Clears the bits this slice set, leaving bits that were set before it. */
   private undo(slice: SliceWrite, before: Uint8Array): void {
-    const { bitmap } = this.options;
     for (const update of slice.updates) {
       for (let sector = update.sectorStart; sector < update.sectorEnd; sector++) {
         const byte = Math.floor(sector / 8) - slice.byteStart;
-        if ((before[byte] & (1 << (sector & 7))) === 0) bitmap.set(sector, false);
+        if ((before[byte] & (1 << (sector & 7))) === 0) update.view.set(sector, false);
       }
     }
   }

@@ -1,9 +1,16 @@
+/*
+ * The async block device over a COW file. Invariants: data is written before the bitmap bytes
+ * that claim it; overlapping bitmap writes are queued (BitmapWriter); a read that finds a clear
+ * bit with an update pending waits for it. The bitmap is a LazyBitmap: slices loaded on demand
+ * and evicted when clean, so opening costs the same for any disk size (a 15 TiB COW has a
+ * 3.75 GiB bitmap). A write pins its slices from before its data is written until its bits are.
+ */
 import { UbdcowError, checkByteRange, fileEndsEarly, fromSystemError } from '../errors.js';
-import type { SectorBitmap } from '../format/bitmap.js';
+import { SectorBitmap } from '../format/bitmap.js';
 import type { CowGeometry } from '../format/geometry.js';
 import type { CowHeader } from '../format/header.js';
-import { readWholeBitmap } from './allocation.js';
 import { type OpenedFile, backingError, checkBacking, mtimeMismatchFix, openBacking } from './backing.js';
+import { type BitmapView, type LazyBitmap, lazyBitmapOf } from './bitmap-cache.js';
 import { BitmapWriter } from './bitmap-writer.js';
 import { type FileHandleLike, type FileSystem, nodeFileSystem, readExactly, readExactlySync } from './file.js';
 import { GroupSync } from './group-sync.js';
@@ -34,6 +41,19 @@ export interface OpenCowOptions {
    * stalls the event loop meanwhile. Default false.
    */
   blockingReads?: boolean;
+  /**
+   * Soft bound on the bitmap bytes kept in memory (default 16 MiB; the bitmap is loaded a 64 KiB
+   * slice at a time, on demand, so opening costs the same for any disk size).
+   */
+  maxBitmapCacheBytes?: number;
+  /** Bytes per bitmap slice (default 64 KiB; small values exercise eviction in tests). */
+  bitmapSliceBytes?: number;
+}
+
+/** A run of sectors [start, end) that live in the COW file. */
+export interface AllocatedRun {
+  start: number;
+  end: number;
 }
 
 /** A block device in user space over a COW file and its backing file. */
@@ -56,11 +76,30 @@ export interface CowDevice {
   flush(): Promise<void>;
   /** Drains the queue, flushes, releases the lock and the files. */
   close(): Promise<void>;
-  /** True when sector `sector` lives in the COW file (for tests and tools). */
+  /**
+   * True when sector `sector` lives in the COW file. Synchronous: answered from the bitmap slices
+   * in memory, else by loading the sector's slice with a blocking read (then cached).
+   */
   isAllocated(sector: number): boolean;
+  /**
+   * Runs of sectors in [startSector, endSector) that live in the COW file, in order, merged
+   * across slices; bitmap slices that are holes in the file are skipped without reading.
+   */
+  allocatedRuns(startSector?: number, endSector?: number): AsyncGenerator<AllocatedRun>;
 }
 
-const openCowOptionKeys: OptionKeys<OpenCowOptions> = { backing: true, readOnly: true, sync: true, fs: true, lock: true, blockingReads: true };
+const openCowOptionKeys: OptionKeys<OpenCowOptions> = {
+  backing: true,
+  readOnly: true,
+  sync: true,
+  fs: true,
+  lock: true,
+  blockingReads: true,
+  maxBitmapCacheBytes: true,
+  bitmapSliceBytes: true,
+};
+/** No bits: plans the sectors past the bitmap's cover, which always read from the backing file. */
+const NO_BITS = new SectorBitmap(new Uint8Array(0), 0, 0);
 
 export async function openCow(cowPath: string, options: OpenCowOptions = {}): Promise<CowDevice> {
   checkOptions('openCow', options, openCowOptionKeys);
@@ -83,7 +122,7 @@ export async function openCow(cowPath: string, options: OpenCowOptions = {}): Pr
       throw backingError(cowPath, report);
     }
     backing = await openBacking(fs, report.path, 'r');
-    const bitmap = await readWholeBitmap(image);
+    const bitmap = lazyBitmapOf(image, { maxCachedBytes: options.maxBitmapCacheBytes, sliceBytes: options.bitmapSliceBytes });
     return new Engine(image, backing, bitmap, { readOnly, sync: options.sync ?? false, blockingReads: options.blockingReads ?? false, warnings });
   } catch (err) {
     await image.handle.close().catch(() => undefined);
@@ -125,7 +164,7 @@ class Engine implements CowDevice {
   constructor(
     image: CowImage,
     backing: OpenedFile,
-    private readonly bitmap: SectorBitmap,
+    private readonly bitmap: LazyBitmap,
     private readonly options: EngineOptions,
   ) {
     this.cow = image.handle;
@@ -148,7 +187,15 @@ class Engine implements CowDevice {
   }
 
   isAllocated(sector: number): boolean {
-    return sector < this.geometry.coveredSectors && this.bitmap.get(sector);
+    if (!(Number.isSafeInteger(sector) && sector >= 0 && sector < this.geometry.coveredSectors)) return false;
+    return this.bitmap.getSync(sector);
+  }
+
+  async *allocatedRuns(startSector = 0, endSector = this.geometry.coveredSectors): AsyncGenerator<AllocatedRun> {
+    const covered = this.geometry.coveredSectors;
+    const start = Math.max(0, Math.min(startSector, covered));
+    const end = Math.max(start, Math.min(endSector, covered));
+    for await (const run of this.bitmap.allocatedRuns(start, end)) yield { start: run.start, end: run.end };
   }
 
   read(offset: number, length: number): Promise<Uint8Array> {
@@ -210,9 +257,46 @@ class Engine implements CowDevice {
     return new UbdcowError('closed', `${this.path}: cannot ${action} a device after close()`, { file: this.path });
   }
 
-  /** The read planned over the live bitmap (see read-plan.ts). */
-  private plan(offset: number, end: number): ReadSpan[] {
-    return planRead(this.bitmap, this.sectorSize, this.geometry.coveredSectors, offset, end).spans;
+  /**
+   * The read of [offset, end) planned over the live bitmap (see read-plan.ts), slice by slice of
+   * `view`, which covers the range's covered sectors (undefined when it has none).
+   */
+  private plan(view: BitmapView | undefined, offset: number, end: number): ReadSpan[] {
+    const { sectorSize } = this;
+    const covered = this.geometry.coveredSectors;
+    let spans: ReadSpan[] | undefined;
+    for (let position = offset; position < end; ) {
+      const sector = Math.floor(position / sectorSize);
+      const bits = sector < covered ? view!.sliceBits(sector) : NO_BITS;
+      const part = planRead(bits, sectorSize, covered, position, end);
+      if (!spans) spans = part.spans;
+      else {
+        for (const span of part.spans) {
+          const last = spans[spans.length - 1];
+          if (last && last.fromCow === span.fromCow && last.diskOffset + last.length === span.diskOffset) last.length += span.length;
+          else spans.push(span);
+        }
+      }
+      position = part.end;
+    }
+    return spans ?? [];
+  }
+
+  /** Covered sectors of [first, end), or undefined when none are. */
+  private coveredRange(first: number, end: number): [number, number] | undefined {
+    const coveredEnd = Math.min(end, this.geometry.coveredSectors);
+    return first < coveredEnd ? [first, coveredEnd] : undefined;
+  }
+
+  /** Plans [offset, end) after loading the slices it needs. */
+  private async planLoaded(offset: number, end: number): Promise<ReadSpan[]> {
+    const range = this.coveredRange(Math.floor(offset / this.sectorSize), Math.ceil(end / this.sectorSize));
+    const view = range ? await this.bitmap.acquire(range[0], range[1]) : undefined;
+    try {
+      return this.plan(view, offset, end);
+    } finally {
+      view?.release();
+    }
   }
 
   /**
@@ -223,10 +307,25 @@ class Engine implements CowDevice {
     const length = buffer.length;
     checkByteRange(this.path, 'read', offset, length, this.size);
     if (length === 0) return undefined;
-    const spans = this.plan(offset, offset + length);
-    if (spans.length !== 1) return undefined;
     const first = Math.floor(offset / this.sectorSize);
     const end = Math.ceil((offset + length) / this.sectorSize);
+    let spans: ReadSpan[];
+    const bits = end <= this.geometry.coveredSectors ? this.bitmap.cachedSliceBits(first, end) : undefined;
+    if (bits) {
+      // The common case: one cached slice, planned without a view.
+      spans = planRead(bits, this.sectorSize, this.geometry.coveredSectors, offset, offset + length).spans;
+    } else {
+      const range = this.coveredRange(first, end);
+      // Slices not in memory: the slow path loads them.
+      const view = range ? this.bitmap.tryAcquire(range[0], range[1]) : undefined;
+      if (range && !view) return undefined;
+      try {
+        spans = this.plan(view, offset, offset + length);
+      } finally {
+        view?.release();
+      }
+    }
+    if (spans.length !== 1) return undefined;
     if (!spans[0].fromCow && this.bitmapWriter.updatesOverlapping(first, end).length > 0) return undefined;
     return this.readSpan(spans[0], buffer, offset).then(() => buffer);
   }
@@ -248,14 +347,23 @@ class Engine implements CowDevice {
    */
   private async waitForStaleBits(first: number, end: number): Promise<void> {
     const coveredEnd = Math.min(end, this.geometry.coveredSectors);
-    if (first >= coveredEnd || this.bitmap.allSet(first, coveredEnd)) return;
+    if (first >= coveredEnd) return;
+    const view = await this.bitmap.acquire(first, coveredEnd);
+    let allSet: boolean;
+    try {
+      allSet = view.allSet(first, coveredEnd);
+    } finally {
+      view.release();
+    }
+    if (allSet) return;
     const updates = this.bitmapWriter.updatesOverlapping(first, coveredEnd);
     if (updates.length > 0) await Promise.allSettled(updates);
   }
 
   /** Fills `buffer` with the disk's bytes from `offset`, span by span of the read plan. */
   private async fill(buffer: Uint8Array, offset: number): Promise<void> {
-    await Promise.all(this.plan(offset, offset + buffer.length).map((span) => this.readSpan(span, buffer, offset)));
+    const spans = await this.planLoaded(offset, offset + buffer.length);
+    await Promise.all(spans.map((span) => this.readSpan(span, buffer, offset)));
   }
 
   /** Reads one span into `buffer`, which holds the disk's bytes from `bufferStart`. */
@@ -293,7 +401,10 @@ class Engine implements CowDevice {
     }
     // Whole sectors, serialized against other writes to them, so a copy-up cannot lose a write.
     const release = await this.writeLocks.acquire(first, end);
+    let view: BitmapView | undefined;
     try {
+      // The bitmap slices of these sectors stay in memory until their bits are written.
+      view = this.bitmap.tryAcquire(first, end) ?? (await this.bitmap.acquire(first, end));
       const spanStart = first * sectorSize;
       const spanEnd = Math.min(end * sectorSize, this.size);
       const sectors = await this.wholeSectors(offset, data, spanStart, spanEnd);
@@ -304,11 +415,12 @@ class Engine implements CowDevice {
         throw fromSystemError(err, this.path, 'write data to');
       }
       try {
-        await this.bitmapWriter.commit(first, end);
+        await this.bitmapWriter.commit(first, end, view);
       } catch (err) {
         throw fromSystemError(err, this.path, 'write the bitmap of');
       }
     } finally {
+      view?.release();
       release();
     }
   }

@@ -91,8 +91,10 @@ function attribute(hit: Hit, requests: Request[], layout: { bitmapOffset: number
   if (hit.position >= layout.bitmapOffset && hit.position < layout.bitmapOffset + layout.bitmapLength) {
     const firstByte = hit.position - layout.bitmapOffset;
     const endByte = firstByte + hit.length;
+    // A bitmap slice is loaded on demand, once, for every request waiting on it (reads too);
+    // a bitmap write carries only the writes coalesced into it.
     return new Set(
-      requests.flatMap((r, i) => (r.kind === 'write' && Math.floor(r.firstSector / 8) < endByte && Math.ceil(r.endSector / 8) > firstByte ? [i] : [])),
+      requests.flatMap((r, i) => ((r.kind === 'write' || hit.kind === 'read') && Math.floor(r.firstSector / 8) < endByte && Math.ceil(r.endSector / 8) > firstByte ? [i] : [])),
     );
   }
   return undefined;

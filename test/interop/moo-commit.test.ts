@@ -15,10 +15,12 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { commitCow } from '../../src/commands/commit/index.js';
+import { createCow } from '../../src/commands/create.js';
 import { SectorBitmap } from '../../src/format/bitmap.js';
 import type { HeaderLayout } from '../../src/format/header.js';
 import { openImage } from '../../src/io/image.js';
 import { allocatedBytes, buildCow, randomBytes, seededRandom, sha256, snapshot } from '../helpers/cow-fixtures.js';
+import { type SectorWrite, writeCowSectors } from '../helpers/cow-writes.js';
 import { useTempDir } from '../helpers/tmp.js';
 import { ensureBuiltCli, firstDifference, missingTools, repoRoot, run, titleWithSkipReason } from '../helpers/tools.js';
 
@@ -122,6 +124,37 @@ describe.skipIf(missing.length > 0)(titleWithSkipReason('ubdcow commit matches u
       expect(Buffer.compare(ourMerged.subarray(0, defined), fs.readFileSync(mooBase).subarray(0, defined))).toBe(0);
       expect(Buffer.compare(ourMerged, Buffer.from(built.expected))).toBe(0);
     });
+  });
+
+  it('a sparse backing (holes skipped), scattered 4 KiB blocks (buffered) and long runs (direct): byte for byte, as sparse', async () => {
+    const size = 32 << 20;
+    const random = seededRandom(77);
+    const base = path.join(tmp.path, 'sparse-base.img');
+    // Holes everywhere but two data regions, one of them zeros written out.
+    const fd = fs.openSync(base, 'w');
+    fs.writeSync(fd, randomBytes(random, 3 << 20), 0, 3 << 20, 5 << 20);
+    fs.writeSync(fd, new Uint8Array(1 << 20), 0, 1 << 20, 20 << 20);
+    fs.ftruncateSync(fd, size);
+    fs.closeSync(fd);
+    const cow = path.join(tmp.path, 'sparse.cow');
+    await createCow(cow, base);
+    const writes: SectorWrite[] = [];
+    for (let block = 0; block < size / 4096; block++) {
+      if (random() < 0.08) writes.push({ sector: block * 8, data: randomBytes(random, 4096) });
+    }
+    // A long run (goes direct), one inside the backing's data, one all zeros (stays a hole).
+    writes.push({ sector: (10 << 20) / 512, data: randomBytes(random, 3 << 20) });
+    writes.push({ sector: (6 << 20) / 512 + 3, data: randomBytes(random, 700 * 1024) });
+    writes.push({ sector: (16 << 20) / 512, data: new Uint8Array(1 << 20) });
+    const merged = new Map<number, SectorWrite>();
+    for (const write of writes) for (let s = 0; s < write.data.length / 512; s++) merged.set(write.sector + s, { sector: write.sector + s, data: write.data.subarray(s * 512, s * 512 + 512) });
+    await writeCowSectors(cow, [...merged.values()].sort((a, b) => a.sector - b.sector));
+    const theirs = path.join(tmp.path, 'sparse-moo.img');
+    const ours = path.join(tmp.path, 'sparse-ubdcow.img');
+    umlMoo([cow, theirs]);
+    await commitCow(cow, { output: ours });
+    expect(await firstDifference(ours, theirs)).toBeUndefined();
+    expect(allocatedBytes(ours)).toBeLessThanOrEqual(allocatedBytes(theirs) + 64 * 1024);
   });
 
   it('a COW made by uml_mkcow, written through the format code, merged by both (CLI)', async () => {

@@ -1,7 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import { computeGeometry } from '../../src/format/geometry.js';
 import { parseHeader } from '../../src/format/header.js';
-import type { CowDevice } from '../../src/io/engine.js';
+import type { CowDevice, OpenCowOptions } from '../../src/io/engine.js';
 import { COW, bitSet, bitmapOnDisk, memoryImage, openMemoryCow, randomBytes, seededRandom } from './engine-setup.js';
 import { watchInvariants } from './invariants.js';
 import type { MemoryFileSystem } from './memory-fs.js';
@@ -99,11 +99,17 @@ function layoutOf(fs: MemoryFileSystem) {
 }
 
 /** Issues `total` random operations keeping up to `depth` in flight, completing I/O in random order. */
-async function runWorkload(seed: number, size: number, total: number, depth: number, sync = false) {
+async function runWorkload(seed: number, size: number, total: number, depth: number, sync = false, options: OpenCowOptions = {}) {
   const random = seededRandom(seed);
   const { fs, base } = await memoryImage(size, random);
-  const violations = watchInvariants(fs, layoutOf(fs));
-  const dev = await openMemoryCow(fs, { sync });
+  const layout = layoutOf(fs);
+  const violations = watchInvariants(fs, layout);
+  let bitmapLoads = 0;
+  fs.failRule = (op) => {
+    if (op.kind === 'read' && op.path === COW && op.position >= layout.bitmapOffset && op.position < layout.bitmapOffset + layout.bitmapLength) bitmapLoads++;
+    return undefined;
+  };
+  const dev = await openMemoryCow(fs, { sync, ...options });
   fs.mode = 'random';
   fs.random = random;
   const model = new Model(base);
@@ -130,7 +136,8 @@ async function runWorkload(seed: number, size: number, total: number, depth: num
   expect(violations, `seed ${seed}`).toEqual([]);
   expect(Buffer.from(await dev.read(0, size)).equals(Buffer.from(model.bytes)), `seed ${seed}: final image`).toBe(true);
   await dev.close();
-  return { fs, model, base };
+  fs.failRule = undefined;
+  return { fs, model, base, bitmapLoads };
 }
 
 describe('engine against an in-memory model, I/O completing in random order', () => {
@@ -151,6 +158,30 @@ describe('engine against an in-memory model, I/O completing in random order', ()
         if (!same) expect(bitSet(bits, sector), `seed ${seed}: sector ${sector}`).toBe(true);
         expect(again.isAllocated(sector)).toBe(bitSet(bits, sector));
       }
+      await again.close();
+    }
+  });
+
+  it('holds with bitmap slices evicted under pressure (2-byte slices, a 4-byte cache)', async () => {
+    const pressure: OpenCowOptions = { bitmapSliceBytes: 2, maxBitmapCacheBytes: 4 };
+    const { bitmapLength } = layoutOf((await memoryImage(size, seededRandom(1))).fs);
+    for (let seed = 300; seed < 312; seed++) {
+      const { fs, model, bitmapLoads } = await runWorkload(seed, size, 400, 32, seed % 3 === 0, pressure);
+      // Slices were read again after eviction: many more bitmap loads than slices.
+      expect(bitmapLoads, `seed ${seed}: bitmap slice loads`).toBeGreaterThan(4 * Math.ceil(bitmapLength / 2));
+      const again = await openMemoryCow(fs, pressure);
+      expect(Buffer.from(await again.read(0, size)).equals(Buffer.from(model.bytes)), `seed ${seed}: after reopen`).toBe(true);
+      const { bits } = bitmapOnDisk(fs.contents(COW));
+      const runs: Array<{ start: number; end: number }> = [];
+      for await (const run of again.allocatedRuns()) runs.push(run);
+      const fromDisk: Array<{ start: number; end: number }> = [];
+      for (let sector = 0; sector * 512 < size; sector++) {
+        if (!bitSet(bits, sector)) continue;
+        const last = fromDisk[fromDisk.length - 1];
+        if (last && last.end === sector) last.end++;
+        else fromDisk.push({ start: sector, end: sector + 1 });
+      }
+      expect(runs, `seed ${seed}: allocatedRuns`).toEqual(fromDisk);
       await again.close();
     }
   });
