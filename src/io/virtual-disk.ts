@@ -1,6 +1,6 @@
 import { UbdcowError, checkByteRange, fileEndsEarly, fileTooShort, fromSystemError, notACow } from '../errors.js';
 import { SectorBitmap } from '../format/bitmap.js';
-import { BITMAP_CHUNK_BYTES, type SectorExtent, allocatedExtents, readBitmapChunk } from './allocation.js';
+import { type SectorExtent, allocatedExtents, readBitmapChunk } from './allocation.js';
 import { backingMismatches, mtimeMismatchFix, openBacking, resolveBackingPath } from './backing.js';
 import { type FileHandleLike, type FileSystem, nodeFileSystem, readExactly } from './file.js';
 import { type CowImage, openImage, openImageFile, probeHeader } from './image.js';
@@ -72,9 +72,15 @@ export interface OpenVirtualDiskOptions {
    * then not opened, and reading an unallocated sector is an error.
    */
   openBacking?: boolean;
-  /** Bytes of bitmap kept in memory at a time (1 MiB covers 4 GiB of a 512-byte-sector disk). */
+  /**
+   * Bytes of bitmap read at a time to plan reads (default 64 KiB, which covers 256 MiB of a
+   * 512-byte-sector disk): small enough that reading a few scattered extents of a huge, mostly
+   * empty COW does not read megabytes of bitmap holes per extent.
+   */
   bitmapWindowBytes?: number;
 }
+
+const READ_PLAN_WINDOW_BYTES = 64 << 10;
 
 export const RAW_SECTOR_SIZE = 512;
 
@@ -194,7 +200,7 @@ async function openCowDisk(file: string, options: OpenVirtualDiskOptions, fs: Fi
       }
     }
     const { sectorSize, size } = header;
-    const window = new BitmapWindow(image, options.bitmapWindowBytes ?? BITMAP_CHUNK_BYTES);
+    const window = new BitmapWindow(image, options.bitmapWindowBytes ?? READ_PLAN_WINDOW_BYTES);
     const backingDisk = backing;
 
     const readAllocated = (buffer: Uint8Array, at: number, length: number, offset: number) =>

@@ -112,8 +112,9 @@ describe.skipIf(missing.length > 0)(umlSuiteTitle('kernel-created COW read by ev
     expect(content.status).toBe(1);
     const allocatedSector = (sector: number) => bitmap.runs.some((run) => sector >= run.start && sector < run.end);
     for (const range of content.value.ranges as { offset: number; length: number }[]) {
-      expect(allocatedSector(range.offset / 512)).toBe(true);
-      expect(allocatedSector((range.offset + range.length) / 512 - 1)).toBe(true);
+      // Ranges are exact bytes: the sectors holding their first and last bytes are allocated.
+      expect(allocatedSector(Math.floor(range.offset / 512))).toBe(true);
+      expect(allocatedSector(Math.ceil((range.offset + range.length) / 512) - 1)).toBe(true);
     }
   });
 
