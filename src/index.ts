@@ -3,7 +3,7 @@ export * from './format/header.js';
 export * from './format/geometry.js';
 export * from './format/bitmap.js';
 export type { FileHandleLike, FileStat, FileSystem, OpenMode } from './io/file.js';
-export { nodeFileSystem } from './io/file.js';
+export { nodeFileSystem } from './io/node-fs.js';
 export { openImage, withImage, type CowImage, type ImageLock, type WithImageOptions } from './io/image.js';
 export { allocatedExtents, bitmapSlices, type SectorExtent } from './io/allocation.js';
 export { checkBacking, resolveBackingPath, type BackingReport, type BackingState } from './io/backing.js';

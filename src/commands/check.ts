@@ -3,7 +3,8 @@ import { describeBitmapOverlap, describeHangingDisk } from '../format/kernel-tra
 import { allocatedExtents } from '../io/allocation.js';
 import { type BackingReport, checkBacking } from '../io/backing.js';
 import { commitJournalExists, interruptedCommitMessage } from '../io/commit-journal.js';
-import { type FileSystem, nodeFileSystem, readExactly, writeAll } from '../io/file.js';
+import { type FileSystem, readExactly, writeAll } from '../io/file.js';
+import { nodeFileSystem } from '../io/node-fs.js';
 import { type CowImage, withImage } from '../io/image.js';
 import { isCowFileLocked } from '../io/lock.js';
 import { type OptionKeys, checkOptions } from '../options.js';

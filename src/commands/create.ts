@@ -10,7 +10,8 @@ import {
 } from '../format/header.js';
 import { type CowGeometry, computeGeometry } from '../format/geometry.js';
 import { describeBitmapOverlap, describeHangingDisk } from '../format/kernel-traps.js';
-import { type FileSystem, nodeFileSystem } from '../io/file.js';
+import { type FileSystem } from '../io/file.js';
+import { nodeFileSystem } from '../io/node-fs.js';
 import { imageSize, probeReadable, statImageFile } from '../io/image.js';
 import { existsError, writeNewFile } from '../io/atomic.js';
 import { looksLikeCow } from '../io/virtual-disk.js';

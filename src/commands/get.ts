@@ -4,7 +4,7 @@
  * at all (written under a temporary name, then linked or renamed into place).
  */
 import { type GuestFsOptions, openGuestFs } from '../guestfs/guest-fs.js';
-import { nodeFileSystem } from '../io/file.js';
+import { nodeFileSystem } from '../io/node-fs.js';
 import { writeNewFile } from '../io/atomic.js';
 import { type OptionKeys, checkOptions } from '../options.js';
 

@@ -1,7 +1,8 @@
 import { UbdcowError, fromSystemError } from '../errors.js';
 import { backingMismatches, resolveBackingPath } from '../io/backing.js';
 import { interruptedCommitError, readCommitJournal } from '../io/commit-journal.js';
-import { type FileHandleLike, type FileSystem, nodeFileSystem } from '../io/file.js';
+import { type FileHandleLike, type FileSystem } from '../io/file.js';
+import { nodeFileSystem } from '../io/node-fs.js';
 import { imageSize, probeReadable, rewriteHeader, statImageFile, withImage } from '../io/image.js';
 import { absoluteBackingPath } from './create.js';
 import { type OptionKeys, checkOptions } from '../options.js';

@@ -1,7 +1,8 @@
 import * as path from 'node:path';
 import { UbdcowError, fromSystemError } from '../errors.js';
 import type { CowHeader } from '../format/header.js';
-import { type FileHandleLike, type FileStat, type FileSystem, type OpenMode, describeKind, nodeFileSystem } from './file.js';
+import { type FileHandleLike, type FileStat, type FileSystem, type OpenMode, describeKind } from './file.js';
+import { nodeFileSystem } from './node-fs.js';
 import { imageSize, isoTime, openImageFile } from './image.js';
 
 /*

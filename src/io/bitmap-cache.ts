@@ -21,10 +21,10 @@
  */
 import { CowFormatError, fromSystemError } from '../errors.js';
 import { SectorBitmap, type SectorRun } from '../format/bitmap.js';
-import { dataExtents } from './extents.js';
 import type { FileHandleLike } from './file.js';
 import type { CowImage } from './image.js';
 import { type BitmapView, type Slice, sliceView } from './bitmap-view.js';
+import { allocatedRunsSkippingHoles, countSetSkippingHoles } from './bitmap-scan.js';
 
 export type { BitmapView };
 
@@ -285,80 +285,26 @@ export class LazyBitmap {
   }
 
   /** Sectors set in [start, end); slices the file has as holes are counted as 0 without reading. */
-  async countSet(start = 0, end = this.coveredSectors): Promise<number> {
-    let count = 0;
-    await this.scan(start, end, (view, from, to) => {
-      count += view.countSet(from, to);
-    });
-    return count;
+  countSet(start = 0, end = this.coveredSectors): Promise<number> {
+    this.checkRange(start, end);
+    return countSetSkippingHoles(this, start, end);
   }
 
   /** Runs of set sectors in [start, end), joined across slices, skipping the bitmap's holes. */
-  async *allocatedRuns(start = 0, end = this.coveredSectors): AsyncGenerator<SectorRun> {
-    const found: SectorRun[] = [];
-    let pending: SectorRun | undefined;
-    const flushTo = (run: SectorRun) => {
-      if (pending && pending.end === run.start) pending.end = run.end;
-      else {
-        if (pending) found.push(pending);
-        pending = { ...run };
-      }
-    };
-    // Runs are gathered slice by slice and handed out between slices.
-    for await (const _ of this.scanSlices(start, end, (view, from, to) => {
-      let sector = view.nextSet(from, to);
-      while (sector < to) {
-        const runEnd = view.nextClear(sector, to);
-        flushTo({ start: sector, end: runEnd, allocated: true });
-        sector = view.nextSet(runEnd, to);
-      }
-    })) {
-      while (found.length > 0) yield found.shift()!;
-    }
-    if (pending) yield pending;
-  }
-
-  private async scan(start: number, end: number, visit: (view: BitmapView, from: number, to: number) => void): Promise<void> {
-    for await (const _ of this.scanSlices(start, end, visit)) {
-      // Each step has visited one slice.
-    }
-  }
-
-  /**
-   * Visits the slices of [start, end) in order, each through a view pinned only while visited;
-   * slices not cached that lie wholly in holes of the file are skipped unread.
-   */
-  private async *scanSlices(start: number, end: number, visit: (view: BitmapView, from: number, to: number) => void): AsyncGenerator<void> {
+  allocatedRuns(start = 0, end = this.coveredSectors): AsyncGenerator<SectorRun> {
     this.checkRange(start, end);
-    if (end <= start) return;
-    const { file, bitmapOffset, bitmapLength } = this.options;
-    const first = Math.floor(start / this.sliceSectors);
-    const last = Math.floor((end - 1) / this.sliceSectors);
-    const extents = dataExtents(file, bitmapOffset + first * this.sliceBytes, bitmapOffset + Math.min(bitmapLength, (last + 1) * this.sliceBytes));
-    let extent = await extents.next();
-    try {
-      for (let index = first; index <= last; index++) {
-        const sliceStart = bitmapOffset + index * this.sliceBytes;
-        const sliceEnd = sliceStart + this.sliceBytes;
-        while (!extent.done && extent.value.end <= sliceStart) extent = await extents.next();
-        const holds = !extent.done && extent.value.start < sliceEnd;
-        if (!holds && !this.slices.has(index) && !this.loading.has(index)) {
-          this.stats.holesSkipped++;
-          continue;
-        }
-        const from = Math.max(start, index * this.sliceSectors);
-        const to = Math.min(end, (index + 1) * this.sliceSectors);
-        const view = await this.acquire(from, to);
-        try {
-          visit(view, from, to);
-        } finally {
-          view.release();
-        }
-        yield;
-      }
-    } finally {
-      await extents.return(undefined);
-    }
+    return allocatedRunsSkippingHoles(this, start, end);
+  }
+
+  /** Where slice `index` lies in the file, and whether it is in memory or on its way there. */
+  sliceInFile(index: number): { start: number; end: number; known: boolean } {
+    const start = this.options.bitmapOffset + index * this.sliceBytes;
+    return { start, end: start + this.sliceBytes, known: this.slices.has(index) || this.loading.has(index) };
+  }
+
+  /** The file the bitmap lives in, and its bytes there (for scans that look for holes). */
+  get region(): { file: FileHandleLike; offset: number; length: number } {
+    return { file: this.options.file, offset: this.options.bitmapOffset, length: this.options.bitmapLength };
   }
 
   private async writeSlice(slice: Slice): Promise<void> {

@@ -2,7 +2,8 @@ import { UbdcowError, checkByteRange, fileEndsEarly, fileTooShort, fromSystemErr
 import { SectorBitmap } from '../format/bitmap.js';
 import { type SectorExtent, allocatedExtents, readBitmapChunk } from './allocation.js';
 import { backingMismatches, mtimeMismatchFix, openBacking, resolveBackingPath } from './backing.js';
-import { type FileHandleLike, type FileSystem, nodeFileSystem, readExactly } from './file.js';
+import { type FileHandleLike, type FileSystem, readExactly } from './file.js';
+import { nodeFileSystem } from './node-fs.js';
 import { type CowImage, openImage, openImageFile, probeHeader } from './image.js';
 import { planRead } from './read-plan.js';
 import { type OptionKeys, checkOptions } from '../options.js';

@@ -6,7 +6,7 @@ import { commitCow } from '../../src/commands/commit/index.js';
 import { createCow } from '../../src/commands/create.js';
 import { findSiblingCows } from '../../src/commands/commit/siblings.js';
 import { openCow } from '../../src/io/engine.js';
-import { nodeFileSystem } from '../../src/io/file.js';
+import { nodeFileSystem } from '../../src/io/node-fs.js';
 import { UbdcowError } from '../../src/errors.js';
 
 describe('in-place commit into a backing file other COWs use', () => {

@@ -5,7 +5,7 @@ import * as path from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { createCow } from '../../src/commands/create.js';
 import { removeStaleTemporaries } from '../../src/io/atomic.js';
-import { nodeFileSystem } from '../../src/io/file.js';
+import { nodeFileSystem } from '../../src/io/node-fs.js';
 
 /** The pid of a process that has already exited. */
 function deadPid(): number {

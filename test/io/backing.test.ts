@@ -5,7 +5,8 @@ import { createCow } from '../../src/commands/create.js';
 import { CowFormatError, UbdcowError } from '../../src/errors.js';
 import { checkBacking, resolveBackingPath } from '../../src/io/backing.js';
 import { openCow } from '../../src/io/engine.js';
-import { type FileSystem, nodeFileSystem } from '../../src/io/file.js';
+import { type FileSystem } from '../../src/io/file.js';
+import { nodeFileSystem } from '../../src/io/node-fs.js';
 import { openImage } from '../../src/io/image.js';
 import { useTempDir } from '../helpers/tmp.js';
 

@@ -9,7 +9,8 @@ import { openImage } from '../../src/io/image.js';
 import { readWholeBitmap } from '../../src/io/allocation.js';
 import { createCow } from '../../src/commands/create.js';
 import { writeCowSectors } from '../helpers/cow-writes.js';
-import { type FileHandleLike, nodeFileSystem } from '../../src/io/file.js';
+import { type FileHandleLike } from '../../src/io/file.js';
+import { nodeFileSystem } from '../../src/io/node-fs.js';
 import { useTempDir } from '../helpers/tmp.js';
 import { wrapHandle } from '../helpers/wrap-handle.js';
 

@@ -5,7 +5,8 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { DIRECT_IO_ALIGNMENT, type FileHandleLike, type FileSystem, alignedBuffer, nodeFileSystem } from '../../src/io/file.js';
+import { DIRECT_IO_ALIGNMENT, type FileHandleLike, type FileSystem, alignedBuffer } from '../../src/io/file.js';
+import { nodeFileSystem } from '../../src/io/node-fs.js';
 import { ImageWriter } from '../../src/io/image-writer.js';
 import { useTempDir } from '../helpers/tmp.js';
 import { wrapHandle } from '../helpers/wrap-handle.js';

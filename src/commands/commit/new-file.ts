@@ -6,7 +6,8 @@ import { type OpenedFile, checkBacking, openBacking } from '../../io/backing.js'
 import { interruptedCommitError, readCommitJournal } from '../../io/commit-journal.js';
 import { dataExtents } from '../../io/extents.js';
 import { cloneFile, copyRange, syncRange } from '../../io/file-ops.js';
-import { type FileHandleLike, type FileSystem, nodeFileSystem, readExactly, writeAll, writeAllSync } from '../../io/file.js';
+import { type FileHandleLike, type FileSystem, readExactly, writeAll, writeAllSync } from '../../io/file.js';
+import { nodeFileSystem } from '../../io/node-fs.js';
 import { type CowImage, withImage } from '../../io/image.js';
 import { ImageWriter } from '../../io/image-writer.js';
 import { type CommitOptions, HOLE_BLOCK_BYTES, type NewFileCommitResult, judgeBacking, readCowRun, roundChunk, summarizeAllocation } from './shared.js';
