@@ -13,7 +13,7 @@ import { openCow } from '../../src/io/engine.js';
 import { seededRandom } from '../helpers/cow-fixtures.js';
 import { useTempDir } from '../helpers/tmp.js';
 import { ensureBuiltCli, missingTools, run, titleWithSkipReason } from '../helpers/tools.js';
-import { nbdUri, startServe } from './serve-harness.js';
+import { nbdUri, pollUntil, startServe } from './serve-harness.js';
 
 const missing = missingTools('qemu-io');
 const SIZE = 16 << 20;
@@ -67,14 +67,7 @@ describe.skipIf(missing.length > 0)(titleWithSkipReason('kill -9 of ubdcow serve
       const clientDone = new Promise((resolve) => client.on('close', resolve));
       // Kill once a good part of the stream went through, but well before its end.
       const killAfter = 50 + round * 40;
-      await new Promise<void>((resolve) => {
-        const poll = setInterval(() => {
-          if ((stdout.match(/^wrote /gm) ?? []).length >= killAfter || client.exitCode !== null) {
-            clearInterval(poll);
-            resolve();
-          }
-        }, 2);
-      });
+      await pollUntil(() => (stdout.match(/^wrote /gm) ?? []).length >= killAfter || client.exitCode !== null);
       server.child.kill('SIGKILL');
       await server.exited;
       await clientDone;

@@ -70,3 +70,15 @@ export function patternedBacking(file: string, bytes: number): Buffer {
 export function socketIn(dir: string, name = 'nbd.sock'): string {
   return path.join(dir, name);
 }
+
+/** Resolves once `done()` holds, checking every 2 ms (for watching a client's progress). */
+export function pollUntil(done: () => boolean): Promise<void> {
+  return new Promise<void>((resolve) => {
+    const poll = setInterval(() => {
+      if (done()) {
+        clearInterval(poll);
+        resolve();
+      }
+    }, 2);
+  });
+}

@@ -8,7 +8,7 @@ import * as path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { spawn } from 'node:child_process';
 import { missingTools } from '../helpers/tools.js';
-import { nbdUri, startServe } from '../nbd/serve-harness.js';
+import { nbdUri, pollUntil, startServe } from '../nbd/serve-harness.js';
 import { UmlLab, expectGuestOk, markersNamed, md5, md5OfFile, missingUmlTools, runProgram, ubdcow, ubdcowJson, ubdcowToFile, umlSuiteTitle, umlTestTimeout } from './harness.js';
 
 const missing = [...missingUmlTools(), ...missingTools('qemu-img', 'qemu-io')];
@@ -85,14 +85,7 @@ describe.skipIf(missing.length > 0)(umlSuiteTitle('UML reads a COW that ubdcow i
       const clientDone = new Promise((resolve) => client.on('close', resolve));
       let written = 0;
       client.stdout.on('data', (c: Buffer) => (written += (c.toString().match(/^wrote /gm) ?? []).length));
-      await new Promise<void>((resolve) => {
-        const poll = setInterval(() => {
-          if (written >= 100 || client.exitCode !== null) {
-            clearInterval(poll);
-            resolve();
-          }
-        }, 2);
-      });
+      await pollUntil(() => written >= 100 || client.exitCode !== null);
       server.child.kill('SIGKILL');
       await server.exited;
       await clientDone;
