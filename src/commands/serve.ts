@@ -131,7 +131,7 @@ async function cowExport(image: string, options: ServeOptions): Promise<Closable
     readInto: (offset, buffer) => cow.readInto(offset, buffer),
     write: (offset, data) => cow.write(offset, data),
     flush: () => cow.flush(),
-    blockStatus: options.allocation === 'merged' ? undefined : (offset, length, maxExtents) => cowAllocation(cow, offset, length, maxExtents),
+    blockStatus: options.allocation === 'merged' ? undefined : (offset, length, maxExtents) => cowAllocationFromRuns(cow, offset, length, maxExtents),
     close: () => cow.close(),
     warnings: cow.warnings,
   };
@@ -176,6 +176,43 @@ export function cowAllocation(
     }
   }
   out.push({ length: end - runStart, flags: runAllocated ? 0 : STATE_HOLE });
+  return out;
+}
+
+/**
+ * cowAllocation through the device's run query: it skips the bitmap's holes and never asks about
+ * single sectors, so mapping a nearly empty multi-TiB COW costs what its allocated part costs.
+ * Sectors past the bitmap's cover (V1/V2 files) read from the backing: holes.
+ */
+export async function cowAllocationFromRuns(
+  cow: Pick<CowDevice, 'sectorSize' | 'allocatedRuns'> & { geometry: Pick<CowDevice['geometry'], 'coveredSectors'> },
+  offset: number,
+  length: number,
+  maxExtents: number,
+): Promise<StatusDescriptor[]> {
+  const sectorSize = cow.sectorSize;
+  const end = offset + length;
+  const out: StatusDescriptor[] = [];
+  let at = offset;
+  /** Extends the answer to `to` with `flags`; false once a new descriptor would pass maxExtents. */
+  const reach = (to: number, flags: number): boolean => {
+    if (to <= at) return true;
+    const last = out[out.length - 1];
+    if (last && last.flags === flags) last.length += to - at;
+    else if (out.length >= maxExtents) return false;
+    else out.push({ length: to - at, flags });
+    at = to;
+    return true;
+  };
+  const first = Math.floor(offset / sectorSize);
+  const covered = Math.min(Math.ceil(end / sectorSize), cow.geometry.coveredSectors);
+  if (first < covered) {
+    for await (const run of cow.allocatedRuns(first, covered)) {
+      if (!reach(Math.max(offset, run.start * sectorSize), STATE_HOLE)) return out;
+      if (!reach(Math.min(end, run.end * sectorSize), 0)) return out;
+    }
+  }
+  reach(end, STATE_HOLE);
   return out;
 }
 
