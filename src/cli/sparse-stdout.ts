@@ -8,6 +8,7 @@
  * caller streams.
  */
 import * as fs from 'node:fs';
+import { isAllZero } from '../io/zero-bytes.js';
 import { osCalls } from '../os/libc.js';
 
 const BLOCK = 4096;
@@ -45,14 +46,14 @@ export function sparseTarget(fd: number): SparseTarget | undefined {
       while (at < chunk.length) {
         // Blocks are aligned to the file, so a skipped one is a whole file-system block.
         const blockEnd = Math.min(chunk.length, at + BLOCK - ((position + at) % BLOCK));
-        if (isZero(chunk, at, blockEnd)) {
+        if (isAllZero(chunk.subarray(at, blockEnd))) {
           at = blockEnd;
           continue;
         }
         let runEnd = blockEnd;
         while (runEnd < chunk.length) {
           const next = Math.min(chunk.length, runEnd + BLOCK);
-          if (isZero(chunk, runEnd, next)) break;
+          if (isAllZero(chunk.subarray(runEnd, next))) break;
           runEnd = next;
         }
         writeAllAt(fd, chunk, at, runEnd - at, position + at);
@@ -65,11 +66,6 @@ export function sparseTarget(fd: number): SparseTarget | undefined {
       calls.seekSet(fd, position);
     },
   };
-}
-
-function isZero(bytes: Uint8Array, start: number, end: number): boolean {
-  for (let i = start; i < end; i++) if (bytes[i] !== 0) return false;
-  return true;
 }
 
 function writeAllAt(fd: number, bytes: Uint8Array, offset: number, length: number, position: number): void {

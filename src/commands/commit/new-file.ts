@@ -11,6 +11,7 @@ import { nodeFileSystem } from '../../io/node-fs.js';
 import { type CowImage, withImage } from '../../io/image.js';
 import { ImageWriter } from '../../io/image-writer.js';
 import { type CommitOptions, HOLE_BLOCK_BYTES, type NewFileCommitResult, judgeBacking, readCowRun, roundChunk, summarizeAllocation } from './shared.js';
+import { isAllZero } from '../../io/zero-bytes.js';
 
 /*
  * Commit to a new image file (what `uml_moo COW OUT` makes): the merged disk is assembled a window
@@ -245,12 +246,6 @@ async function mergeWindow(
   return writeNonZeroBlocks(output, window.subarray(0, length), windowStart);
 }
 
-const zeroBlock = new Uint8Array(HOLE_BLOCK_BYTES);
-
-function isZero(bytes: Uint8Array): boolean {
-  return Buffer.compare(bytes, zeroBlock.subarray(0, bytes.length)) === 0;
-}
-
 interface WrittenBytes {
   total: number;
   /** Of which through the page cache. */
@@ -282,7 +277,7 @@ async function writeNonZeroBlocks(output: MergedImageOutput, data: Uint8Array, p
   };
   for (let block = 0; block < data.length; block += HOLE_BLOCK_BYTES) {
     const end = Math.min(block + HOLE_BLOCK_BYTES, data.length);
-    if (isZero(data.subarray(block, end))) await flush(block);
+    if (isAllZero(data.subarray(block, end))) await flush(block);
     else if (runStart < 0) runStart = block;
   }
   await flush(data.length);
