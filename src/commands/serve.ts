@@ -137,52 +137,12 @@ async function cowExport(image: string, options: ServeOptions): Promise<Closable
   };
 }
 
-/** Sectors examined per block-status request before answering with what was found (clients ask again). */
-const MAX_SCANNED_SECTORS = 1 << 23;
-
 /**
- * base:allocation over the COW bitmap: runs of sectors the COW holds (status 0) and runs that
- * read through to the backing (NBD_STATE_HOLE), clipped to [offset, offset + length).
- */
-export function cowAllocation(
-  cow: Pick<CowDevice, 'sectorSize' | 'isAllocated'>,
-  offset: number,
-  length: number,
-  maxExtents: number,
-): StatusDescriptor[] {
-  const sectorSize = cow.sectorSize;
-  const end = offset + length;
-  const out: StatusDescriptor[] = [];
-  let sector = Math.floor(offset / sectorSize);
-  const lastSector = Math.ceil(end / sectorSize);
-  let runStart = offset;
-  let runAllocated = cow.isAllocated(sector);
-  let scanned = 0;
-  for (sector++; sector < lastSector; sector++) {
-    const allocated = cow.isAllocated(sector);
-    if (allocated !== runAllocated) {
-      const boundary = sector * sectorSize;
-      out.push({ length: boundary - runStart, flags: runAllocated ? 0 : STATE_HOLE });
-      if (out.length >= maxExtents) return out;
-      runStart = boundary;
-      runAllocated = allocated;
-    }
-    if (++scanned >= MAX_SCANNED_SECTORS) {
-      const boundary = (sector + 1) * sectorSize;
-      if (boundary < end) {
-        out.push({ length: boundary - runStart, flags: runAllocated ? 0 : STATE_HOLE });
-        return out;
-      }
-    }
-  }
-  out.push({ length: end - runStart, flags: runAllocated ? 0 : STATE_HOLE });
-  return out;
-}
-
-/**
- * cowAllocation through the device's run query: it skips the bitmap's holes and never asks about
- * single sectors, so mapping a nearly empty multi-TiB COW costs what its allocated part costs.
- * Sectors past the bitmap's cover (V1/V2 files) read from the backing: holes.
+ * base:allocation over the COW bitmap: runs of sectors the COW holds (status 0) and runs that read
+ * through to the backing (NBD_STATE_HOLE), clipped to [offset, offset + length), at most
+ * `maxExtents` descriptors. Asked through the device's run query, which skips the bitmap's holes,
+ * so mapping a nearly empty multi-TiB COW costs what its allocated part costs. Sectors past the
+ * bitmap's cover (V1/V2 files) read from the backing: holes.
  */
 export async function cowAllocationFromRuns(
   cow: Pick<CowDevice, 'sectorSize' | 'allocatedRuns'> & { geometry: Pick<CowDevice['geometry'], 'coveredSectors'> },

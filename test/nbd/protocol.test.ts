@@ -2,7 +2,8 @@
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import * as P from '../../src/nbd/protocol.js';
-import { cowAllocation, cowAllocationFromRuns } from '../../src/commands/serve.js';
+import { cowAllocationFromRuns } from '../../src/commands/serve.js';
+import type { StatusDescriptor } from '../../src/nbd/protocol.js';
 
 describe('NBD codec', () => {
   it('greeting: NBDMAGIC, IHAVEOPT, handshake flags', () => {
@@ -155,6 +156,49 @@ describe('NBD codec', () => {
     );
   });
 });
+
+/** Sectors examined per block-status request before answering with what was found (clients ask again). */
+const MAX_SCANNED_SECTORS = 1 << 23;
+
+/**
+ * The reference for cowAllocationFromRuns, asking sector by sector. base:allocation over the COW bitmap: runs of sectors the COW holds (status 0) and runs that
+ * read through to the backing (NBD_STATE_HOLE), clipped to [offset, offset + length).
+ */
+function cowAllocation(
+  cow: { sectorSize: number; isAllocated(sector: number): boolean },
+  offset: number,
+  length: number,
+  maxExtents: number,
+): StatusDescriptor[] {
+  const sectorSize = cow.sectorSize;
+  const end = offset + length;
+  const out: StatusDescriptor[] = [];
+  let sector = Math.floor(offset / sectorSize);
+  const lastSector = Math.ceil(end / sectorSize);
+  let runStart = offset;
+  let runAllocated = cow.isAllocated(sector);
+  let scanned = 0;
+  for (sector++; sector < lastSector; sector++) {
+    const allocated = cow.isAllocated(sector);
+    if (allocated !== runAllocated) {
+      const boundary = sector * sectorSize;
+      out.push({ length: boundary - runStart, flags: runAllocated ? 0 : P.STATE_HOLE });
+      if (out.length >= maxExtents) return out;
+      runStart = boundary;
+      runAllocated = allocated;
+    }
+    if (++scanned >= MAX_SCANNED_SECTORS) {
+      const boundary = (sector + 1) * sectorSize;
+      if (boundary < end) {
+        out.push({ length: boundary - runStart, flags: runAllocated ? 0 : P.STATE_HOLE });
+        return out;
+      }
+    }
+  }
+  out.push({ length: end - runStart, flags: runAllocated ? 0 : P.STATE_HOLE });
+  return out;
+}
+
 
 describe('base:allocation over a COW bitmap', () => {
   const bitmap = (set: number[]) => ({ sectorSize: 512, isAllocated: (s: number) => set.includes(s) });
