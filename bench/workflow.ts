@@ -26,7 +26,7 @@ import {
   seconds,
   table,
 } from './util.js';
-import { type SectorWrite, seededRandom, writeCowSectors } from '../test/helpers/cow-writes.js';
+import { type SectorWrite, seededRandom, writeCowSectors, writeRandomFile } from '../test/helpers/cow-writes.js';
 
 const args = process.argv.slice(2);
 const quick = args.includes('--quick');
@@ -137,11 +137,12 @@ async function commitBenchmark(backingKind: 'random' | 'sparse' = 'random'): Pro
   const dir = path.join(workDir, `commit-${backingKind}`);
   fs.mkdirSync(dir);
   const backing = path.join(dir, 'base.img');
-  const chunk = new Uint8Array(4 * MIB);
-  const fd = fs.openSync(backing, 'w');
-  if (backingKind === 'sparse') fs.ftruncateSync(fd, COMMIT_IMAGE_BYTES);
-  else for (let at = 0; at < COMMIT_IMAGE_BYTES; at += chunk.length) fs.writeSync(fd, randomFillSync(chunk), 0, Math.min(chunk.length, COMMIT_IMAGE_BYTES - at));
-  fs.closeSync(fd);
+  if (backingKind === 'sparse') {
+    fs.writeFileSync(backing, '');
+    fs.truncateSync(backing, COMMIT_IMAGE_BYTES);
+  } else {
+    writeRandomFile(backing, COMMIT_IMAGE_BYTES);
+  }
   const cow = path.join(dir, 'disk.cow');
   await createCow(cow, backing);
   const blocks = COMMIT_IMAGE_BYTES / BLOCK;
@@ -294,10 +295,7 @@ async function xfsCommitBenchmark(): Promise<string[][] | string> {
   remount();
   try {
     const backing = path.join(mount, 'base.img');
-    const chunk = new Uint8Array(4 * MIB);
-    const fd = fs.openSync(backing, 'w');
-    for (let at = 0; at < COMMIT_IMAGE_BYTES; at += chunk.length) fs.writeSync(fd, randomFillSync(chunk));
-    fs.closeSync(fd);
+    writeRandomFile(backing, COMMIT_IMAGE_BYTES);
     const cow = path.join(mount, 'disk.cow');
     await createCow(cow, backing);
     const blocks = COMMIT_IMAGE_BYTES / BLOCK;

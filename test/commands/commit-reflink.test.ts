@@ -11,7 +11,7 @@ import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { commitCow } from '../../src/commands/commit/index.js';
 import { createCow } from '../../src/commands/create.js';
-import { writeCowSectors } from '../helpers/cow-writes.js';
+import { writeCowSectors, writeRandomFile } from '../helpers/cow-writes.js';
 import { seededRandom } from '../helpers/cow-fixtures.js';
 import { makeTempDir, removeTempDir } from '../helpers/tmp.js';
 import { firstDifference, missingTools, titleWithSkipReason } from '../helpers/tools.js';
@@ -62,10 +62,7 @@ describe.skipIf(missing.length > 0)(titleWithSkipReason('commit to a new file on
   it('clones the backing and the COW extents: equal to uml_moo, new space at most 1.5x the COW data', async () => {
     const size = 128 * MiB;
     const base = path.join(mount, 'base.img');
-    const chunk = new Uint8Array(4 * MiB);
-    const fd = fs.openSync(base, 'w');
-    for (let at = 0; at < size; at += chunk.length) fs.writeSync(fd, randomFillSync(chunk));
-    fs.closeSync(fd);
+    writeRandomFile(base, size);
     const cow = path.join(mount, 'disk.cow');
     await createCow(cow, base);
     const random = seededRandom(5);

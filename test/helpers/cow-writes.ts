@@ -1,4 +1,6 @@
 /* Test fixtures: COW files with chosen contents, and reproducible randomness. The benchmarks use them too. */
+import { randomFillSync } from 'node:crypto';
+import * as fs from 'node:fs';
 import { openImage } from '../../src/io/image.js';
 
 /** Sectors to put into a COW: `data.length` must be a whole number of sectors (the last may be partial at the disk end). */
@@ -41,4 +43,15 @@ export function seededRandom(seed: number): () => number {
     t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
     return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
   };
+}
+
+/** Writes `bytes` of random data to `file` (a backing image that is all data), 4 MiB at a time. */
+export function writeRandomFile(file: string, bytes: number): void {
+  const chunk = new Uint8Array(4 << 20);
+  const fd = fs.openSync(file, 'w');
+  try {
+    for (let at = 0; at < bytes; at += chunk.length) fs.writeSync(fd, randomFillSync(chunk), 0, Math.min(chunk.length, bytes - at));
+  } finally {
+    fs.closeSync(fd);
+  }
 }
