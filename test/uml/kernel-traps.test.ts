@@ -2,7 +2,8 @@
  * Issue 15 items 6 and 7, proved on the real kernel: the COW shapes ubdcow now refuses or warns
  * about really are mishandled by UML, and the ones it accepts are not.
  * - alignment 1 over 65 sectors: the kernel's 16-byte bitmap write lands on sector 0's first 7
- *   bytes (4137-4143), so the disk the guest wrote is not the disk it gets back;
+ *   bytes (4137-4143), so the disk the guest wrote is not the disk it gets back (which of those
+ *   bytes change depends on the kernel memory past the bitmap);
  * - alignment 8 with a 17-byte bitmap (136 sectors, data area right at the end of the kernel's
  *   last word): every byte the guest wrote comes back;
  * - 64 sectors: the guest's write hangs (killed at the timeout); 65 sectors: it completes.
@@ -52,15 +53,19 @@ describe.skipIf(missing.length > 0)(umlSuiteTitle('kernel traps: bitmap writes p
   }
 
   it(
-    'alignment 1 (65 sectors): the guest\'s sector 0 loses its first 7 bytes, as create and check say',
+    'alignment 1 (65 sectors): the kernel\'s bitmap write lands on sector 0\'s first 7 bytes, as create and check say',
     async () => {
       const { base, cow, created } = await setUp('align1', 65, ['--force', '--alignment', '1']);
       expect(created.stderr).toContain('bytes 4137-4143');
       expectGuestOk(await lab.run(guestBody, { disks: { b: `${cow},${base}` }, env: { DISK_BYTES: String(65 * 512) } }));
       const disk = await diskAfterGuest(cow);
       const expected = written(65);
+      // The 16-byte write carries the bitmap's last byte and then 7 bytes of whatever kernel memory
+      // follows the 9-byte bitmap, so which of bytes 0-6 change depends on that memory: each
+      // run changes some of them (mostly all), and never a byte past them.
       const wrong = [...disk].flatMap((byte, at) => (byte === expected[at] ? [] : [at]));
-      expect(wrong).toEqual([0, 1, 2, 3, 4, 5, 6]);
+      expect(wrong.length).toBeGreaterThan(0);
+      expect(wrong.every((at) => at < 7), `changed bytes: ${wrong.join(', ')}`).toBe(true);
       const checked = await ubdcow(['check', cow]);
       expect(checked.status).toBe(1);
       expect(checked.stdout).toContain('bytes 4137-4143');
