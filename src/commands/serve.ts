@@ -129,6 +129,7 @@ async function cowExport(image: string, options: ServeOptions): Promise<Closable
     size: cow.size,
     readOnly: cow.readOnly,
     readInto: (offset, buffer) => cow.readInto(offset, buffer),
+    withFileRanges: (offset, length, send) => cow.withFileRanges(offset, length, send),
     write: (offset, data) => cow.write(offset, data),
     flush: () => cow.flush(),
     blockStatus: options.allocation === 'merged' ? undefined : (offset, length, maxExtents) => cowAllocationFromRuns(cow, offset, length, maxExtents),
@@ -217,6 +218,8 @@ async function rawExport(image: string, options: ServeOptions): Promise<Closable
       }
       if (sync) await handle.datasync();
     },
+    // The server validated the range against the size; the handle stays open until close().
+    withFileRanges: (offset, length, send) => send([{ fd: handle.fd, position: offset, length }]),
     flush: () => (readOnly ? Promise.resolve() : handle.datasync()),
     close: () => handle.close(),
   };

@@ -43,6 +43,13 @@ export interface AllocatedRun {
   end: number;
 }
 
+/** A run of bytes of an open file: `length` bytes at `position` of descriptor `fd`. */
+export interface FileRange {
+  fd: number;
+  position: number;
+  length: number;
+}
+
 /** A block device in user space over a COW file and its backing file. */
 export interface CowDevice {
   /** Virtual disk size in bytes. */
@@ -73,4 +80,11 @@ export interface CowDevice {
    * across slices; bitmap slices that are holes in the file are skipped without reading.
    */
   allocatedRuns(startSector?: number, endSector?: number): AsyncGenerator<AllocatedRun>;
+  /**
+   * Where the disk's bytes [offset, offset + length) live, as ranges of the COW's and the backing's
+   * descriptors in disk order, for senders that copy from files themselves (sendfile). `use` runs
+   * after the same waits as a read (no stale bit), and the files stay open until its promise
+   * settles. Undefined when a file has no descriptor (an in-memory file system).
+   */
+  withFileRanges<T>(offset: number, length: number, use: (ranges: FileRange[]) => Promise<T>): Promise<T> | undefined;
 }

@@ -5,7 +5,7 @@
  * and evicted when clean, so opening costs the same for any disk size (a 15 TiB COW has a
  * 3.75 GiB bitmap). A write pins its slices from before its data is written until its bits are.
  */
-import { UbdcowError, checkByteRange, fileEndsEarly, fromSystemError } from '../errors.js';
+import { UbdcowError, checkByteRange, fileEndsEarly, fileTooShort, fromSystemError } from '../errors.js';
 import { SectorBitmap } from '../format/bitmap.js';
 import type { CowGeometry } from '../format/geometry.js';
 import type { CowHeader } from '../format/header.js';
@@ -19,9 +19,9 @@ import { type CowImage, openLockedImage } from './image.js';
 import { type ReadSpan, planRead } from './read-plan.js';
 import { RangeLock } from './range-lock.js';
 import { type OptionKeys, checkOptions } from '../options.js';
-import type { AllocatedRun, CowDevice, OpenCowOptions } from './cow-device.js';
+import type { AllocatedRun, CowDevice, FileRange, OpenCowOptions } from './cow-device.js';
 
-export type { AllocatedRun, CowDevice, OpenCowOptions } from './cow-device.js';
+export type { AllocatedRun, CowDevice, FileRange, OpenCowOptions } from './cow-device.js';
 
 const openCowOptionKeys: OptionKeys<OpenCowOptions> = {
   backing: true,
@@ -144,6 +144,39 @@ class Engine implements CowDevice {
 
   write(offset: number, data: Uint8Array): Promise<void> {
     return this.track(() => this.doWrite(offset, data));
+  }
+
+  withFileRanges<T>(offset: number, length: number, use: (ranges: FileRange[]) => Promise<T>): Promise<T> | undefined {
+    const cowFd = this.cow.fd;
+    const backingFd = this.backing.fd;
+    if (cowFd === undefined || backingFd === undefined) return undefined;
+    return this.track(async () => {
+      checkByteRange(this.path, 'read', offset, length, this.size);
+      await this.waitForStaleBits(Math.floor(offset / this.sectorSize), Math.ceil((offset + length) / this.sectorSize));
+      const spans = await this.planLoaded(offset, offset + length);
+      const ranges: FileRange[] = [];
+      for (const { fromCow, diskOffset, length: spanLength } of spans) {
+        const position = fromCow ? this.geometry.dataOffset + diskOffset : diskOffset;
+        // A short file is the read's error, reported before any byte is sent.
+        const file = fromCow ? this.cow : this.backing;
+        const end = position + spanLength;
+        if (end > (this.lengths.get(file) ?? 0) && end > (await this.refreshLength(file))) {
+          const name = fromCow ? this.path : this.backingPath;
+          throw fileTooShort(name, this.lengths.get(file)!, end, fromCow ? 'the data area' : 'the backing file');
+        }
+        ranges.push({ fd: fromCow ? cowFd : backingFd, position, length: spanLength });
+      }
+      return use(ranges);
+    });
+  }
+
+  /** Lengths of the two files as last seen; they only grow while the engine has them open. */
+  private readonly lengths = new Map<FileHandleLike, number>();
+
+  private async refreshLength(file: FileHandleLike): Promise<number> {
+    const { size } = await file.stat();
+    this.lengths.set(file, size);
+    return size;
   }
 
   flush(): Promise<void> {

@@ -6,6 +6,9 @@
  */
 import type * as net from 'node:net';
 import * as P from './protocol.js';
+import { osCalls } from '../os/libc.js';
+import { ReplyBufferPool } from './reply-buffers.js';
+import { ReplyWriter } from './reply-writer.js';
 import { ConnectionClosed, SocketReader } from './socket-reader.js';
 import type { ServerState } from './server.js';
 
@@ -20,6 +23,8 @@ const MAX_DRAINED_PAYLOAD = 2 * BLOCK_SIZES.maximum;
 const BASE_ALLOCATION_ID = 1;
 const ZEROES = Buffer.alloc(1 << 20);
 const MAX_STATUS_EXTENTS = 2048;
+/** Reads from this size on are sent from the files with sendfile when the device allows it. */
+const ZERO_COPY_MIN_BYTES = 64 << 10;
 
 interface MetaSelection {
   exportName: string;
@@ -37,22 +42,20 @@ export class Connection {
   private inFlight = 0;
   private inFlightBytes = 0;
   private slotWaiters: (() => void)[] = [];
-  private drainWaiters: (() => void)[] = [];
   private finished: Promise<void> | undefined;
   private readonly peer: string;
+  private readonly replyBuffers: ReplyBufferPool;
+  private readonly output: ReplyWriter;
 
   constructor(
     private readonly server: ServerState,
     private readonly socket: net.Socket,
   ) {
     this.reader = new SocketReader(socket);
+    this.replyBuffers = new ReplyBufferPool(server.options.maxInFlightBytes ?? 64 << 20);
     this.peer = socket.remoteAddress ? `${socket.remoteAddress}:${socket.remotePort}` : 'local client';
     socket.on('error', () => undefined);
-    const wakeWriters = () => {
-      for (const wake of this.drainWaiters.splice(0)) wake();
-    };
-    socket.on('drain', wakeWriters);
-    socket.on('close', wakeWriters);
+    this.output = new ReplyWriter(socket, server.options.zeroCopy === false ? undefined : osCalls());
   }
 
   run(): Promise<void> {
@@ -88,6 +91,7 @@ export class Connection {
       clearTimeout(timer);
       this.phase = 'closing';
       await this.drain();
+      this.output.close();
       this.socket.end();
       this.socket.destroySoon?.();
       setTimeout(() => this.socket.destroy(), 1000).unref();
@@ -335,18 +339,36 @@ export class Connection {
 
   private async read(r: P.Request): Promise<void> {
     const device = this.server.device;
-    if (this.structured) {
-      if (r.length === 0) return this.send(P.encodeStructuredNone(r.handle));
-      const reply = Buffer.allocUnsafe(P.OFFSET_DATA_PREFIX_BYTES + r.length);
-      // The data is read before the chunk goes out, so DONE on the one data chunk is safe.
-      await device.readInto(r.offset, reply.subarray(P.OFFSET_DATA_PREFIX_BYTES));
-      P.writeOffsetDataPrefix(reply, P.REPLY_FLAG_DONE, r.handle, r.offset, r.length);
-      return this.send(reply);
+    if (this.structured && r.length === 0) return this.send(P.encodeStructuredNone(r.handle));
+    if (r.length >= ZERO_COPY_MIN_BYTES && this.output.zeroCopy && device.withFileRanges) {
+      const header = Buffer.allocUnsafe(this.structured ? P.OFFSET_DATA_PREFIX_BYTES : P.SIMPLE_REPLY_BYTES);
+      // As below, the header goes out only once the device has named where every byte lives.
+      if (this.structured) P.writeOffsetDataPrefix(header, P.REPLY_FLAG_DONE, r.handle, r.offset, r.length);
+      else P.writeSimpleReplyHeader(header, 0, r.handle);
+      const sent = device.withFileRanges(r.offset, r.length, (ranges) => this.output.sendFile(header, ranges));
+      if (sent) return sent;
     }
-    const reply = Buffer.allocUnsafe(P.SIMPLE_REPLY_BYTES + r.length);
-    if (r.length > 0) await device.readInto(r.offset, reply.subarray(P.SIMPLE_REPLY_BYTES));
+    if (this.structured) {
+      const reply = this.replyBuffers.take(P.OFFSET_DATA_PREFIX_BYTES + r.length);
+      try {
+        // The data is read before the chunk goes out, so DONE on the one data chunk is safe.
+        await device.readInto(r.offset, reply.subarray(P.OFFSET_DATA_PREFIX_BYTES));
+      } catch (err) {
+        this.replyBuffers.give(reply);
+        throw err;
+      }
+      P.writeOffsetDataPrefix(reply, P.REPLY_FLAG_DONE, r.handle, r.offset, r.length);
+      return this.send(reply, () => this.replyBuffers.give(reply));
+    }
+    const reply = this.replyBuffers.take(P.SIMPLE_REPLY_BYTES + r.length);
+    try {
+      if (r.length > 0) await device.readInto(r.offset, reply.subarray(P.SIMPLE_REPLY_BYTES));
+    } catch (err) {
+      this.replyBuffers.give(reply);
+      throw err;
+    }
     P.writeSimpleReplyHeader(reply, 0, r.handle);
-    return this.send(reply);
+    return this.send(reply, () => this.replyBuffers.give(reply));
   }
 
   private async writeZeroes(offset: number, length: number): Promise<void> {
@@ -389,20 +411,7 @@ export class Connection {
   }
 
   /** Resolves once the socket can take more (its buffer counts against the in-flight budget). */
-  private corked = false;
-
-  private send(data: Buffer): Promise<void> {
-    if (this.socket.destroyed || !this.socket.writable) return Promise.resolve();
-    if (!this.corked) {
-      // Replies finished in the same turn of the event loop go out in one writev.
-      this.corked = true;
-      this.socket.cork();
-      setImmediate(() => {
-        this.corked = false;
-        this.socket.uncork();
-      });
-    }
-    if (this.socket.write(data)) return Promise.resolve();
-    return new Promise((resolve) => this.drainWaiters.push(resolve));
+  private send(data: Buffer, onWritten?: () => void): Promise<void> {
+    return this.output.write(data, onWritten);
   }
 }

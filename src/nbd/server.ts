@@ -14,6 +14,9 @@ import * as fs from 'node:fs';
 import * as net from 'node:net';
 import { UbdcowError, fromSystemError } from '../errors.js';
 import * as P from './protocol.js';
+import type { FileRange } from './reply-writer.js';
+
+export type { FileRange };
 
 export { BLOCK_SIZES };
 import { BLOCK_SIZES, Connection } from './connection.js';
@@ -34,6 +37,13 @@ export interface NbdBlockDevice {
    * range is reported as allocated data (status 0), which the protocol always allows.
    */
   blockStatus?(offset: number, length: number, maxExtents: number): P.StatusDescriptor[] | Promise<P.StatusDescriptor[]>;
+  /**
+   * Zero-copy reads: calls `send` with the file ranges that hold [offset, offset + length), in
+   * order, keeping their descriptors open until its promise settles; the server then sends them
+   * with sendfile(2). Returns undefined when the bytes cannot be named so (no descriptors), and
+   * the server falls back to readInto. A rejection before `send` is called is the read's error.
+   */
+  withFileRanges?(offset: number, length: number, send: (ranges: FileRange[]) => Promise<void>): Promise<void> | undefined;
 }
 
 export interface NbdServeOptions {
@@ -55,6 +65,8 @@ export interface NbdServeOptions {
   maxInFlightBytes?: number;
   /** A connection that has not finished the handshake after this long is dropped. */
   handshakeTimeoutMs?: number;
+  /** false: never send replies with sendfile (default: when the OS layer and the device allow it). */
+  zeroCopy?: boolean;
   /** Called with one line per notable event (connections, protocol violations). */
   log?: (line: string) => void;
 }
@@ -70,7 +82,7 @@ export interface NbdServer {
   close(): Promise<void>;
 }
 
-const serveNbdOptionKeys: OptionKeys<NbdServeOptions> = { socket: true, port: true, bind: true, name: true, description: true, readOnly: true, shared: true, writesDurable: true, maxInFlightBytes: true, handshakeTimeoutMs: true, log: true };
+const serveNbdOptionKeys: OptionKeys<NbdServeOptions> = { socket: true, port: true, bind: true, name: true, description: true, readOnly: true, shared: true, writesDurable: true, maxInFlightBytes: true, zeroCopy: true, handshakeTimeoutMs: true, log: true };
 
 export async function serveNbd(device: NbdBlockDevice, options: NbdServeOptions): Promise<NbdServer> {
   checkOptions('serveNbd', options, serveNbdOptionKeys);

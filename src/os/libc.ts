@@ -1,6 +1,7 @@
 /**
  * The system calls Node lacks, bound from the C library with koffi: POSIX record locks (fcntl),
- * SEEK_DATA/SEEK_HOLE, FICLONE/FICLONERANGE, copy_file_range, fallocate and sync_file_range.
+ * SEEK_DATA/SEEK_HOLE, FICLONE/FICLONERANGE, copy_file_range, fallocate, sync_file_range, and
+ * sendfile with poll and dup for the NBD server's zero-copy replies.
  *
  * Invariant: the bindings are used only where their constants and struct layouts were checked
  * (Linux, glibc or musl, on x86-64 and arm64, where off_t is 64 bits and both use the generic fcntl and
@@ -35,6 +36,7 @@ export const FALLOC_FL_PUNCH_HOLE = 0x02;
 export const SYNC_FILE_RANGE_WAIT_BEFORE = 1;
 export const SYNC_FILE_RANGE_WRITE = 2;
 export const SYNC_FILE_RANGE_WAIT_AFTER = 4;
+export const POLLOUT = 0x004;
 
 /**
  * struct flock on 64-bit Linux: short l_type @0, short l_whence @2, off_t l_start @8,
@@ -44,6 +46,8 @@ export const SYNC_FILE_RANGE_WAIT_AFTER = 4;
 export const FLOCK_LAYOUT = { size: 32, l_type: 0, l_whence: 2, l_start: 8, l_len: 16, l_pid: 24 } as const;
 /** struct file_clone_range: s64 src_fd @0, u64 src_offset @8, u64 src_length @16, u64 dest_offset @24. */
 export const FILE_CLONE_RANGE_LAYOUT = { size: 32, src_fd: 0, src_offset: 8, src_length: 16, dest_offset: 24 } as const;
+/** struct pollfd: int fd @0, short events @4, short revents @6, size 8. */
+export const POLLFD_LAYOUT = { size: 8, fd: 0, events: 4, revents: 6 } as const;
 
 export type LockType = 'read' | 'write' | 'unlock';
 
@@ -76,6 +80,18 @@ export interface OsCalls {
   fallocate(fd: number, mode: number, offset: number, length: number): Promise<void>;
   /** sync_file_range(fd, offset, length, flags). */
   syncFileRange(fd: number, offset: number, length: number, flags: number): Promise<void>;
+  /**
+   * sendfile(out, in, &position, length) once, on the calling thread: the bytes sent (fewer than
+   * asked when the socket's buffer fills; 0 at the end of `inFd`), or undefined when the socket
+   * (non-blocking) cannot take any now (EAGAIN).
+   */
+  sendFile(outFd: number, inFd: number, position: number, length: number): number | undefined;
+  /** poll(fd, POLLOUT, timeoutMs) on the thread pool: true once fd can be written (or has failed). */
+  waitWritable(fd: number, timeoutMs: number): Promise<boolean>;
+  /** dup(fd): a descriptor of the same open file, closed only by closeFd. */
+  dup(fd: number): number;
+  /** close(fd), for descriptors from dup. */
+  closeFd(fd: number): void;
 }
 
 const errnoNames = new Map<number, string>();
@@ -114,13 +130,14 @@ function sameLayout(actual: Record<string, number>, expected: Record<string, num
 }
 
 /** The koffi struct layouts as bound here (for the layout test). */
-export function boundLayouts(): { flock: Record<string, number>; fileCloneRange: Record<string, number> } | undefined {
+export function boundLayouts(): { flock: Record<string, number>; fileCloneRange: Record<string, number>; pollfd: Record<string, number> } | undefined {
   const koffi = loadKoffi();
   if (typeof koffi === 'string') return undefined;
-  const { flock, fileCloneRange } = structTypes(koffi);
+  const { flock, fileCloneRange, pollfd } = structTypes(koffi);
   return {
     flock: layoutOf(koffi, flock, ['l_type', 'l_whence', 'l_start', 'l_len', 'l_pid']),
     fileCloneRange: layoutOf(koffi, fileCloneRange, ['src_fd', 'src_offset', 'src_length', 'dest_offset']),
+    pollfd: layoutOf(koffi, pollfd, ['fd', 'events', 'revents']),
   };
 }
 
@@ -137,12 +154,13 @@ function loadKoffi(): Koffi | string {
   return koffiModule;
 }
 
-let structs: { flock: ReturnType<Koffi['struct']>; fileCloneRange: ReturnType<Koffi['struct']> } | undefined;
+let structs: { flock: ReturnType<Koffi['struct']>; fileCloneRange: ReturnType<Koffi['struct']>; pollfd: ReturnType<Koffi['struct']> } | undefined;
 
 function structTypes(koffi: Koffi) {
   structs ??= {
     flock: koffi.struct('ubdcow_flock', { l_type: 'short', l_whence: 'short', l_start: 'int64_t', l_len: 'int64_t', l_pid: 'int' }),
     fileCloneRange: koffi.struct('ubdcow_file_clone_range', { src_fd: 'int64_t', src_offset: 'uint64_t', src_length: 'uint64_t', dest_offset: 'uint64_t' }),
+    pollfd: koffi.struct('ubdcow_pollfd', { fd: 'int', events: 'short', revents: 'short' }),
   };
   return structs;
 }
@@ -165,12 +183,15 @@ function bind(): { calls: OsCalls } | { reason: string } {
     } catch {
       libc = koffi.load(null);
     }
-    const { flock, fileCloneRange } = structTypes(koffi);
+    const { flock, fileCloneRange, pollfd } = structTypes(koffi);
     if (!sameLayout(layoutOf(koffi, flock, ['l_type', 'l_whence', 'l_start', 'l_len', 'l_pid']), FLOCK_LAYOUT)) {
       return { reason: 'struct flock layout differs from the checked one' };
     }
     if (!sameLayout(layoutOf(koffi, fileCloneRange, ['src_fd', 'src_offset', 'src_length', 'dest_offset']), FILE_CLONE_RANGE_LAYOUT)) {
       return { reason: 'struct file_clone_range layout differs from the checked one' };
+    }
+    if (!sameLayout(layoutOf(koffi, pollfd, ['fd', 'events', 'revents']), POLLFD_LAYOUT)) {
+      return { reason: 'struct pollfd layout differs from the checked one' };
     }
     const fcntl = libc.func('int fcntl(int fd, int cmd, ...)');
     const lseek = libc.func('int64_t lseek(int fd, int64_t offset, int whence)');
@@ -178,6 +199,10 @@ function bind(): { calls: OsCalls } | { reason: string } {
     const copyFileRange = libc.func('int64_t copy_file_range(int fd_in, _Inout_ int64_t *off_in, int fd_out, _Inout_ int64_t *off_out, size_t len, unsigned int flags)');
     const fallocate = libc.func('int fallocate(int fd, int mode, int64_t offset, int64_t len)');
     const syncFileRange = libc.func('int sync_file_range(int fd, int64_t offset, int64_t nbytes, unsigned int flags)');
+    const sendfile = libc.func('int64_t sendfile(int out_fd, int in_fd, _Inout_ int64_t *offset, size_t count)');
+    const poll = libc.func('int poll(_Inout_ ubdcow_pollfd *fds, unsigned long nfds, int timeout)');
+    const dup = libc.func('int dup(int fd)');
+    const close = libc.func('int close(int fd)');
     const flockPtr = koffi.pointer(flock);
     const flockInOut = koffi.inout(flockPtr);
     const cloneRangePtr = koffi.pointer(fileCloneRange);
@@ -238,6 +263,26 @@ function bind(): { calls: OsCalls } | { reason: string } {
       },
       async syncFileRange(fd, offset, length, flags) {
         await offThread(syncFileRange, 'sync_file_range', fd, offset, length, flags);
+      },
+      sendFile(outFd, inFd, position, length) {
+        const sent = Number(sendfile(outFd, inFd, [position], length));
+        if (sent >= 0) return sent;
+        const errno = koffi.errno();
+        if (errnoNames.get(errno) === 'EAGAIN') return undefined;
+        throw systemError(errno, 'sendfile');
+      },
+      async waitWritable(fd, timeoutMs) {
+        const entry = { fd, events: POLLOUT, revents: 0 };
+        const ready = await offThread<number>(poll, 'poll', entry, 1, timeoutMs);
+        return ready > 0;
+      },
+      dup(fd) {
+        const copy = dup(fd);
+        if (copy < 0) throw systemError(koffi.errno(), 'dup');
+        return copy;
+      },
+      closeFd(fd) {
+        if (close(fd) < 0) throw systemError(koffi.errno(), 'close');
       },
     };
     return { calls };

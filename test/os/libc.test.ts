@@ -4,10 +4,11 @@
  */
 import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
+import * as net from 'node:net';
 import * as path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import * as libc from '../../src/os/libc.js';
-import { FILE_CLONE_RANGE_LAYOUT, FLOCK_LAYOUT, boundLayouts, osCalls, osCallsUnavailable, overrideOsCalls } from '../../src/os/libc.js';
+import { FILE_CLONE_RANGE_LAYOUT, FLOCK_LAYOUT, POLLFD_LAYOUT, boundLayouts, osCalls, osCallsUnavailable, overrideOsCalls } from '../../src/os/libc.js';
 import { holdLockInChild, procLocksFor } from '../helpers/cow-fixtures.js';
 import { useTempDir } from '../helpers/tmp.js';
 import { ensureBuiltCli, missingTools, repoRoot, titleWithSkipReason } from '../helpers/tools.js';
@@ -23,6 +24,7 @@ const probe = `
 #include <unistd.h>
 #include <linux/fs.h>
 #include <linux/falloc.h>
+#include <poll.h>
 int main(void) {
   printf("flock.size %zu\\nflock.l_type %zu\\nflock.l_whence %zu\\nflock.l_start %zu\\nflock.l_len %zu\\nflock.l_pid %zu\\n",
     sizeof(struct flock), offsetof(struct flock, l_type), offsetof(struct flock, l_whence), offsetof(struct flock, l_start),
@@ -33,6 +35,8 @@ int main(void) {
   printf("F_GETLK %d\\nF_SETLK %d\\nF_SETLKW %d\\nF_OFD_GETLK %d\\nF_OFD_SETLK %d\\nF_OFD_SETLKW %d\\n", F_GETLK, F_SETLK, F_SETLKW, F_OFD_GETLK, F_OFD_SETLK, F_OFD_SETLKW);
   printf("F_RDLCK %d\\nF_WRLCK %d\\nF_UNLCK %d\\nSEEK_DATA %d\\nSEEK_HOLE %d\\n", F_RDLCK, F_WRLCK, F_UNLCK, SEEK_DATA, SEEK_HOLE);
   printf("FICLONE %lu\\nFICLONERANGE %lu\\nFALLOC_FL_KEEP_SIZE %d\\nFALLOC_FL_PUNCH_HOLE %d\\n", (unsigned long)FICLONE, (unsigned long)FICLONERANGE, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE);
+  printf("pollfd.size %zu\\npollfd.fd %zu\\npollfd.events %zu\\npollfd.revents %zu\\nPOLLOUT %d\\n",
+    sizeof(struct pollfd), offsetof(struct pollfd, fd), offsetof(struct pollfd, events), offsetof(struct pollfd, revents), POLLOUT);
   printf("SYNC_FILE_RANGE_WAIT_BEFORE %d\\nSYNC_FILE_RANGE_WRITE %d\\nSYNC_FILE_RANGE_WAIT_AFTER %d\\n", SYNC_FILE_RANGE_WAIT_BEFORE, SYNC_FILE_RANGE_WRITE, SYNC_FILE_RANGE_WAIT_AFTER);
   return 0;
 }
@@ -41,9 +45,9 @@ int main(void) {
 describe.skipIf(!checkedHere)(titleWithSkipReason(`struct layouts and constants on ${process.arch}`, notHere), () => {
   const tmp = useTempDir();
 
-  it('koffi lays out struct flock and struct file_clone_range as asserted', () => {
+  it('koffi lays out struct flock, struct file_clone_range and struct pollfd as asserted', () => {
     expect(osCallsUnavailable()).toBeUndefined();
-    expect(boundLayouts()).toEqual({ flock: { ...FLOCK_LAYOUT }, fileCloneRange: { ...FILE_CLONE_RANGE_LAYOUT } });
+    expect(boundLayouts()).toEqual({ flock: { ...FLOCK_LAYOUT }, fileCloneRange: { ...FILE_CLONE_RANGE_LAYOUT }, pollfd: { ...POLLFD_LAYOUT } });
   });
 
   it.skipIf(missingTools('cc').length > 0)('the C compiler of this machine agrees on every layout and constant', () => {
@@ -61,6 +65,7 @@ describe.skipIf(!checkedHere)(titleWithSkipReason(`struct layouts and constants 
     );
     for (const [field, offset] of Object.entries(FLOCK_LAYOUT)) expect(values[`flock.${field}`], `flock.${field}`).toBe(offset);
     for (const [field, offset] of Object.entries(FILE_CLONE_RANGE_LAYOUT)) expect(values[`fcr.${field}`], `file_clone_range.${field}`).toBe(offset);
+    for (const [field, offset] of Object.entries(POLLFD_LAYOUT)) expect(values[`pollfd.${field}`], `pollfd.${field}`).toBe(offset);
     const constants = libc as unknown as Record<string, number>;
     for (const name of Object.keys(values).filter((key) => !key.includes('.'))) expect(constants[name], name).toBe(values[name]);
   });
@@ -110,6 +115,78 @@ describe.skipIf(!checkedHere || missingTools('python3').length > 0)(titleWithSki
     } finally {
       fs.closeSync(again);
     }
+  });
+});
+
+describe.skipIf(!checkedHere)(titleWithSkipReason('sendfile, poll and dup on a real socket', notHere), () => {
+  const tmp = useTempDir();
+
+  /** A connected pair of Unix sockets: `ours` (a net.Socket) and the peer end's received bytes. */
+  async function socketPair(): Promise<{ ours: net.Socket; fd: number; received: () => Buffer; peer: net.Socket; close: () => void }> {
+    const sock = path.join(tmp.path, `s${Math.random().toString(36).slice(2)}`);
+    const server = net.createServer();
+    await new Promise<void>((resolve) => server.listen(sock, resolve));
+    const accepted = new Promise<net.Socket>((resolve) => server.once('connection', resolve));
+    const ours = net.connect(sock);
+    await new Promise<void>((resolve) => ours.once('connect', () => resolve()));
+    const peer = await accepted;
+    peer.pause();
+    const chunks: Buffer[] = [];
+    peer.on('data', (chunk: Buffer) => chunks.push(chunk));
+    const fd = (ours as unknown as { _handle: { fd: number } })._handle.fd;
+    return { ours, fd, peer, received: () => Buffer.concat(chunks), close: () => (ours.destroy(), peer.destroy(), server.close()) };
+  }
+
+  it('sendFile puts the asked bytes of a file on the socket, and 0 at the end of the file', async () => {
+    const file = path.join(tmp.path, 'data');
+    const bytes = Buffer.from(Array.from({ length: 10000 }, (_, i) => (i * 7) & 0xff));
+    fs.writeFileSync(file, bytes);
+    const pair = await socketPair();
+    const fd = fs.openSync(file, 'r');
+    try {
+      expect(osCalls()!.sendFile(pair.fd, fd, 1000, 5000)).toBe(5000);
+      expect(osCalls()!.sendFile(pair.fd, fd, 10000, 10)).toBe(0);
+      pair.peer.resume();
+      await new Promise((resolve) => setTimeout(resolve, 50));
+      expect(pair.received().equals(bytes.subarray(1000, 6000))).toBe(true);
+    } finally {
+      fs.closeSync(fd);
+      pair.close();
+    }
+  });
+
+  it('a full socket: sendFile answers undefined (EAGAIN), waitWritable times out, then turns true once the peer reads', async () => {
+    const file = path.join(tmp.path, 'big');
+    fs.writeFileSync(file, Buffer.alloc(8 << 20, 0x5a));
+    const pair = await socketPair();
+    const fd = fs.openSync(file, 'r');
+    try {
+      let sent = 0;
+      let result: number | undefined;
+      while ((result = osCalls()!.sendFile(pair.fd, fd, sent, (8 << 20) - sent)) !== undefined) {
+        sent += result;
+        expect(sent).toBeLessThan(8 << 20);
+      }
+      expect(await osCalls()!.waitWritable(pair.fd, 50)).toBe(false);
+      pair.peer.resume();
+      expect(await osCalls()!.waitWritable(pair.fd, 5000)).toBe(true);
+    } finally {
+      fs.closeSync(fd);
+      pair.close();
+    }
+  });
+
+  it('dup gives another descriptor of the same socket, which outlives the original and closes with closeFd', async () => {
+    const pair = await socketPair();
+    const copy = osCalls()!.dup(pair.fd);
+    expect(copy).not.toBe(pair.fd);
+    fs.writeSync(copy, Buffer.from('via the copy'));
+    pair.peer.resume();
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    expect(pair.received().toString()).toBe('via the copy');
+    osCalls()!.closeFd(copy);
+    expect(() => fs.fstatSync(copy)).toThrow(/EBADF/);
+    pair.close();
   });
 });
 
