@@ -1,3 +1,5 @@
+import * as fs from 'node:fs';
+import { fileURLToPath } from 'node:url';
 import yargs, { type Argv, type CommandModule } from 'yargs';
 import { UbdcowError, oneLine, usageError } from '../errors.js';
 import { commands } from './registry.js';
@@ -106,6 +108,19 @@ function workingDirectoryOrRoot(): string {
   }
 }
 
+/**
+ * The version in our package.json. yargs would look for the package.json above its own file,
+ * which is not ours once the program is bundled (scripts/bundle-cli.mjs).
+ */
+function packageVersion(): string {
+  try {
+    const file = fileURLToPath(new URL('../../package.json', import.meta.url));
+    return String(JSON.parse(fs.readFileSync(file, 'utf8')).version);
+  } catch {
+    return 'unknown';
+  }
+}
+
 export function buildParser(argv: string[]): Argv {
   let parser = yargs(argv, workingDirectoryOrRoot())
     .scriptName('ubdcow')
@@ -140,9 +155,11 @@ export function buildParser(argv: string[]): Argv {
     .completion('completion', 'Print a bash/zsh completion script (source it from your shell profile)')
     .help()
     .alias('h', 'help')
-    .version()
+    .version(packageVersion())
     .alias('V', 'version')
-    .wrap(Math.min(100, process.stdout.columns || 100))
+    // yargs lays out the whole help text on every command run (to cache it); word-wrapping it
+    // costs ~20 ms of start-up, so only help output is wrapped.
+    .wrap(wantsHelp(argv) ? Math.min(100, process.stdout.columns || 100) : null)
     .epilogue(
       'Exit codes: 0 success; 1 failure (diff: images differ; check: problems found); 2 diff/check could not answer. ' +
         'JSON output (--json or --output=json) carries "schemaVersion"; fields are listed in the README.',
@@ -155,6 +172,11 @@ export function buildParser(argv: string[]): Argv {
     });
   for (const command of commands) parser = parser.command(command);
   return parser;
+}
+
+/** True when yargs may print help: -h/--help, or `ubdcow help`/`ubdcow` alone. */
+function wantsHelp(argv: string[]): boolean {
+  return argv.length === 0 || argv.some((arg) => arg === '--help' || arg === '-h' || arg === 'help');
 }
 
 export async function main(argv: string[]): Promise<void> {

@@ -10,8 +10,9 @@ import { ensureBuiltCli } from '../helpers/tools.js';
 /*
  * Issue 15 item 4: SIGINT or SIGTERM while `commit COW OUT` builds OUT removes the hidden
  * temporary `.OUT.ubdcow-PID-*.tmp`, leaves no OUT, and the process ends by that signal (shell
- * status 130 / 143). The disk is a 16 GiB sparse file, so the copy (reading its holes) takes
- * seconds: the signal is sent as soon as the temporary appears, well inside the copy.
+ * status 130 / 143). The disk is a 4 TiB sparse file, so the merge (a million 4 MiB windows, each
+ * asked for its data with SEEK_DATA) takes seconds: the signal is sent 100 ms after the temporary
+ * appears, well inside the copy.
  */
 
 let cli: string;
@@ -36,11 +37,11 @@ describe('signals during commit to a new file', () => {
     it(`${signal} mid-copy removes the temporary file and leaves no OUT`, async () => {
       const base = path.join(tmp.path, 'base.img');
       fs.writeFileSync(base, '');
-      fs.truncateSync(base, 16 * 2 ** 30);
+      fs.truncateSync(base, 4 * 2 ** 40);
       const cow = path.join(tmp.path, 'vm.cow');
       await createCow(cow, base);
       const dev = await openCow(cow);
-      await dev.write(12 * 2 ** 30, Buffer.from('late in the disk'));
+      await dev.write(3 * 2 ** 40, Buffer.from('late in the disk'));
       await dev.close();
       const out = path.join(tmp.path, 'out.img');
 

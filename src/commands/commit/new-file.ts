@@ -6,11 +6,11 @@ import { type OpenedFile, checkBacking, openBacking } from '../../io/backing.js'
 import { interruptedCommitError, readCommitJournal } from '../../io/commit-journal.js';
 import { dataExtents } from '../../io/extents.js';
 import { cloneFile, copyRange, syncRange } from '../../io/file-ops.js';
-import { type FileHandleLike, type FileSystem, readExactly, writeAll, writeAllSync } from '../../io/file.js';
+import { type FileHandleLike, type FileSystem, readExactly, readExactlySync, writeAll, writeAllSync } from '../../io/file.js';
 import { nodeFileSystem } from '../../io/node-fs.js';
 import { type CowImage, withImage } from '../../io/image.js';
 import { ImageWriter } from '../../io/image-writer.js';
-import { type CommitOptions, HOLE_BLOCK_BYTES, type NewFileCommitResult, judgeBacking, readCowRun, roundChunk, summarizeAllocation } from './shared.js';
+import { type CommitOptions, HOLE_BLOCK_BYTES, type NewFileCommitResult, dataAreaEndsEarly, judgeBacking, readCowRun, roundChunk, summarizeAllocation } from './shared.js';
 import { isAllZero } from '../../io/zero-bytes.js';
 
 /*
@@ -125,6 +125,14 @@ async function writeByReflink(image: CowImage, backing: OpenedFile, out: FileHan
  * trip against memcpy of zero pages), so a span reads run by run only when its runs are fewer.
  */
 const BYTES_PER_SEPARATE_READ = 256 * 1024;
+/**
+ * A blocking pread of page-cached data costs about as much as copying this many bytes (measured:
+ * a 512 MiB commit with 8 % of 4 KiB blocks rewritten merged in 0.14-0.19 s with a pread per run
+ * against 0.21-0.23 s with a 4 MiB read per window; cold cache, the same 0.35 s either way).
+ */
+const BYTES_PER_BLOCKING_READ = 16 * 1024;
+/** Runs read with blocking preads average at most this (longer ones go to the thread pool). */
+const MAX_BLOCKING_RUN_BYTES = 64 * 1024;
 const WINDOWS_IN_FLIGHT = 3;
 /** Runs at least this long go direct; shorter ones through the page cache. */
 const DIRECT_RUN_BYTES = 256 * 1024;
@@ -207,7 +215,12 @@ async function writeMergedImage(
   return written;
 }
 
-/** One window of the merged disk: the backing's bytes, the COW's runs over them, non-zero blocks out. */
+/**
+ * One window of the merged disk: the backing's bytes, the COW's runs over them, non-zero blocks
+ * out. Only the parts that can hold data (the backing's data extents and the COW's runs, widened
+ * to whole hole blocks) are filled, read and scanned; the rest is zeros by construction and stays
+ * a hole untouched, so a sparse backing costs what its data and the COW's runs cost.
+ */
 async function mergeWindow(
   image: CowImage,
   backing: OpenedFile,
@@ -220,22 +233,43 @@ async function mergeWindow(
   const { window, cowData } = buffers;
   // A shorter backing file (only with --force) reads as zeros past its end; short of that is truncation.
   const fromBacking = Math.max(0, Math.min(length, backing.size - windowStart));
-  // Only the backing's data extents are read; its holes are zeros.
-  let filled = 0;
+  const backingData: Span[] = [];
   for await (const extent of dataExtents(backing.handle, windowStart, windowStart + fromBacking)) {
-    const at = extent.start - windowStart;
-    window.fill(0, filled, at);
-    const target = { buffer: window, offset: at, length: extent.end - extent.start, position: extent.start };
-    await readExactly(backing.handle, backing.path, 'read', target, (got) =>
-      fileEndsEarly(backing.path, extent.start, got, extent.end, 'the backing file'),
-    );
-    filled = extent.end - windowStart;
+    backingData.push({ start: extent.start - windowStart, end: extent.end - windowStart });
   }
-  window.fill(0, filled, length);
+  const cowRuns = runs.map((run) => ({ start: run.start - windowStart, end: run.end - windowStart }));
+  const live = liveSpans(backingData, cowRuns, length);
+  // Zeros where a live span is not backing data (holes under the COW's runs, block edges).
+  let extent = 0;
+  for (const span of live) {
+    let at = span.start;
+    while (extent < backingData.length && backingData[extent].end <= at) extent++;
+    for (let e = extent; e < backingData.length && backingData[e].start < span.end; e++) {
+      if (backingData[e].start > at) window.fill(0, at, backingData[e].start);
+      at = Math.max(at, backingData[e].end);
+    }
+    if (at < span.end) window.fill(0, at, span.end);
+  }
+  for (const data of backingData) {
+    const target = { buffer: window, offset: data.start, length: data.end - data.start, position: windowStart + data.start };
+    await readExactly(backing.handle, backing.path, 'read', target, (got) =>
+      fileEndsEarly(backing.path, target.position, got, target.position + target.length, 'the backing file'),
+    );
+  }
   if (runs.length > 0) {
     const spanStart = runs[0].start;
     const spanEnd = runs[runs.length - 1].end;
-    if (runs.length * BYTES_PER_SEPARATE_READ < spanEnd - spanStart) {
+    const runBytes = runs.reduce((sum, run) => sum + run.end - run.start, 0);
+    const holeBytes = spanEnd - spanStart - runBytes;
+    if (image.handle.readSync && runBytes <= runs.length * MAX_BLOCKING_RUN_BYTES && holeBytes > runs.length * BYTES_PER_BLOCKING_READ) {
+      // Small scattered runs (a guest's 4 KiB writes): a blocking pread each, straight into place,
+      // costs less than one read of the span that copies all its holes as zero pages.
+      const handle = image.handle as Required<Pick<FileHandleLike, 'readSync'>>;
+      for (const run of runs) {
+        const target = { buffer: window, offset: run.start - windowStart, length: run.end - run.start, position: image.geometry.dataOffset + run.start };
+        readExactlySync(handle, image.path, 'read', target, (got) => dataAreaEndsEarly(image, run.start, run.end, got));
+      }
+    } else if (runs.length * BYTES_PER_SEPARATE_READ < spanEnd - spanStart) {
       // Few runs in a wide span: read each straight into place rather than the span's holes.
       await Promise.all(runs.map((run) => readCowRun(image, window, run.start - windowStart, run.start, run.end)));
     } else {
@@ -243,7 +277,37 @@ async function mergeWindow(
       for (const run of runs) window.set(cowData.subarray(run.start - spanStart, run.end - spanStart), run.start - windowStart);
     }
   }
-  return writeNonZeroBlocks(output, window.subarray(0, length), windowStart);
+  const written: WrittenBytes = { total: 0, buffered: 0 };
+  for (const span of live) {
+    const bytes = await writeNonZeroBlocks(output, window.subarray(span.start, span.end), windowStart + span.start);
+    written.total += bytes.total;
+    written.buffered += bytes.buffered;
+  }
+  return written;
+}
+
+/** A byte range [start, end) of a window. */
+interface Span {
+  start: number;
+  end: number;
+}
+
+/**
+ * The union of two sorted lists of spans, each widened to whole HOLE_BLOCK_BYTES blocks (window
+ * starts are block-aligned) and clipped to `length`, merged where they touch.
+ */
+export function liveSpans(a: Span[], b: Span[], length: number): Span[] {
+  const all = [...a, ...b].sort((x, y) => x.start - y.start);
+  const out: Span[] = [];
+  for (const span of all) {
+    const start = Math.floor(span.start / HOLE_BLOCK_BYTES) * HOLE_BLOCK_BYTES;
+    const end = Math.min(length, Math.ceil(span.end / HOLE_BLOCK_BYTES) * HOLE_BLOCK_BYTES);
+    if (end <= start) continue;
+    const last = out[out.length - 1];
+    if (last && start <= last.end) last.end = Math.max(last.end, end);
+    else out.push({ start, end });
+  }
+  return out;
 }
 
 interface WrittenBytes {
