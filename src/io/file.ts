@@ -19,6 +19,13 @@ export interface FileHandleLike {
    * without them get the async calls. Callers keep each blocking stretch short.
    */
   readSync?(buffer: Uint8Array, offset: number, length: number, position: number): number;
+  /**
+   * A read answered from the page cache without waiting for the disk (preadv2 RWF_NOWAIT), on the
+   * calling thread: a few microseconds against a thread-pool round trip of tens. Returns the
+   * bytes read (possibly fewer than asked, 0 at end of file), or undefined when the data is not
+   * cached or the call is not available; the caller then reads the usual way. Optional.
+   */
+  readCached?(buffer: Uint8Array, offset: number, length: number, position: number): number | undefined;
   writeSync?(buffer: Uint8Array, offset: number, length: number, position: number): void;
   datasync(): Promise<void>;
   sync(): Promise<void>;

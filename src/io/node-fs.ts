@@ -115,6 +115,11 @@ class NodeFileHandle implements FileHandleLike {
     return done;
   }
 
+  readCached(buffer: Uint8Array, offset: number, length: number, position: number): number | undefined {
+    if (this.closing) return undefined;
+    return osCalls()?.readCached(this.handle.fd, buffer, offset, length, position);
+  }
+
   writeSync(buffer: Uint8Array, offset: number, length: number, position: number): void {
     if (this.closing) throw fileClosedError('write');
     for (let done = 0; done < length; ) {

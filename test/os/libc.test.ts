@@ -8,7 +8,7 @@ import * as net from 'node:net';
 import * as path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import * as libc from '../../src/os/libc.js';
-import { FILE_CLONE_RANGE_LAYOUT, FLOCK_LAYOUT, POLLFD_LAYOUT, boundLayouts, osCalls, osCallsUnavailable, overrideOsCalls } from '../../src/os/libc.js';
+import { FILE_CLONE_RANGE_LAYOUT, FLOCK_LAYOUT, IOVEC_LAYOUT, POLLFD_LAYOUT, boundLayouts, osCalls, osCallsUnavailable, overrideOsCalls } from '../../src/os/libc.js';
 import { holdLockInChild, procLocksFor } from '../helpers/cow-fixtures.js';
 import { useTempDir } from '../helpers/tmp.js';
 import { ensureBuiltCli, missingTools, repoRoot, titleWithSkipReason } from '../helpers/tools.js';
@@ -25,6 +25,7 @@ const probe = `
 #include <linux/fs.h>
 #include <linux/falloc.h>
 #include <poll.h>
+#include <sys/uio.h>
 int main(void) {
   printf("flock.size %zu\\nflock.l_type %zu\\nflock.l_whence %zu\\nflock.l_start %zu\\nflock.l_len %zu\\nflock.l_pid %zu\\n",
     sizeof(struct flock), offsetof(struct flock, l_type), offsetof(struct flock, l_whence), offsetof(struct flock, l_start),
@@ -35,6 +36,8 @@ int main(void) {
   printf("F_GETLK %d\\nF_SETLK %d\\nF_SETLKW %d\\nF_OFD_GETLK %d\\nF_OFD_SETLK %d\\nF_OFD_SETLKW %d\\n", F_GETLK, F_SETLK, F_SETLKW, F_OFD_GETLK, F_OFD_SETLK, F_OFD_SETLKW);
   printf("F_RDLCK %d\\nF_WRLCK %d\\nF_UNLCK %d\\nSEEK_DATA %d\\nSEEK_HOLE %d\\n", F_RDLCK, F_WRLCK, F_UNLCK, SEEK_DATA, SEEK_HOLE);
   printf("FICLONE %lu\\nFICLONERANGE %lu\\nFALLOC_FL_KEEP_SIZE %d\\nFALLOC_FL_PUNCH_HOLE %d\\n", (unsigned long)FICLONE, (unsigned long)FICLONERANGE, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE);
+  printf("iovec.size %zu\\niovec.iov_base %zu\\niovec.iov_len %zu\\nRWF_NOWAIT %d\\n",
+    sizeof(struct iovec), offsetof(struct iovec, iov_base), offsetof(struct iovec, iov_len), RWF_NOWAIT);
   printf("pollfd.size %zu\\npollfd.fd %zu\\npollfd.events %zu\\npollfd.revents %zu\\nPOLLOUT %d\\n",
     sizeof(struct pollfd), offsetof(struct pollfd, fd), offsetof(struct pollfd, events), offsetof(struct pollfd, revents), POLLOUT);
   printf("SYNC_FILE_RANGE_WAIT_BEFORE %d\\nSYNC_FILE_RANGE_WRITE %d\\nSYNC_FILE_RANGE_WAIT_AFTER %d\\n", SYNC_FILE_RANGE_WAIT_BEFORE, SYNC_FILE_RANGE_WRITE, SYNC_FILE_RANGE_WAIT_AFTER);
@@ -45,9 +48,9 @@ int main(void) {
 describe.skipIf(!checkedHere)(titleWithSkipReason(`struct layouts and constants on ${process.arch}`, notHere), () => {
   const tmp = useTempDir();
 
-  it('koffi lays out struct flock, struct file_clone_range and struct pollfd as asserted', () => {
+  it('koffi lays out struct flock, file_clone_range, pollfd and iovec as asserted', () => {
     expect(osCallsUnavailable()).toBeUndefined();
-    expect(boundLayouts()).toEqual({ flock: { ...FLOCK_LAYOUT }, fileCloneRange: { ...FILE_CLONE_RANGE_LAYOUT }, pollfd: { ...POLLFD_LAYOUT } });
+    expect(boundLayouts()).toEqual({ flock: { ...FLOCK_LAYOUT }, fileCloneRange: { ...FILE_CLONE_RANGE_LAYOUT }, pollfd: { ...POLLFD_LAYOUT }, iovec: { ...IOVEC_LAYOUT } });
   });
 
   it.skipIf(missingTools('cc').length > 0)('the C compiler of this machine agrees on every layout and constant', () => {
@@ -66,6 +69,7 @@ describe.skipIf(!checkedHere)(titleWithSkipReason(`struct layouts and constants 
     for (const [field, offset] of Object.entries(FLOCK_LAYOUT)) expect(values[`flock.${field}`], `flock.${field}`).toBe(offset);
     for (const [field, offset] of Object.entries(FILE_CLONE_RANGE_LAYOUT)) expect(values[`fcr.${field}`], `file_clone_range.${field}`).toBe(offset);
     for (const [field, offset] of Object.entries(POLLFD_LAYOUT)) expect(values[`pollfd.${field}`], `pollfd.${field}`).toBe(offset);
+    for (const [field, offset] of Object.entries(IOVEC_LAYOUT)) expect(values[`iovec.${field}`], `iovec.${field}`).toBe(offset);
     const constants = libc as unknown as Record<string, number>;
     for (const name of Object.keys(values).filter((key) => !key.includes('.'))) expect(constants[name], name).toBe(values[name]);
   });
