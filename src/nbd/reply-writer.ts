@@ -5,10 +5,14 @@
  * buffer, then write), no buffer to allocate, and no thread-pool round trip.
  *
  * Invariant: replies go out whole and in the order they were given. sendfile writes to the
- * socket behind libuv's back, so a file reply starts only when every earlier buffer write has
- * completed (libuv has nothing queued), and buffers given meanwhile wait behind it. The
- * descriptor used is a dup() of the socket's, so closing the socket can never let a sendfile or
- * poll on the thread pool reach a descriptor number reused by another file.
+ * socket behind libuv's back, so it runs only while libuv has nothing queued: a file reply's
+ * header goes through libuv, whose writes complete in order, so when the header's write completes
+ * every earlier reply is out; buffers given meanwhile wait behind the file reply. When the socket
+ * is full, the next byte of the reply goes through libuv too, which waits for room on the event
+ * loop; its completion says the socket takes data again. sendfile runs on the event loop, so it
+ * is used only for ranges whose first and last bytes are in the page cache (a cold range is read
+ * on the thread pool and written like any buffer, so one client's disk reads never stall the
+ * others). The descriptor used is a dup() of the socket's, closed once no reply uses it.
  */
 import type * as net from 'node:net';
 import * as fs from 'node:fs';
@@ -23,15 +27,9 @@ export interface FileRange {
 
 type Item = { kind: 'buffer'; data: Buffer; onWritten?: () => void } | { kind: 'file'; header: Buffer; ranges: FileRange[]; done: (err?: Error) => void };
 
-/** How long one poll for writability blocks a thread-pool thread before the socket is looked at again. */
-const POLL_SLICE_MS = 250;
-
 export class ReplyWriter {
   private readonly queue: Item[] = [];
   private pumping = false;
-  /** Socket writes not yet completed by libuv. */
-  private pendingWrites = 0;
-  private idleWaiters: (() => void)[] = [];
   private drainWaiters: (() => void)[] = [];
   private corked = false;
   private rawFd: number | undefined;
@@ -110,23 +108,9 @@ export class ReplyWriter {
         this.socket.uncork();
       });
     }
-    this.pendingWrites++;
-    const ok = this.socket.write(data, () => {
-      onWritten?.();
-      if (--this.pendingWrites === 0) for (const wake of this.idleWaiters.splice(0)) wake();
-    });
+    const ok = onWritten ? this.socket.write(data, () => onWritten()) : this.socket.write(data);
     if (ok) return Promise.resolve();
     return new Promise((resolve) => this.drainWaiters.push(resolve));
-  }
-
-  /** Resolves once libuv has completed every write given to the socket. */
-  private idle(): Promise<void> {
-    if (this.pendingWrites === 0) return Promise.resolve();
-    if (this.corked) {
-      this.corked = false;
-      this.socket.uncork();
-    }
-    return new Promise((resolve) => this.idleWaiters.push(resolve));
   }
 
   private async pump(): Promise<void> {
@@ -141,7 +125,6 @@ export class ReplyWriter {
           continue;
         }
         try {
-          await this.idle();
           if (this.socket.destroyed || this.rawFd === undefined) throw new Error('the connection is closed');
           await this.sendRaw(item.header, item.ranges);
           item.done();
@@ -159,30 +142,60 @@ export class ReplyWriter {
 
   private async sendRaw(header: Buffer, ranges: FileRange[]): Promise<void> {
     const fd = this.rawFd!;
-    for (let done = 0; done < header.length; ) {
-      let wrote: number | undefined;
-      try {
-        wrote = fs.writeSync(fd, header, done, header.length - done);
-      } catch (err) {
-        if ((err as NodeJS.ErrnoException).code !== 'EAGAIN') throw err;
-      }
-      if (wrote) done += wrote;
-      else await this.writable(fd);
-    }
+    const calls = this.calls!;
+    await this.writeAndWait(header);
     for (const range of ranges) {
+      if (!this.cached(range)) {
+        await this.writeAndWait(await readRange(range));
+        continue;
+      }
       for (let done = 0; done < range.length; ) {
-        const sent = this.calls!.sendFile(fd, range.fd, range.position + done, range.length - done);
-        if (sent === 0) throw new Error(`the file ends at byte ${range.position + done}, inside the reply`);
-        if (sent === undefined) await this.writable(fd);
-        else done += sent;
+        if (this.socket.destroyed) throw new Error('the connection is closed');
+        const sent = calls.sendFile(fd, range.fd, range.position + done, range.length - done);
+        if (sent === 0) throw endsInside(range.position + done);
+        if (sent !== undefined) {
+          done += sent;
+          continue;
+        }
+        // The socket is full: its next byte goes through libuv, which waits for room.
+        const next = Buffer.allocUnsafe(1);
+        if (fs.readSync(range.fd, next, 0, 1, range.position + done) !== 1) throw endsInside(range.position + done);
+        await this.writeAndWait(next);
+        done += 1;
       }
     }
   }
 
-  private async writable(fd: number): Promise<void> {
-    for (;;) {
-      if (this.socket.destroyed) throw new Error('the connection is closed');
-      if (await this.calls!.waitWritable(fd, POLL_SLICE_MS).catch(() => false)) return;
-    }
+  /** Whether the first and last bytes of `range` are in the page cache (sendfile will not wait for the disk). */
+  private cached(range: FileRange): boolean {
+    const probe = this.probe;
+    const calls = this.calls!;
+    return calls.readCached(range.fd, probe, 0, 1, range.position) === 1 && calls.readCached(range.fd, probe, 0, 1, range.position + range.length - 1) === 1;
   }
+
+  private readonly probe = Buffer.alloc(1);
+
+  /** Writes through libuv and resolves once the bytes are in the socket. */
+  private writeAndWait(data: Buffer): Promise<void> {
+    return new Promise((resolve, reject) => {
+      this.socket.write(data, (err) => (err ? reject(err) : resolve()));
+    });
+  }
+}
+
+/** The bytes of `range`, read on the thread pool. */
+async function readRange(range: FileRange): Promise<Buffer> {
+  const buffer = Buffer.allocUnsafe(range.length);
+  for (let done = 0; done < range.length; ) {
+    const got = await new Promise<number>((resolve, reject) =>
+      fs.read(range.fd, buffer, done, range.length - done, range.position + done, (err, bytes) => (err ? reject(err) : resolve(bytes))),
+    );
+    if (got === 0) throw endsInside(range.position + done);
+    done += got;
+  }
+  return buffer;
+}
+
+function endsInside(position: number): Error {
+  return new Error(`the file ends at byte ${position}, inside the reply`);
 }

@@ -1,8 +1,8 @@
 /**
  * The system calls Node lacks, bound from the C library with koffi: POSIX record locks (fcntl),
  * SEEK_DATA/SEEK_HOLE, FICLONE/FICLONERANGE, copy_file_range, fallocate, sync_file_range,
- * preadv2(RWF_NOWAIT) for reads answered from the page cache without blocking, and sendfile with
- * poll and dup for the NBD server's zero-copy replies.
+ * preadv2(RWF_NOWAIT) for reads answered from the page cache without blocking, and sendfile and
+ * dup for the NBD server's zero-copy replies.
  *
  * Invariant: the bindings are used only where their constants and struct layouts were checked
  * (Linux, glibc or musl, on x86-64 and arm64, where off_t is 64 bits and both use the generic fcntl and
@@ -37,7 +37,6 @@ export const FALLOC_FL_PUNCH_HOLE = 0x02;
 export const SYNC_FILE_RANGE_WAIT_BEFORE = 1;
 export const SYNC_FILE_RANGE_WRITE = 2;
 export const SYNC_FILE_RANGE_WAIT_AFTER = 4;
-export const POLLOUT = 0x004;
 export const RWF_NOWAIT = 0x00000008;
 /** Largest read readCached answers (the size of its native buffer). */
 export const CACHED_READ_MAX = 64 << 10;
@@ -52,8 +51,6 @@ export const FLOCK_LAYOUT = { size: 32, l_type: 0, l_whence: 2, l_start: 8, l_le
 export const FILE_CLONE_RANGE_LAYOUT = { size: 32, src_fd: 0, src_offset: 8, src_length: 16, dest_offset: 24 } as const;
 /** struct iovec: void *iov_base @0, size_t iov_len @8, size 16. */
 export const IOVEC_LAYOUT = { size: 16, iov_base: 0, iov_len: 8 } as const;
-/** struct pollfd: int fd @0, short events @4, short revents @6, size 8. */
-export const POLLFD_LAYOUT = { size: 8, fd: 0, events: 4, revents: 6 } as const;
 
 export type LockType = 'read' | 'write' | 'unlock';
 
@@ -92,8 +89,6 @@ export interface OsCalls {
    * (non-blocking) cannot take any now (EAGAIN).
    */
   sendFile(outFd: number, inFd: number, position: number, length: number): number | undefined;
-  /** poll(fd, POLLOUT, timeoutMs) on the thread pool: true once fd can be written (or has failed). */
-  waitWritable(fd: number, timeoutMs: number): Promise<boolean>;
   /**
    * preadv2(fd, RWF_NOWAIT) of at most CACHED_READ_MAX bytes into `buffer` at `offset`, on the
    * calling thread: the bytes read when (some of) the data is in the page cache, 0 at end of file,
@@ -143,15 +138,14 @@ function sameLayout(actual: Record<string, number>, expected: Record<string, num
 }
 
 /** The koffi struct layouts as bound here (for the layout test). */
-export function boundLayouts(): { flock: Record<string, number>; fileCloneRange: Record<string, number>; pollfd: Record<string, number>; iovec: Record<string, number> } | undefined {
+export function boundLayouts(): { flock: Record<string, number>; fileCloneRange: Record<string, number>; iovec: Record<string, number> } | undefined {
   const koffi = loadKoffi();
   if (typeof koffi === 'string') return undefined;
-  const { flock, fileCloneRange, pollfd, iovec } = structTypes(koffi);
+  const { flock, fileCloneRange, iovec } = structTypes(koffi);
   return {
     iovec: layoutOf(koffi, iovec, ['iov_base', 'iov_len']),
     flock: layoutOf(koffi, flock, ['l_type', 'l_whence', 'l_start', 'l_len', 'l_pid']),
     fileCloneRange: layoutOf(koffi, fileCloneRange, ['src_fd', 'src_offset', 'src_length', 'dest_offset']),
-    pollfd: layoutOf(koffi, pollfd, ['fd', 'events', 'revents']),
   };
 }
 
@@ -169,14 +163,13 @@ function loadKoffi(): Koffi | string {
 }
 
 let structs:
-  | { flock: ReturnType<Koffi['struct']>; fileCloneRange: ReturnType<Koffi['struct']>; pollfd: ReturnType<Koffi['struct']>; iovec: ReturnType<Koffi['struct']> }
+  | { flock: ReturnType<Koffi['struct']>; fileCloneRange: ReturnType<Koffi['struct']>; iovec: ReturnType<Koffi['struct']> }
   | undefined;
 
 function structTypes(koffi: Koffi) {
   structs ??= {
     flock: koffi.struct('ubdcow_flock', { l_type: 'short', l_whence: 'short', l_start: 'int64_t', l_len: 'int64_t', l_pid: 'int' }),
     fileCloneRange: koffi.struct('ubdcow_file_clone_range', { src_fd: 'int64_t', src_offset: 'uint64_t', src_length: 'uint64_t', dest_offset: 'uint64_t' }),
-    pollfd: koffi.struct('ubdcow_pollfd', { fd: 'int', events: 'short', revents: 'short' }),
     iovec: koffi.struct('ubdcow_iovec', { iov_base: 'void *', iov_len: 'size_t' }),
   };
   return structs;
@@ -200,15 +193,12 @@ function bind(): { calls: OsCalls } | { reason: string } {
     } catch {
       libc = koffi.load(null);
     }
-    const { flock, fileCloneRange, pollfd, iovec } = structTypes(koffi);
+    const { flock, fileCloneRange, iovec } = structTypes(koffi);
     if (!sameLayout(layoutOf(koffi, flock, ['l_type', 'l_whence', 'l_start', 'l_len', 'l_pid']), FLOCK_LAYOUT)) {
       return { reason: 'struct flock layout differs from the checked one' };
     }
     if (!sameLayout(layoutOf(koffi, fileCloneRange, ['src_fd', 'src_offset', 'src_length', 'dest_offset']), FILE_CLONE_RANGE_LAYOUT)) {
       return { reason: 'struct file_clone_range layout differs from the checked one' };
-    }
-    if (!sameLayout(layoutOf(koffi, pollfd, ['fd', 'events', 'revents']), POLLFD_LAYOUT)) {
-      return { reason: 'struct pollfd layout differs from the checked one' };
     }
     if (!sameLayout(layoutOf(koffi, iovec, ['iov_base', 'iov_len']), IOVEC_LAYOUT)) {
       return { reason: 'struct iovec layout differs from the checked one' };
@@ -220,7 +210,6 @@ function bind(): { calls: OsCalls } | { reason: string } {
     const fallocate = libc.func('int fallocate(int fd, int mode, int64_t offset, int64_t len)');
     const syncFileRange = libc.func('int sync_file_range(int fd, int64_t offset, int64_t nbytes, unsigned int flags)');
     const sendfile = libc.func('int64_t sendfile(int out_fd, int in_fd, _Inout_ int64_t *offset, size_t count)');
-    const poll = libc.func('int poll(_Inout_ ubdcow_pollfd *fds, unsigned long nfds, int timeout)');
     const preadv2 = libc.func('int64_t preadv2(int fd, const ubdcow_iovec *iov, int iovcnt, int64_t offset, int flags)');
     // preadv2 reads into native memory (an iovec cannot point into a JS buffer that may move);
     // the bytes are then copied out through a view of it: one 64 KiB copy at most.
@@ -301,11 +290,6 @@ function bind(): { calls: OsCalls } | { reason: string } {
         const errno = koffi.errno();
         if (errnoNames.get(errno) === 'EAGAIN') return undefined;
         throw systemError(errno, 'sendfile');
-      },
-      async waitWritable(fd, timeoutMs) {
-        const entry = { fd, events: POLLOUT, revents: 0 };
-        const ready = await offThread<number>(poll, 'poll', entry, 1, timeoutMs);
-        return ready > 0;
       },
       readCached(fd, buffer, offset, length, position) {
         if (!native) return undefined;

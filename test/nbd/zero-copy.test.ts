@@ -139,6 +139,19 @@ describe.skipIf(unavailable !== undefined)(titleWithSkipReason('NBD READ replies
     });
   }
 
+  it('ranges not in the page cache are read on the thread pool instead (sendfile would stall the event loop): same bytes, same order', async () => {
+    const cow = await makeCow();
+    const counting = countingCalls();
+    opened.restore = overrideOsCalls({ ...counting.calls, readCached: () => undefined });
+    const { device, socket } = await serve(cow, true);
+    const c = await client(socket, false);
+    await fc.assert(
+      fc.asyncProperty(fc.array(readArb, { minLength: 1, maxLength: 30 }), (reads) => pipelinedReads(c, device, false, reads)),
+      { numRuns: 5, seed: 4 },
+    );
+    expect(counting.sent()).toBe(0);
+  });
+
   it('zeroCopy: false sends the same bytes without sendfile', async () => {
     const cow = await makeCow();
     const counting = countingCalls();
