@@ -2,7 +2,8 @@
  * NBD benchmark: `ubdcow serve` of a COW against `qemu-nbd` serving a qcow2 overlay of the same
  * base, with the same clients in the same run.
  *   1. qemu-img bench over NBD, 4 KiB requests at depth 32 (every 64 KiB, as bench/engine.ts:
- *      each write lands on a fresh sector range / cluster), writes then reads.
+ *      each write lands on a fresh sector range / cluster), writes (one run) then reads (median
+ *      of three).
  *   2. nbdcopy of the whole export to null: (the base is all data, so neither side can skip),
  *      both servers up, runs alternating, the median of each.
  *   3. `ubdcow convert -O qcow2` of a COW against `qemu-img convert -O qcow2` of the merged raw.
@@ -127,7 +128,9 @@ async function main(): Promise<void> {
       const server = tool === 'ubdcow' ? await ubdcowServe(cow, sock) : await qemuNbd(overlay, sock);
       try {
         const write = qemuBench(server.uri, true);
-        const read = qemuBench(server.uri, false);
+        // Reads of the clusters just written, three runs, the median (the first run also warms
+        // the server's JIT; qemu-nbd needs none).
+        const read = median([qemuBench(server.uri, false), qemuBench(server.uri, false), qemuBench(server.uri, false)]);
         iops[tool] = { write, read };
       } finally {
         await server.stop();

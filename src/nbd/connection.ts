@@ -23,6 +23,13 @@ const MAX_DRAINED_PAYLOAD = 2 * BLOCK_SIZES.maximum;
 const BASE_ALLOCATION_ID = 1;
 const ZEROES = Buffer.alloc(1 << 20);
 const MAX_STATUS_EXTENTS = 2048;
+/** The command flags each command accepts (READ's also depend on structured replies). */
+const ALLOWED_FLAGS = new Map<number, number>([
+  [P.CMD_WRITE, P.CMD_FLAG_FUA],
+  [P.CMD_FLUSH, P.CMD_FLAG_FUA],
+  [P.CMD_WRITE_ZEROES, P.CMD_FLAG_FUA | P.CMD_FLAG_NO_HOLE],
+  [P.CMD_BLOCK_STATUS, P.CMD_FLAG_FUA | P.CMD_FLAG_REQ_ONE],
+]);
 /** Reads from this size on are sent from the files with sendfile when the device allows it. */
 const ZERO_COPY_MIN_BYTES = 64 << 10;
 
@@ -274,14 +281,7 @@ export class Connection {
   private validate(r: P.Request): { error: number; message: string } | undefined {
     const size = this.server.device.size;
     const end = r.offset + r.length;
-    const allowed: Record<number, number> = {
-      [P.CMD_READ]: P.CMD_FLAG_FUA | (this.structured ? P.CMD_FLAG_DF : 0),
-      [P.CMD_WRITE]: P.CMD_FLAG_FUA,
-      [P.CMD_FLUSH]: P.CMD_FLAG_FUA,
-      [P.CMD_WRITE_ZEROES]: P.CMD_FLAG_FUA | P.CMD_FLAG_NO_HOLE,
-      [P.CMD_BLOCK_STATUS]: P.CMD_FLAG_FUA | P.CMD_FLAG_REQ_ONE,
-    };
-    const mask = allowed[r.type];
+    const mask = r.type === P.CMD_READ ? P.CMD_FLAG_FUA | (this.structured ? P.CMD_FLAG_DF : 0) : ALLOWED_FLAGS.get(r.type);
     if (mask === undefined) {
       const what = r.type === P.CMD_TRIM ? 'NBD_CMD_TRIM is not supported (not advertised)' : `unknown command ${r.type}`;
       return { error: P.NBD_EINVAL, message: what };
