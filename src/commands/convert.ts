@@ -8,6 +8,7 @@
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import { removeOnSignal } from '../io/signal-cleanup.js';
 import { UbdcowError, fromSystemError } from '../errors.js';
 import { qemuImageInfo, runToolOk } from './qemu-img.js';
 import { serveImage } from './serve.js';
@@ -64,8 +65,13 @@ export async function convertImage(image: string, output: string, options: Conve
   const folder = fs.mkdtempSync(path.join(os.tmpdir(), 'ubdcow-convert-'));
   const socket = path.join(folder, 'nbd.sock');
   const partial = path.join(path.dirname(path.resolve(output)), `.${path.basename(output)}.ubdcow-partial-${process.pid}`);
+  // Ctrl-C or SIGTERM mid-convert leaves neither the half-written image nor the socket's folder.
+  const keepFolder = removeOnSignal(folder);
+  const keepPartial = removeOnSignal(partial);
   const served = await serveImage(image, { socket, readOnly: true, backing: options.backing }).catch((err) => {
     fs.rmSync(folder, { recursive: true, force: true });
+    keepFolder();
+    keepPartial();
     throw err;
   });
   try {
@@ -89,6 +95,8 @@ export async function convertImage(image: string, output: string, options: Conve
     await served.close().catch(() => undefined);
     fs.rmSync(partial, { force: true });
     fs.rmSync(folder, { recursive: true, force: true });
+    keepPartial();
+    keepFolder();
   }
   return { input: image, output, format: options.format, base: options.base, baseFormat, size: served.size, warnings: served.warnings };
 }

@@ -4,7 +4,7 @@ import * as fs from 'node:fs';
  * Temporary files removed when the process is interrupted (issue 15 item 4). A SIGINT (Ctrl-C) or
  * SIGTERM during `commit COW OUT` used to kill Node on the spot and leave the hidden
  * `.OUT.ubdcow-PID-*.tmp` behind until a later run for the same OUT swept it. While a temporary
- * is registered here, those signals first remove it (synchronously: no other code runs between
+ * (or a temporary folder, as convert's) is registered here, those signals first remove it (synchronously: no other code runs between
  * the removal and the exit, so a half-built file can never be put in place), then the process
  * ends by the same signal, as it would have without us (shell status 130 or 143). SIGKILL allows
  * no cleanup: the sweep in removeStaleTemporaries (atomic.ts) stays for that.
@@ -20,7 +20,7 @@ const registered = new Set<string>();
 function onSignal(signal: NodeJS.Signals): void {
   for (const file of registered) {
     try {
-      fs.unlinkSync(file);
+      fs.rmSync(file, { recursive: true, force: true });
     } catch {
       // Already gone (renamed into place, or never created on this file system): nothing to do.
     }
@@ -40,7 +40,7 @@ function uninstall(): void {
   for (const signal of SIGNALS) process.off(signal, onSignal);
 }
 
-/** Removes `file` if the process is interrupted before the returned function is called. */
+/** Removes `file` (or a folder and what is in it) if the process is interrupted before the returned function is called. */
 export function removeOnSignal(file: string): () => void {
   if (registered.size === 0) install();
   registered.add(file);

@@ -5,14 +5,15 @@ import { beforeAll, describe, expect, it } from 'vitest';
 import { createCow } from '../../src/commands/create.js';
 import { openCow } from '../../src/io/engine.js';
 import { useTempDir } from '../helpers/tmp.js';
-import { ensureBuiltCli } from '../helpers/tools.js';
+import { ensureBuiltCli, missingTools, titleWithSkipReason } from '../helpers/tools.js';
 
 /*
  * Issue 15 item 4: SIGINT or SIGTERM while `commit COW OUT` builds OUT removes the hidden
  * temporary `.OUT.ubdcow-PID-*.tmp`, leaves no OUT, and the process ends by that signal (shell
  * status 130 / 143). The disk is a 4 TiB sparse file, so the merge (a million 4 MiB windows, each
  * asked for its data with SEEK_DATA) takes seconds: the signal is sent 100 ms after the temporary
- * appears, well inside the copy.
+ * appears, well inside the copy. The same for `convert`: its partial image and the folder of its
+ * private NBD socket go.
  */
 
 let cli: string;
@@ -69,6 +70,44 @@ describe('signals during commit to a new file', () => {
       expect(fs.existsSync(path.join(tmp.path, temporary))).toBe(false);
       expect(fs.readdirSync(tmp.path).sort()).toEqual(['base.img', 'vm.cow']);
       expect(fs.existsSync(out)).toBe(false);
+    });
+  }
+});
+
+describe.skipIf(missingTools('qemu-img').length > 0)(titleWithSkipReason('signals during convert', missingTools('qemu-img')), () => {
+  const tmp = useTempDir();
+
+  for (const signal of ['SIGINT', 'SIGTERM'] as const) {
+    it(`${signal} mid-convert removes the partial image and the socket's folder, and leaves no OUT`, async () => {
+      const base = path.join(tmp.path, 'base.img');
+      fs.writeFileSync(base, '');
+      // qemu-img reads every byte the export serves (its holes are not zeros): 64 GiB takes many seconds.
+      fs.truncateSync(base, 64 * 2 ** 30);
+      const cow = path.join(tmp.path, 'vm.cow');
+      await createCow(cow, base);
+      const scratch = path.join(tmp.path, 'scratch');
+      fs.mkdirSync(scratch);
+      const out = path.join(tmp.path, 'out.qcow2');
+
+      const child = spawn(process.execPath, [cli, 'convert', cow, out, '-O', 'qcow2'], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, TMPDIR: scratch } });
+      let stderr = '';
+      child.stderr.setEncoding('utf8');
+      child.stderr.on('data', (chunk: string) => (stderr += chunk));
+      const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) =>
+        child.on('close', (code, sig) => resolve({ code, signal: sig })),
+      );
+      await waitFor(() => fs.readdirSync(tmp.path).find((name) => /^\.out\.qcow2\.ubdcow-partial-\d+$/.test(name)), 20_000);
+      expect(fs.readdirSync(scratch)).toHaveLength(1);
+      await new Promise((resolve) => setTimeout(resolve, 200));
+      expect(child.exitCode).toBeNull();
+      child.kill(signal);
+      const { code, signal: endedBy } = await exited;
+
+      const number = signal === 'SIGINT' ? 2 : 15;
+      expect(endedBy === signal || code === 128 + number, `code ${code} signal ${endedBy}`).toBe(true);
+      expect(stderr).not.toMatch(/^\s+at /m);
+      expect(fs.readdirSync(scratch)).toEqual([]);
+      expect(fs.readdirSync(tmp.path).sort()).toEqual(['base.img', 'scratch', 'vm.cow']);
     });
   }
 });
