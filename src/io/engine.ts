@@ -149,24 +149,20 @@ class Engine implements CowDevice {
   }
 
   withFileRanges<T>(offset: number, length: number, use: (ranges: FileRange[]) => Promise<T>): Promise<T> | undefined {
-    const cowFd = this.cow.fd;
-    const backingFd = this.backing.fd;
-    if (cowFd === undefined || backingFd === undefined) return undefined;
+    if (this.cow.fd === undefined || this.backing.fd === undefined) return undefined;
     return this.track(async () => {
       checkByteRange(this.path, 'read', offset, length, this.size);
       await this.waitForStaleBits(Math.floor(offset / this.sectorSize), Math.ceil((offset + length) / this.sectorSize));
       const spans = await this.planLoaded(offset, offset + length);
       const ranges: FileRange[] = [];
-      for (const { fromCow, diskOffset, length: spanLength } of spans) {
-        const position = fromCow ? this.geometry.dataOffset + diskOffset : diskOffset;
+      for (const span of spans) {
+        const { handle, name, position, what } = this.spanFile(span);
         // A short file is the read's error, reported before any byte is sent.
-        const file = fromCow ? this.cow : this.backing;
-        const end = position + spanLength;
-        if (end > (this.lengths.get(file) ?? 0) && end > (await this.refreshLength(file))) {
-          const name = fromCow ? this.path : this.backingPath;
-          throw fileTooShort(name, this.lengths.get(file)!, end, fromCow ? 'the data area' : 'the backing file');
+        const end = position + span.length;
+        if (end > (this.lengths.get(handle) ?? 0) && end > (await this.refreshLength(handle))) {
+          throw fileTooShort(name, this.lengths.get(handle)!, end, what);
         }
-        ranges.push({ fd: fromCow ? cowFd : backingFd, position, length: spanLength });
+        ranges.push({ fd: handle.fd!, position, length: span.length });
       }
       return use(ranges);
     });
@@ -336,35 +332,34 @@ class Engine implements CowDevice {
     await Promise.all(spans.map((span) => this.readSpan(span, buffer, offset)));
   }
 
+  /** The file a span of the read plan lives in: its handle, name, position and what to call it when short. */
+  private spanFile({ fromCow, diskOffset }: ReadSpan): { handle: FileHandleLike; name: string; position: number; what: string } {
+    return fromCow
+      ? { handle: this.cow, name: this.path, position: this.geometry.dataOffset + diskOffset, what: 'the data area' }
+      : { handle: this.backing, name: this.backingPath, position: diskOffset, what: 'the backing file' };
+  }
+
   /** Reads one span into `buffer`, which holds the disk's bytes from `bufferStart`. */
   private async readSpan(span: ReadSpan, buffer: Uint8Array, bufferStart: number): Promise<void> {
-    const { fromCow, diskOffset, length } = span;
-    const file = fromCow ? this.path : this.backingPath;
-    const position = fromCow ? this.geometry.dataOffset + diskOffset : diskOffset;
-    const handle = fromCow ? this.cow : this.backing;
-    let cached = 0;
-    if (handle.readCached && length <= CACHED_READ_MAX) {
+    const { handle, name, position, what } = this.spanFile(span);
+    const at = span.diskOffset - bufferStart;
+    let done = 0;
+    if (handle.readCached && span.length <= CACHED_READ_MAX) {
       // Page-cached bytes on this thread (never waits for the disk); the rest the usual way.
-      const at = diskOffset - bufferStart;
-      while (cached < length) {
-        const got = handle.readCached(buffer, at + cached, length - cached, position + cached);
+      while (done < span.length) {
+        const got = handle.readCached(buffer, at + done, span.length - done, position + done);
         if (!got) break;
-        cached += got;
+        done += got;
       }
-      if (cached === length) return;
+      if (done === span.length) return;
     }
-    if (cached > 0) {
-      return this.readSpan({ fromCow, diskOffset: diskOffset + cached, length: length - cached }, buffer, bufferStart);
-    }
-    if (this.options.blockingReads && handle.readSync && length <= BLOCKING_READ_MAX) {
-      readExactlySync(handle as Required<Pick<FileHandleLike, 'readSync'>>, file, 'read', { buffer, offset: diskOffset - bufferStart, length, position }, (got) =>
-        fileEndsEarly(file, position, got, position + length, fromCow ? 'the data area' : 'the backing file'),
-      );
+    const target = { buffer, offset: at + done, length: span.length - done, position: position + done };
+    const short = (got: number) => fileEndsEarly(name, target.position, got, position + span.length, what);
+    if (this.options.blockingReads && handle.readSync && target.length <= BLOCKING_READ_MAX) {
+      readExactlySync(handle as Required<Pick<FileHandleLike, 'readSync'>>, name, 'read', target, short);
       return;
     }
-    await readExactly(fromCow ? this.cow : this.backing, file, 'read', { buffer, offset: diskOffset - bufferStart, length, position }, (got) =>
-      fileEndsEarly(file, position, got, position + length, fromCow ? 'the data area' : 'the backing file'),
-    );
+    await readExactly(handle, name, 'read', target, short);
   }
 
   private async doWrite(offset: number, data: Uint8Array): Promise<void> {

@@ -340,34 +340,27 @@ export class Connection {
   private async read(r: P.Request): Promise<void> {
     const device = this.server.device;
     if (this.structured && r.length === 0) return this.send(P.encodeStructuredNone(r.handle));
+    // The header goes out only once the data is read, or the device has named where every byte
+    // lives, so DONE on the one data chunk is safe.
+    const headerBytes = this.structured ? P.OFFSET_DATA_PREFIX_BYTES : P.SIMPLE_REPLY_BYTES;
+    const writeHeader = (into: Buffer) => {
+      if (this.structured) P.writeOffsetDataPrefix(into, P.REPLY_FLAG_DONE, r.handle, r.offset, r.length);
+      else P.writeSimpleReplyHeader(into, 0, r.handle);
+    };
     if (r.length >= ZERO_COPY_MIN_BYTES && this.output.zeroCopy && device.withFileRanges) {
-      const header = Buffer.allocUnsafe(this.structured ? P.OFFSET_DATA_PREFIX_BYTES : P.SIMPLE_REPLY_BYTES);
-      // As below, the header goes out only once the device has named where every byte lives.
-      if (this.structured) P.writeOffsetDataPrefix(header, P.REPLY_FLAG_DONE, r.handle, r.offset, r.length);
-      else P.writeSimpleReplyHeader(header, 0, r.handle);
+      const header = Buffer.allocUnsafe(headerBytes);
+      writeHeader(header);
       const sent = device.withFileRanges(r.offset, r.length, (ranges) => this.output.sendFile(header, ranges));
       if (sent) return sent;
     }
-    if (this.structured) {
-      const reply = this.replyBuffers.take(P.OFFSET_DATA_PREFIX_BYTES + r.length);
-      try {
-        // The data is read before the chunk goes out, so DONE on the one data chunk is safe.
-        await device.readInto(r.offset, reply.subarray(P.OFFSET_DATA_PREFIX_BYTES));
-      } catch (err) {
-        this.replyBuffers.give(reply);
-        throw err;
-      }
-      P.writeOffsetDataPrefix(reply, P.REPLY_FLAG_DONE, r.handle, r.offset, r.length);
-      return this.send(reply, () => this.replyBuffers.give(reply));
-    }
-    const reply = this.replyBuffers.take(P.SIMPLE_REPLY_BYTES + r.length);
+    const reply = this.replyBuffers.take(headerBytes + r.length);
     try {
-      if (r.length > 0) await device.readInto(r.offset, reply.subarray(P.SIMPLE_REPLY_BYTES));
+      if (r.length > 0) await device.readInto(r.offset, reply.subarray(headerBytes));
     } catch (err) {
       this.replyBuffers.give(reply);
       throw err;
     }
-    P.writeSimpleReplyHeader(reply, 0, r.handle);
+    writeHeader(reply);
     return this.send(reply, () => this.replyBuffers.give(reply));
   }
 

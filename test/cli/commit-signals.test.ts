@@ -31,6 +31,37 @@ async function waitFor<T>(probe: () => T | undefined, timeoutMs: number): Promis
   }
 }
 
+/**
+ * Runs `ubdcow ARGS`, waits until `started` finds what the command is building, checks
+ * `whileRunning`, lets it work `settleMs` more, then sends `signal`. Checks that the process ended
+ * by that signal (or exited 128 + its number, as a shell reports it) without a stack trace, and
+ * returns what `started` found.
+ */
+async function interruptMidway(
+  args: string[],
+  signal: 'SIGINT' | 'SIGTERM',
+  started: () => string | undefined,
+  options: { settleMs: number; env?: NodeJS.ProcessEnv; whileRunning?: () => void },
+): Promise<string> {
+  const child = spawn(process.execPath, [cli, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: options.env ?? process.env });
+  let stderr = '';
+  child.stderr.setEncoding('utf8');
+  child.stderr.on('data', (chunk: string) => (stderr += chunk));
+  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) =>
+    child.on('close', (code, sig) => resolve({ code, signal: sig })),
+  );
+  const found = await waitFor(started, 20_000);
+  options.whileRunning?.();
+  await new Promise((resolve) => setTimeout(resolve, options.settleMs));
+  expect(child.exitCode).toBeNull();
+  child.kill(signal);
+  const { code, signal: endedBy } = await exited;
+  const number = signal === 'SIGINT' ? 2 : 15;
+  expect(endedBy === signal || code === 128 + number, `code ${code} signal ${endedBy}`).toBe(true);
+  expect(stderr).not.toMatch(/^\s+at /m);
+  return found;
+}
+
 describe('signals during commit to a new file', () => {
   const tmp = useTempDir();
 
@@ -46,27 +77,10 @@ describe('signals during commit to a new file', () => {
       await dev.close();
       const out = path.join(tmp.path, 'out.img');
 
-      const child = spawn(process.execPath, [cli, 'commit', cow, out], { stdio: ['ignore', 'pipe', 'pipe'] });
-      let stderr = '';
-      child.stderr.setEncoding('utf8');
-      child.stderr.on('data', (chunk: string) => (stderr += chunk));
-      const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) =>
-        child.on('close', (code, sig) => resolve({ code, signal: sig })),
-      );
-      const temporary = await waitFor(
-        () => fs.readdirSync(tmp.path).find((name) => /^\.out\.img\.ubdcow-\d+-[a-z0-9]+\.tmp$/.test(name)),
-        20_000,
-      );
       // Let it get into the copy, then interrupt.
-      await new Promise((resolve) => setTimeout(resolve, 100));
-      expect(child.exitCode).toBeNull();
-      child.kill(signal);
-      const { code, signal: endedBy } = await exited;
-
-      // Ended by the signal itself (a shell reports 128 + its number), or by exit 128 + number.
-      const number = signal === 'SIGINT' ? 2 : 15;
-      expect(endedBy === signal || code === 128 + number, `code ${code} signal ${endedBy}`).toBe(true);
-      expect(stderr).not.toMatch(/^\s+at /m);
+      const temporary = await interruptMidway(['commit', cow, out], signal, () => fs.readdirSync(tmp.path).find((name) => /^\.out\.img\.ubdcow-\d+-[a-z0-9]+\.tmp$/.test(name)), {
+        settleMs: 100,
+      });
       expect(fs.existsSync(path.join(tmp.path, temporary))).toBe(false);
       expect(fs.readdirSync(tmp.path).sort()).toEqual(['base.img', 'vm.cow']);
       expect(fs.existsSync(out)).toBe(false);
@@ -89,23 +103,11 @@ describe.skipIf(missingTools('qemu-img').length > 0)(titleWithSkipReason('signal
       fs.mkdirSync(scratch);
       const out = path.join(tmp.path, 'out.qcow2');
 
-      const child = spawn(process.execPath, [cli, 'convert', cow, out, '-O', 'qcow2'], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, TMPDIR: scratch } });
-      let stderr = '';
-      child.stderr.setEncoding('utf8');
-      child.stderr.on('data', (chunk: string) => (stderr += chunk));
-      const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) =>
-        child.on('close', (code, sig) => resolve({ code, signal: sig })),
-      );
-      await waitFor(() => fs.readdirSync(tmp.path).find((name) => /^\.out\.qcow2\.ubdcow-partial-\d+$/.test(name)), 20_000);
-      expect(fs.readdirSync(scratch)).toHaveLength(1);
-      await new Promise((resolve) => setTimeout(resolve, 200));
-      expect(child.exitCode).toBeNull();
-      child.kill(signal);
-      const { code, signal: endedBy } = await exited;
-
-      const number = signal === 'SIGINT' ? 2 : 15;
-      expect(endedBy === signal || code === 128 + number, `code ${code} signal ${endedBy}`).toBe(true);
-      expect(stderr).not.toMatch(/^\s+at /m);
+      await interruptMidway(['convert', cow, out, '-O', 'qcow2'], signal, () => fs.readdirSync(tmp.path).find((name) => /^\.out\.qcow2\.ubdcow-partial-\d+$/.test(name)), {
+        settleMs: 200,
+        env: { ...process.env, TMPDIR: scratch },
+        whileRunning: () => expect(fs.readdirSync(scratch)).toHaveLength(1),
+      });
       expect(fs.readdirSync(scratch)).toEqual([]);
       expect(fs.readdirSync(tmp.path).sort()).toEqual(['base.img', 'scratch', 'vm.cow']);
     });

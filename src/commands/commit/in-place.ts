@@ -4,10 +4,10 @@ import { type WindowRuns, allocatedWindows } from '../../io/allocation.js';
 import { clearNonZeroBytes } from '../../io/bitmap-clear.js';
 import { type BackingReport, checkBacking, openBacking } from '../../io/backing.js';
 import { type CommitJournal, readCommitJournal, removeCommitJournal, writeCommitJournal } from '../../io/commit-journal.js';
-import { type FileHandleLike, type FileSystem, readExactlySync, writeAll, writeAllSync } from '../../io/file.js';
+import { type FileHandleLike, type FileSystem, writeAll, writeAllSync } from '../../io/file.js';
 import { nodeFileSystem } from '../../io/node-fs.js';
 import { type CowImage, rewriteHeader, statImageFile, withImage } from '../../io/image.js';
-import { type CommitOptions, type InPlaceCommitResult, dataAreaEndsEarly, judgeBacking, readCowRun, roundChunk, summarizeAllocation } from './shared.js';
+import { type CommitOptions, type InPlaceCommitResult, judgeBacking, readCowRun, readCowRunSync, roundChunk, summarizeAllocation } from './shared.js';
 import { findSiblingCows } from './siblings.js';
 
 /*
@@ -171,8 +171,7 @@ function hasBlockingCalls(file: FileHandleLike): file is BlockingHandle {
 function copyRunsBlocking(image: CowImage, cow: BlockingHandle, backing: BlockingHandle, backingPath: string, buffer: Uint8Array, runs: WindowRuns['runs']): void {
   for (const run of runs) {
     const length = run.end - run.start;
-    const target = { buffer, offset: 0, length, position: image.geometry.dataOffset + run.start };
-    readExactlySync(cow, image.path, 'read', target, (got) => dataAreaEndsEarly(image, run.start, run.end, got));
+    readCowRunSync(image, cow, buffer, 0, run.start, run.end);
     writeAllSync(backing, backingPath, 'write', { buffer, offset: 0, length, position: run.start });
   }
 }

@@ -6,11 +6,11 @@ import { type OpenedFile, checkBacking, openBacking } from '../../io/backing.js'
 import { interruptedCommitError, readCommitJournal } from '../../io/commit-journal.js';
 import { dataExtents } from '../../io/extents.js';
 import { cloneFile, copyRange, syncRange } from '../../io/file-ops.js';
-import { type FileHandleLike, type FileSystem, readExactly, readExactlySync, writeAll, writeAllSync } from '../../io/file.js';
+import { type FileHandleLike, type FileSystem, readExactly, writeAll, writeAllSync } from '../../io/file.js';
 import { nodeFileSystem } from '../../io/node-fs.js';
 import { type CowImage, withImage } from '../../io/image.js';
 import { ImageWriter } from '../../io/image-writer.js';
-import { type CommitOptions, HOLE_BLOCK_BYTES, type NewFileCommitResult, dataAreaEndsEarly, judgeBacking, readCowRun, roundChunk, summarizeAllocation } from './shared.js';
+import { type CommitOptions, HOLE_BLOCK_BYTES, type NewFileCommitResult, judgeBacking, readCowRun, readCowRunSync, roundChunk, summarizeAllocation } from './shared.js';
 import { isAllZero } from '../../io/zero-bytes.js';
 
 /*
@@ -264,11 +264,8 @@ async function mergeWindow(
     if (image.handle.readSync && runBytes <= runs.length * MAX_BLOCKING_RUN_BYTES && holeBytes > runs.length * BYTES_PER_BLOCKING_READ) {
       // Small scattered runs (a guest's 4 KiB writes): a blocking pread each, straight into place,
       // costs less than one read of the span that copies all its holes as zero pages.
-      const handle = image.handle as Required<Pick<FileHandleLike, 'readSync'>>;
-      for (const run of runs) {
-        const target = { buffer: window, offset: run.start - windowStart, length: run.end - run.start, position: image.geometry.dataOffset + run.start };
-        readExactlySync(handle, image.path, 'read', target, (got) => dataAreaEndsEarly(image, run.start, run.end, got));
-      }
+      const cow = image.handle as Required<Pick<FileHandleLike, 'readSync'>>;
+      for (const run of runs) readCowRunSync(image, cow, window, run.start - windowStart, run.start, run.end);
     } else if (runs.length * BYTES_PER_SEPARATE_READ < spanEnd - spanStart) {
       // Few runs in a wide span: read each straight into place rather than the span's holes.
       await Promise.all(runs.map((run) => readCowRun(image, window, run.start - windowStart, run.start, run.end)));

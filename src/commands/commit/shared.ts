@@ -1,7 +1,7 @@
 import { CowFormatError, fileEndsEarly } from '../../errors.js';
 import { allocatedExtents, extentBytes } from '../../io/allocation.js';
 import { type BackingReport, backingError } from '../../io/backing.js';
-import { type FileSystem, readExactly } from '../../io/file.js';
+import { type FileHandleLike, type FileSystem, readExactly, readExactlySync } from '../../io/file.js';
 import type { CowImage } from '../../io/image.js';
 
 /*
@@ -123,4 +123,10 @@ export function dataAreaEndsEarly(image: CowImage, start: number, end: number, g
 export async function readCowRun(image: CowImage, buffer: Uint8Array, offset: number, start: number, end: number): Promise<void> {
   const target = { buffer, offset, length: end - start, position: image.geometry.dataOffset + start };
   await readExactly(image.handle, image.path, 'read', target, (got) => dataAreaEndsEarly(image, start, end, got));
+}
+
+/** readCowRun with a blocking read on the calling thread (for many small runs; see FileHandleLike.readSync). */
+export function readCowRunSync(image: CowImage, cow: Required<Pick<FileHandleLike, 'readSync'>>, buffer: Uint8Array, offset: number, start: number, end: number): void {
+  const target = { buffer, offset, length: end - start, position: image.geometry.dataOffset + start };
+  readExactlySync(cow, image.path, 'read', target, (got) => dataAreaEndsEarly(image, start, end, got));
 }
