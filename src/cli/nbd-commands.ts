@@ -16,7 +16,12 @@ const serve: CommandModule = {
       .option('read-only', { alias: 'r', type: 'boolean', describe: 'Export read-only (NBD_FLAG_READ_ONLY; writes get EPERM)' })
       .option('name', { alias: 'x', type: 'string', default: '', describe: 'Export name (the empty default name is accepted too)' })
       .option('sync', { type: 'boolean', describe: 'Every write durable before its reply (like ubdNs)' })
-      .option('shared', { alias: 'e', type: 'number', default: 1, describe: 'Clients served at once' })
+      .option('shared', { alias: 'e', type: 'number', default: 1, describe: 'Clients served at once; later ones wait for a free slot' })
+      .option('queue', {
+        type: 'number',
+        default: 128,
+        describe: 'Clients accepted beyond --shared: they finish the handshake and wait in arrival order for a slot; a connection beyond --shared + --queue is closed at once (logged with -v)',
+      })
       .option('allocation', {
         choices: ['cow', 'merged'],
         default: 'cow',
@@ -24,7 +29,7 @@ const serve: CommandModule = {
       })
       .option('pid-file', { type: 'string', describe: 'Write the process id here once listening (removed on exit)' })
       .option('json', { type: 'boolean', describe: 'Print the "listening" line as JSON' })
-      .option('verbose', { alias: 'v', type: 'boolean', describe: 'Log connections and protocol errors on stderr' })
+      .option('verbose', { alias: 'v', type: 'boolean', describe: 'Log connections, protocol errors, clients queued or refused, handshake timeouts on stderr' })
       .conflicts('socket', 'port')
       .check((argv) => {
         if (argv.socket === undefined && argv.port === undefined) throw new UbdcowError('usage', 'give --socket PATH or --port N');
@@ -53,6 +58,7 @@ const serve: CommandModule = {
       name: argv.name as string,
       sync: Boolean(argv.sync),
       shared: argv.shared as number,
+      queue: argv.queue as number,
       pidFile: argv['pid-file'] as string | undefined,
       allocation: argv.allocation as 'cow' | 'merged',
       log: verbose ? (line) => process.stderr.write(`ubdcow serve: ${line}\n`) : undefined,

@@ -25,6 +25,8 @@ export interface ServeOptions {
   /** Every write durable before its reply (like UML's ubdNs). */
   sync?: boolean;
   shared?: number;
+  /** Clients beyond `shared` that wait for a slot (default 128); more are refused. */
+  queue?: number;
   pidFile?: string;
   /**
    * What base:allocation describes. 'cow' (default): sectors the COW holds are data, sectors that
@@ -47,7 +49,7 @@ export interface ServeHandle {
   close(): Promise<void>;
 }
 
-const serveImageOptionKeys: OptionKeys<ServeOptions> = { backing: true, socket: true, port: true, bind: true, readOnly: true, name: true, sync: true, shared: true, pidFile: true, allocation: true, log: true };
+const serveImageOptionKeys: OptionKeys<ServeOptions> = { backing: true, socket: true, port: true, bind: true, readOnly: true, name: true, sync: true, shared: true, queue: true, pidFile: true, allocation: true, log: true };
 
 export async function serveImage(image: string, options: ServeOptions = {}): Promise<ServeHandle> {
   checkOptions('serveImage', options, serveImageOptionKeys);
@@ -66,6 +68,7 @@ export async function serveImage(image: string, options: ServeOptions = {}): Pro
       description: `ubdcow ${kind === 'cow' ? 'COW' : 'raw'} image ${image}`,
       readOnly: options.readOnly,
       shared: options.shared,
+      queue: options.queue,
       writesDurable: Boolean(options.sync),
       log: options.log,
     });

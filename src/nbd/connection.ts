@@ -9,6 +9,7 @@ import * as P from './protocol.js';
 import { osCalls } from '../os/libc.js';
 import { ReplyBufferPool } from './reply-buffers.js';
 import { ReplyWriter } from './reply-writer.js';
+import { SlotWaitCancelled } from './slots.js';
 import { ConnectionClosed, SocketReader } from './socket-reader.js';
 import type { ServerState } from './server.js';
 
@@ -30,6 +31,8 @@ const ALLOWED_FLAGS = new Map<number, number>([
   [P.CMD_WRITE_ZEROES, P.CMD_FLAG_FUA | P.CMD_FLAG_NO_HOLE],
   [P.CMD_BLOCK_STATUS, P.CMD_FLAG_FUA | P.CMD_FLAG_REQ_ONE],
 ]);
+/** A client that has not chosen the export this long after connecting is dropped (qemu-nbd's default). */
+export const HANDSHAKE_TIMEOUT_MS = 10_000;
 /** Reads from this size on are sent from the files with sendfile when the device allows it. */
 const ZERO_COPY_MIN_BYTES = 64 << 10;
 
@@ -50,6 +53,9 @@ export class Connection {
   private inFlightBytes = 0;
   private slotWaiters: (() => void)[] = [];
   private finished: Promise<void> | undefined;
+  private handshakeTimer: NodeJS.Timeout | undefined;
+  /** One of the server's transmission slots (--shared) is this connection's. */
+  private holdsSlot = false;
   private readonly peer: string;
   private readonly replyBuffers: ReplyBufferPool;
   private readonly output: ReplyWriter;
@@ -77,31 +83,69 @@ export class Connection {
     await this.finished?.catch(() => undefined);
   }
 
+  /** Closes the connection now, whatever is in flight (a shutdown whose grace ran out). */
+  abandon(why: string): void {
+    if (this.socket.destroyed) return;
+    this.log(why);
+    this.socket.destroy();
+  }
+
   private log(line: string): void {
     this.server.options.log?.(`${this.peer}: ${line}`);
   }
 
   private async serve(): Promise<void> {
-    const timer = setTimeout(() => {
+    const timeoutMs = this.server.options.handshakeTimeoutMs ?? HANDSHAKE_TIMEOUT_MS;
+    this.handshakeTimer = setTimeout(() => {
       if (this.phase === 'handshake') {
-        this.log('handshake timed out');
+        this.log(`handshake not finished within ${timeoutMs} ms: closing`);
         this.socket.destroy();
       }
-    }, this.server.options.handshakeTimeoutMs ?? 30_000);
+    }, timeoutMs);
     try {
       const proceed = await this.handshake();
-      clearTimeout(timer);
+      clearTimeout(this.handshakeTimer);
       if (proceed) await this.transmit();
     } catch (err) {
       if (!(err instanceof ConnectionClosed)) this.log(`dropped: ${(err as Error).message}`);
     } finally {
-      clearTimeout(timer);
+      clearTimeout(this.handshakeTimer);
       this.phase = 'closing';
       await this.drain();
       this.output.close();
       this.socket.end();
       this.socket.destroySoon?.();
       setTimeout(() => this.socket.destroy(), 1000).unref();
+      if (this.holdsSlot) {
+        this.holdsSlot = false;
+        this.server.slots.release();
+      }
+    }
+  }
+
+  /**
+   * Waits for a transmission slot; false when the wait ended without one (the client left, the
+   * server stops). The handshake timer stops first: a client waiting here has done its part.
+   */
+  private async takeSlot(): Promise<boolean> {
+    clearTimeout(this.handshakeTimer);
+    if (this.socket.destroyed) return false;
+    const slots = this.server.slots;
+    const wait = slots.acquire();
+    if (wait.queued) this.log(`all ${slots.capacity} slots busy (--shared ${slots.capacity}): waiting, ${slots.waiting} in the queue`);
+    const left = () => wait.cancel('left while waiting for a slot');
+    this.socket.once('close', left);
+    try {
+      await wait.granted;
+      this.holdsSlot = true;
+      if (wait.queued) this.log('got a slot: starting');
+      return true;
+    } catch (err) {
+      if (!(err instanceof SlotWaitCancelled)) throw err;
+      this.log(err.message);
+      return false;
+    } finally {
+      this.socket.off('close', left);
     }
   }
 
@@ -162,6 +206,7 @@ export class Connection {
           this.log(`NBD_OPT_EXPORT_NAME for an unknown export: closing`);
           return 'close';
         }
+        if (!(await this.takeSlot())) return 'close';
         this.enterTransmission(name.value);
         void this.send(P.encodeExportNameReply(this.server.device.size, this.flags, this.noZeroes));
         return 'transmit';
@@ -193,11 +238,12 @@ export class Connection {
     }
   }
 
-  private infoOrGo(option: number, data: Buffer): 'continue' | 'transmit' {
+  private async infoOrGo(option: number, data: Buffer): Promise<'continue' | 'transmit' | 'close'> {
     const request = P.decodeInfoRequest(data);
     if (!request.ok) return this.error(option, P.REP_ERR_INVALID, request.problem);
     const { name, requests } = request.value;
     if (!this.server.isOurExport(name)) return this.error(option, P.REP_ERR_UNKNOWN, `no export named "${name}"`);
+    if (option === P.OPT_GO && !(await this.takeSlot())) return 'close';
     const flags = this.transmissionFlags();
     this.reply(option, P.REP_INFO, P.encodeInfoExport(this.server.device.size, flags));
     if (requests.includes(P.INFO_NAME)) this.reply(option, P.REP_INFO, P.encodeInfoString(P.INFO_NAME, this.server.exportName));

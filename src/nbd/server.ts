@@ -20,6 +20,7 @@ export type { FileRange };
 
 export { BLOCK_SIZES };
 import { BLOCK_SIZES, Connection } from './connection.js';
+import { TransmissionSlots } from './slots.js';
 import { type OptionKeys, checkOptions } from '../options.js';
 
 /** The block device behind an export. `openCow` devices fit it as they are. */
@@ -59,12 +60,22 @@ export interface NbdServeOptions {
   readOnly?: boolean;
   /** Clients served at once (NBD_FLAG_CAN_MULTI_CONN is advertised when more than 1). Default 1. */
   shared?: number;
+  /**
+   * Connections accepted beyond `shared`: they run their handshakes, then wait in arrival order
+   * for a transmission slot. A connection beyond `shared + queue` is closed at once. Default 128.
+   */
+  queue?: number;
   /** True when device.write is durable before it resolves (FUA then needs no flush). */
   writesDurable?: boolean;
   /** Bytes of request payloads and read replies in flight per connection before reading pauses. */
   maxInFlightBytes?: number;
-  /** A connection that has not finished the handshake after this long is dropped. */
+  /** A connection that has not finished the handshake after this long is dropped (default 10 s; waiting for a slot does not count). */
   handshakeTimeoutMs?: number;
+  /**
+   * close(): how long connections get to finish their in-flight requests (a client that does not
+   * read its replies never lets them finish) before they are closed regardless. Default 3 s.
+   */
+  stopGraceMs?: number;
   /** false: never send replies with sendfile (default: when the OS layer and the device allow it). */
   zeroCopy?: boolean;
   /** Called with one line per notable event (connections, protocol violations). */
@@ -82,7 +93,7 @@ export interface NbdServer {
   close(): Promise<void>;
 }
 
-const serveNbdOptionKeys: OptionKeys<NbdServeOptions> = { socket: true, port: true, bind: true, name: true, description: true, readOnly: true, shared: true, writesDurable: true, maxInFlightBytes: true, zeroCopy: true, handshakeTimeoutMs: true, log: true };
+const serveNbdOptionKeys: OptionKeys<NbdServeOptions> = { socket: true, port: true, bind: true, name: true, description: true, readOnly: true, shared: true, queue: true, stopGraceMs: true, writesDurable: true, maxInFlightBytes: true, zeroCopy: true, handshakeTimeoutMs: true, log: true };
 
 export async function serveNbd(device: NbdBlockDevice, options: NbdServeOptions): Promise<NbdServer> {
   checkOptions('serveNbd', options, serveNbdOptionKeys);
@@ -91,11 +102,14 @@ export async function serveNbd(device: NbdBlockDevice, options: NbdServeOptions)
   }
   const shared = options.shared ?? 1;
   if (!Number.isInteger(shared) || shared < 1) throw new UbdcowError('usage', `--shared ${shared}: expected a whole number of clients, at least 1`);
+  const queue = options.queue ?? DEFAULT_QUEUE;
+  if (!Number.isInteger(queue) || queue < 0) throw new UbdcowError('usage', `--queue ${queue}: expected a whole number of waiting clients, 0 or more`);
   const sizeProblem = P.blockSizeProblem(BLOCK_SIZES, device.size);
   if (sizeProblem) throw new Error(sizeProblem);
-  const state = new ServerState(device, options, shared);
+  const state = new ServerState(device, options, shared, queue);
+  // No server.maxConnections: it closes a connection over the limit without a word. Clients
+  // beyond `shared` queue for a slot instead (see slots.ts), and ServerState.accept bounds them.
   const server = net.createServer({ pauseOnConnect: false }, (socket) => state.accept(socket));
-  server.maxConnections = shared;
   if (options.socket !== undefined) await removeStaleSocket(options.socket);
   await new Promise<void>((resolve, reject) => {
     server.once('error', (err: NodeJS.ErrnoException) => {
@@ -107,7 +121,7 @@ export async function serveNbd(device: NbdBlockDevice, options: NbdServeOptions)
   });
   server.on('error', (err) => options.log?.(`server error: ${err.message}`));
   const bound = server.address();
-  const address = typeof bound === 'string' || bound === null ? `unix:${options.socket}` : `${bound.address}:${bound.port}`;
+  const address = typeof bound === 'string' || bound === null ? `unix:${options.socket}` : hostPort(bound);
   let closing: Promise<void> | undefined;
   return {
     address,
@@ -129,6 +143,17 @@ export async function serveNbd(device: NbdBlockDevice, options: NbdServeOptions)
   };
 }
 
+/** Clients that may wait for a transmission slot by default (serve --queue). */
+export const DEFAULT_QUEUE = 128;
+/** How long a shutdown waits for in-flight requests by default. */
+const DEFAULT_STOP_GRACE_MS = 3000;
+
+/** `HOST:PORT`, an IPv6 host in brackets (`[::1]:10809`) as URIs and qemu's nbd:HOST:PORT want it. */
+export function hostPort(bound: net.AddressInfo): string {
+  const ipv6 = bound.family === 'IPv6' || (bound.family as unknown) === 6;
+  return ipv6 ? `[${bound.address}]:${bound.port}` : `${bound.address}:${bound.port}`;
+}
+
 /** A socket file left by a server that is gone is removed; one a live server answers on is not. */
 async function removeStaleSocket(file: string): Promise<void> {
   const stat = await fs.promises.lstat(file).catch(() => undefined);
@@ -146,18 +171,21 @@ async function removeStaleSocket(file: string): Promise<void> {
   await fs.promises.unlink(file).catch(() => undefined);
 }
 
-/** What every connection of one server shares: the device, the options, the open connections. */
+/** What every connection of one server shares: the device, the options, the open connections, the slots. */
 export class ServerState {
   readonly open = new Set<Connection>();
   readonly readOnly: boolean;
+  readonly slots: TransmissionSlots;
   stopping = false;
 
   constructor(
     readonly device: NbdBlockDevice,
     readonly options: NbdServeOptions,
     readonly shared: number,
+    readonly queue: number,
   ) {
     this.readOnly = Boolean(options.readOnly) || device.readOnly;
+    this.slots = new TransmissionSlots(shared);
   }
 
   get exportName(): string {
@@ -174,14 +202,34 @@ export class ServerState {
       socket.destroy();
       return;
     }
+    if (this.open.size >= this.shared + this.queue) {
+      const peer = socket.remoteAddress ? `${socket.remoteAddress}:${socket.remotePort}` : 'local client';
+      this.options.log?.(`${peer}: refused: ${this.open.size} connections open, the limit is --shared ${this.shared} + --queue ${this.queue}`);
+      socket.destroy();
+      return;
+    }
     socket.setNoDelay?.(true);
     const connection = new Connection(this, socket);
     this.open.add(connection);
     connection.run().finally(() => this.open.delete(connection));
   }
 
+  /**
+   * Stops every connection: in-flight requests get `stopGraceMs` to finish; connections still
+   * busy then (their clients do not read the replies, so the socket never drains) are closed, so
+   * a shutdown always ends and the device can be flushed and closed.
+   */
   async stop(): Promise<void> {
     this.stopping = true;
-    await Promise.all([...this.open].map((c) => c.stop()));
+    this.slots.cancelAll('server is shutting down');
+    const stopped = Promise.all([...this.open].map((c) => c.stop()));
+    const graceMs = this.options.stopGraceMs ?? DEFAULT_STOP_GRACE_MS;
+    let timer: NodeJS.Timeout | undefined;
+    const late = await Promise.race([stopped.then(() => false), new Promise<boolean>((resolve) => (timer = setTimeout(() => resolve(true), graceMs)))]);
+    clearTimeout(timer);
+    if (late) {
+      for (const c of this.open) c.abandon(`requests still in flight ${graceMs} ms into the shutdown (the client does not take its replies): closing`);
+      await stopped;
+    }
   }
 }
