@@ -54,8 +54,9 @@ describe.skipIf(missing.length > 0)(titleWithSkipReason('COW file locks (POSIX f
       );
       expect(err).toBeInstanceOf(UbdcowError);
       expect((err as UbdcowError).code).toBe('locked');
+      // The holder is named from fcntl(F_GETLK)'s pid: python3 here, not "a running UML".
       expect((err as UbdcowError).message).toBe(
-        `${file}: in use by another process (a running UML holds a lock on it; see /proc/locks)`,
+        `${file}: in use by another process: held by python3 (pid ${holder.child.pid}); stop it or wait until it ends, then retry`,
       );
       // A read lock conflicts with the kernel's write lock too.
       const reader = await nodeFileSystem.open(file, 'r');
@@ -225,6 +226,7 @@ describe.skipIf(missing.length > 0)(titleWithSkipReason('without the fcntl bindi
           const err = await lockCowFile(handle, file, { exclusive }).then(() => undefined, (e: unknown) => e);
           expect(err).toBeInstanceOf(UbdcowError);
           expect((err as UbdcowError).code).toBe('locked');
+          expect((err as UbdcowError).message).toContain(`held by python3 (pid ${holder.child.pid})`);
           expect(await isCowFileLocked(handle, file, { exclusive })).toBe(true);
         } finally {
           await handle.close();

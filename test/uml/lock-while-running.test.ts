@@ -93,6 +93,8 @@ describe.skipIf(missing.length > 0)(umlSuiteTitle('a running guest\'s COW is loc
     const toNewFile = await ubdcow(['commit', cow, out]);
     expect(toNewFile.status).not.toBe(0);
     expect(toNewFile.stderr).toMatch(/^ubdcow commit: .*in use/);
+    // The holder is named: the UML kernel (the pid that holds the lock), not another program.
+    expect(toNewFile.stderr).toContain(`a running UML holds a lock on it, pid ${cowLocks[0]!.pid};`);
     expect(toNewFile.stderr.trim().split('\n')).toHaveLength(1);
     expect(fs.existsSync(out)).toBe(false);
 
