@@ -2,6 +2,7 @@ import * as fs from 'node:fs';
 import { UbdcowError, fromSystemError } from '../errors.js';
 import { osCalls, osCallsUnavailable } from '../os/libc.js';
 import type { FileHandleLike } from './file.js';
+import { describeLockHolder } from './lock-holder.js';
 import { type OptionKeys, checkOptions } from '../options.js';
 
 export interface CowLockOptions {
@@ -17,8 +18,27 @@ const lockOptionKeys: OptionKeys<CowLockOptions> = { exclusive: true };
 /** errno codes fcntl(F_SETLK) uses for "someone else holds a conflicting lock". */
 const heldElsewhere = new Set(['EACCES', 'EAGAIN', 'EBUSY']);
 
-function lockedError(path: string, cause?: unknown): UbdcowError {
-  return new UbdcowError('locked', `${path}: in use by another process (a running UML holds a lock on it; see /proc/locks)`, { file: path, cause });
+/**
+ * The refusal, naming the holder when its pid is known: a UML keeps the wording users and tests
+ * know (plus the pid); another ubdcow (serve, commit...) or any other program is named as such.
+ */
+function lockedError(path: string, holderPid: number | undefined, cause?: unknown): UbdcowError {
+  const holder = holderPid !== undefined && holderPid > 0 ? describeLockHolder(holderPid) : undefined;
+  let message: string;
+  if (!holder) message = `${path}: in use by another process (a running UML holds a lock on it; see /proc/locks)`;
+  else if (holder.kind === 'uml') message = `${path}: in use by another process (a running UML holds a lock on it, pid ${holder.pid}; see /proc/locks)`;
+  else message = `${path}: in use by another process: held by ${holder.name} (pid ${holder.pid}); stop it or wait until it ends, then retry`;
+  return new UbdcowError('locked', message, { file: path, cause });
+}
+
+/** The pid fcntl(F_GETLK) names as the holder of a conflicting lock, if any (-1 for OFD locks). */
+function conflictingPid(fd: number, exclusive: boolean): number | undefined {
+  try {
+    const found = osCalls()?.getLock(fd, exclusive ? 'write' : 'read');
+    return found && found.type !== 'unlock' ? found.pid : undefined;
+  } catch {
+    return undefined;
+  }
 }
 
 /**
@@ -40,7 +60,8 @@ export async function lockCowFile(file: FileHandleLike, path: string, options: C
   const exclusive = options.exclusive ?? true;
   const calls = osCalls();
   if (!calls) {
-    if (await heldInProcLocks(file.fd, path, exclusive)) throw lockedError(path);
+    const holder = await heldInProcLocks(file.fd, path, exclusive);
+    if (holder) throw lockedError(path, holder.pid);
     warnUnlocked(path);
     return;
   }
@@ -48,7 +69,7 @@ export async function lockCowFile(file: FileHandleLike, path: string, options: C
     calls.setLock(file.fd, exclusive ? 'write' : 'read');
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code;
-    if (code && heldElsewhere.has(code)) throw lockedError(path, err);
+    if (code && heldElsewhere.has(code)) throw lockedError(path, conflictingPid(file.fd, exclusive), err);
     throw fromSystemError(err, path, 'lock');
   }
 }
@@ -72,7 +93,7 @@ export async function unlockCowFile(file: FileHandleLike, path: string): Promise
 export async function isCowFileLocked(file: FileHandleLike, path: string, options: CowLockOptions = {}): Promise<boolean> {
   checkOptions('isCowFileLocked', options, lockOptionKeys);
   // Without fcntl a probe only looks; it takes nothing, so there is nothing to warn about.
-  if (file.fd !== undefined && !osCalls()) return heldInProcLocks(file.fd, path, options.exclusive ?? true);
+  if (file.fd !== undefined && !osCalls()) return (await heldInProcLocks(file.fd, path, options.exclusive ?? true)) !== undefined;
   try {
     await lockCowFile(file, path, options);
   } catch (err) {
@@ -122,11 +143,11 @@ export function procLocksId(dev: number, ino: number | bigint): string {
 export const procLocksSource = { path: '/proc/locks' };
 
 /**
- * Whether another process holds a lock on the file that conflicts with ours: any POSIX or OFD
- * lock for a write lock, a write lock for a read lock (BSD flock locks never conflict with fcntl
- * ones on Linux). Without /proc/locks nothing can be known, and the answer is no.
+ * A lock another process holds on the file that conflicts with ours: any POSIX or OFD lock for a
+ * write lock, a write lock for a read lock (BSD flock locks never conflict with fcntl ones on
+ * Linux). Without /proc/locks nothing can be known, and the answer is none.
  */
-async function heldInProcLocks(fd: number, path: string, exclusive: boolean): Promise<boolean> {
+async function heldInProcLocks(fd: number, path: string, exclusive: boolean): Promise<ProcLock | undefined> {
   let text: string;
   let id: string;
   try {
@@ -135,9 +156,9 @@ async function heldInProcLocks(fd: number, path: string, exclusive: boolean): Pr
     text = await fs.promises.readFile(procLocksSource.path, 'utf8');
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code === 'EBADF') throw fromSystemError(err, path, 'lock');
-    return false;
+    return undefined;
   }
-  return parseProcLocks(text).some(
+  return parseProcLocks(text).find(
     (lock) => lock.id === id && lock.pid !== process.pid && (lock.kind === 'POSIX' || lock.kind === 'OFDLCK') && (exclusive || lock.access === 'WRITE'),
   );
 }
