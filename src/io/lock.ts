@@ -27,7 +27,7 @@ function lockedError(path: string, holderPid: number | undefined, cause?: unknow
   let message: string;
   if (!holder) message = `${path}: in use by another process (a running UML holds a lock on it; see /proc/locks)`;
   else if (holder.kind === 'uml') message = `${path}: in use by another process (a running UML holds a lock on it, pid ${holder.pid}; see /proc/locks)`;
-  else message = `${path}: in use by another process: held by ${holder.name} (pid ${holder.pid}); stop it or wait until it ends, then retry`;
+  else message = `${path}: in use by another process: held by ${holder.name} (pid ${holder.pid}); stop it or wait until it ends, then retry; see /proc/locks`;
   return new UbdcowError('locked', message, { file: path, cause });
 }
 

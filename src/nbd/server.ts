@@ -89,7 +89,7 @@ export interface NbdServer {
   readonly socketPath?: string;
   /** Connections currently open. */
   readonly connections: number;
-  /** Stops accepting, lets in-flight requests finish, closes connections, flushes the device. */
+  /** Stops accepting, lets in-flight requests finish (for up to stopGraceMs), closes connections, flushes the device. */
   close(): Promise<void>;
 }
 

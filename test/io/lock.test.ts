@@ -56,7 +56,7 @@ describe.skipIf(missing.length > 0)(titleWithSkipReason('COW file locks (POSIX f
       expect((err as UbdcowError).code).toBe('locked');
       // The holder is named from fcntl(F_GETLK)'s pid: python3 here, not "a running UML".
       expect((err as UbdcowError).message).toBe(
-        `${file}: in use by another process: held by python3 (pid ${holder.child.pid}); stop it or wait until it ends, then retry`,
+        `${file}: in use by another process: held by python3 (pid ${holder.child.pid}); stop it or wait until it ends, then retry; see /proc/locks`,
       );
       // A read lock conflicts with the kernel's write lock too.
       const reader = await nodeFileSystem.open(file, 'r');

@@ -40,7 +40,7 @@ describe.skipIf(missing.length > 0)(titleWithSkipReason('a COW that ubdcow serve
       expect(refused.status, refused.stderr).toBe(1);
       const lines = refused.stderr.trim().split('\n');
       expect(lines).toHaveLength(1);
-      expect(lines[0]).toContain(`${cow}: in use by another process: ${held}; stop it or wait until it ends, then retry`);
+      expect(lines[0]).toContain(`${cow}: in use by another process: ${held}; stop it or wait until it ends, then retry; see /proc/locks`);
       expect(lines[0]).not.toContain('UML');
     }
     expect(fs.existsSync(path.join(tmp.path, 'out.img'))).toBe(false);
