@@ -9,12 +9,12 @@ import * as P from './protocol.js';
 import { osCalls } from '../os/libc.js';
 import { ReplyBufferPool } from './reply-buffers.js';
 import { ReplyWriter } from './reply-writer.js';
-import { SlotWaitCancelled } from './slots.js';
+import { BLOCK_SIZES, requestProblem } from './request-checks.js';
+import { waitForSlot } from './slots.js';
 import { ConnectionClosed, SocketReader } from './socket-reader.js';
 import type { ServerState } from './server.js';
 
-/** Block size constraints: any alignment works (the engine copies up partial sectors). */
-export const BLOCK_SIZES: P.BlockSizes = { minimum: 1, preferred: 4096, maximum: 32 << 20 };
+export { BLOCK_SIZES };
 /** Option data longer than this is taken as a denial-of-service attempt (hard disconnect). */
 const MAX_OPTION_BYTES = 64 << 10;
 /** Options per connection before the server gives up on the client. */
@@ -24,13 +24,6 @@ const MAX_DRAINED_PAYLOAD = 2 * BLOCK_SIZES.maximum;
 const BASE_ALLOCATION_ID = 1;
 const ZEROES = Buffer.alloc(1 << 20);
 const MAX_STATUS_EXTENTS = 2048;
-/** The command flags each command accepts (READ's also depend on structured replies). */
-const ALLOWED_FLAGS = new Map<number, number>([
-  [P.CMD_WRITE, P.CMD_FLAG_FUA],
-  [P.CMD_FLUSH, P.CMD_FLAG_FUA],
-  [P.CMD_WRITE_ZEROES, P.CMD_FLAG_FUA | P.CMD_FLAG_NO_HOLE],
-  [P.CMD_BLOCK_STATUS, P.CMD_FLAG_FUA | P.CMD_FLAG_REQ_ONE],
-]);
 /** A client that has not chosen the export this long after connecting is dropped (qemu-nbd's default). */
 export const HANDSHAKE_TIMEOUT_MS = 10_000;
 /** Reads from this size on are sent from the files with sendfile when the device allows it. */
@@ -123,30 +116,11 @@ export class Connection {
     }
   }
 
-  /**
-   * Waits for a transmission slot; false when the wait ended without one (the client left, the
-   * server stops). The handshake timer stops first: a client waiting here has done its part.
-   */
+  /** A transmission slot (--shared); the handshake timer stops first: a client waiting here has done its part. */
   private async takeSlot(): Promise<boolean> {
     clearTimeout(this.handshakeTimer);
-    if (this.socket.destroyed) return false;
-    const slots = this.server.slots;
-    const wait = slots.acquire();
-    if (wait.queued) this.log(`all ${slots.capacity} slots busy (--shared ${slots.capacity}): waiting, ${slots.waiting} in the queue`);
-    const left = () => wait.cancel('left while waiting for a slot');
-    this.socket.once('close', left);
-    try {
-      await wait.granted;
-      this.holdsSlot = true;
-      if (wait.queued) this.log('got a slot: starting');
-      return true;
-    } catch (err) {
-      if (!(err instanceof SlotWaitCancelled)) throw err;
-      this.log(err.message);
-      return false;
-    } finally {
-      this.socket.off('close', left);
-    }
+    this.holdsSlot = await waitForSlot(this.server.slots, this.socket, (line) => this.log(line));
+    return this.holdsSlot;
   }
 
   // ---- handshake -------------------------------------------------------------------------
@@ -323,36 +297,8 @@ export class Connection {
     while (this.inFlight > 0) await new Promise<void>((resolve) => this.slotWaiters.push(resolve));
   }
 
-  /** Why a request is refused, as an NBD error value, or 0 when it may run. */
-  private validate(r: P.Request): { error: number; message: string } | undefined {
-    const size = this.server.device.size;
-    const end = r.offset + r.length;
-    const mask = r.type === P.CMD_READ ? P.CMD_FLAG_FUA | (this.structured ? P.CMD_FLAG_DF : 0) : ALLOWED_FLAGS.get(r.type);
-    if (mask === undefined) {
-      const what = r.type === P.CMD_TRIM ? 'NBD_CMD_TRIM is not supported (not advertised)' : `unknown command ${r.type}`;
-      return { error: P.NBD_EINVAL, message: what };
-    }
-    if ((r.flags & ~mask) !== 0) return { error: P.NBD_EINVAL, message: `command flags 0x${r.flags.toString(16)} are not valid for command ${r.type}` };
-    const writes = r.type === P.CMD_WRITE || r.type === P.CMD_WRITE_ZEROES;
-    if (writes && this.server.readOnly) return { error: P.NBD_EPERM, message: 'the export is read-only' };
-    switch (r.type) {
-      case P.CMD_FLUSH:
-        if (r.offset !== 0 || r.length !== 0) return { error: P.NBD_EINVAL, message: 'NBD_CMD_FLUSH needs offset and length 0' };
-        return undefined;
-      case P.CMD_BLOCK_STATUS:
-        if (!this.blockStatusOn) return { error: P.NBD_EINVAL, message: 'no metadata context was selected' };
-        if (r.length === 0) return { error: P.NBD_EINVAL, message: 'block status of 0 bytes' };
-        if (end > size) return { error: P.NBD_EINVAL, message: `range ends at ${end}, past the export size ${size}` };
-        return undefined;
-      default:
-        if (end > size) return { error: writes ? P.NBD_ENOSPC : P.NBD_EINVAL, message: `range ends at ${end}, past the export size ${size}` };
-        if (r.length > BLOCK_SIZES.maximum) return { error: P.NBD_EINVAL, message: `length ${r.length} is above the maximum block size ${BLOCK_SIZES.maximum}` };
-        return undefined;
-    }
-  }
-
   private async handle(r: P.Request, payload: Buffer | undefined): Promise<void> {
-    const refused = this.validate(r);
+    const refused = requestProblem(r, { size: this.server.device.size, readOnly: this.server.readOnly, structured: this.structured, blockStatusOn: this.blockStatusOn });
     if (refused) return this.sendError(r, refused.error, refused.message);
     const device = this.server.device;
     try {

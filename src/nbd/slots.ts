@@ -6,6 +6,8 @@
  * get the next slot that frees, as qemu-nbd -e N serves clients beyond N one after another.
  */
 
+import type { Socket } from 'node:net';
+
 /** Why a wait for a slot ended without one. */
 export class SlotWaitCancelled extends Error {
   constructor(reason: string) {
@@ -67,5 +69,28 @@ export class TransmissionSlots {
   /** Ends every wait (the server stops). */
   cancelAll(reason: string): void {
     for (const waiter of this.waiters.splice(0)) waiter.refuse(new SlotWaitCancelled(reason));
+  }
+}
+
+/**
+ * Waits for a slot for the connection on `socket`; false when the wait ended without one (the
+ * client left, the server stops). Queueing, the grant and a cancelled wait are logged.
+ */
+export async function waitForSlot(slots: TransmissionSlots, socket: Socket, log: (line: string) => void): Promise<boolean> {
+  if (socket.destroyed) return false;
+  const wait = slots.acquire();
+  if (wait.queued) log(`all ${slots.capacity} slots busy (--shared ${slots.capacity}): waiting, ${slots.waiting} in the queue`);
+  const left = () => wait.cancel('left while waiting for a slot');
+  socket.once('close', left);
+  try {
+    await wait.granted;
+    if (wait.queued) log('got a slot: starting');
+    return true;
+  } catch (err) {
+    if (!(err instanceof SlotWaitCancelled)) throw err;
+    log(err.message);
+    return false;
+  } finally {
+    socket.off('close', left);
   }
 }
