@@ -124,6 +124,7 @@ const importCommand: CommandModule = {
       force: Boolean(argv.force),
       progress: Boolean(argv.p),
     });
+    warn('import', result.warnings);
     if (argv.json) out(toJson(result));
     else note(`imported ${result.source} (${result.sourceFormat}) into ${result.cow} over ${result.backing}: ${result.sectors} sectors (${formatBytes(result.bytes)}) differ from the backing`);
   },

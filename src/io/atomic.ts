@@ -42,6 +42,18 @@ export function existsError(file: string): UbdcowError {
 }
 
 /**
+ * Refuses early when `file` is already there: a fail-fast before long work. writeNewFile's link()
+ * is what makes no-clobber atomic (a file appearing meanwhile, or a dangling symlink, fails there).
+ */
+export async function refuseExisting(fs: FileSystem, file: string): Promise<void> {
+  const exists = await fs.stat(file).then(
+    () => true,
+    (err: NodeJS.ErrnoException) => (err.code === 'ENOENT' ? false : Promise.reject(fromSystemError(err, file, 'check whether it exists'))),
+  );
+  if (exists) throw existsError(file);
+}
+
+/**
  * Writes a file under a temporary name in the same folder, syncs it, then puts it in place:
  * with link() when it must not replace anything (atomic no-clobber), rename() when it may.
  * The destination never holds a half-written file, and on failure it is untouched.
