@@ -123,6 +123,6 @@ async function checkBaseSize(fs: FileSystem, named: string, base: string, image:
   const fits = stat?.kind === 'file' ? stat.size === size : qemuSizeFits(info.virtualSize, size);
   if (!fits) {
     const baseSize = stat?.kind === 'file' ? stat.size : info.virtualSize;
-    throw new UbdcowError('size-mismatch', `${named}: is ${baseSize} bytes, but ${image} is ${size}; an overlay needs a base of the same size (the backing file ${image} was made over)`, { file: named });
+    throw new UbdcowError('size-mismatch', `${named}: is ${baseSize} bytes, but ${image} is ${size}; an overlay needs a base of the disk's size (such as the backing file ${image} was made over)`, { file: named });
   }
 }
