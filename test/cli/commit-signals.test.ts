@@ -3,6 +3,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { createCow } from '../../src/commands/create.js';
+import { serveImage } from '../../src/commands/serve.js';
 import { openCow } from '../../src/io/engine.js';
 import { useTempDir } from '../helpers/tmp.js';
 import { ensureBuiltCli, missingTools, titleWithSkipReason } from '../helpers/tools.js';
@@ -159,30 +160,33 @@ describe.skipIf(missingTools('qemu-img').length > 0)(titleWithSkipReason('signal
 
   for (const signal of ['SIGINT', 'SIGTERM'] as const) {
     it(`${signal} while qemu-img copies SRC kills qemu-img and leaves no raw copy, no partial COW, no COW`, async () => {
-      // 192 MiB of data in a 1 GiB source: qemu-img copies for a good part of a second.
-      const src = path.join(tmp.path, 'src.raw');
-      const fd = fs.openSync(src, 'w');
-      const piece = Buffer.alloc(1 << 20);
-      for (let i = 0; i < piece.length; i++) piece[i] = (i * 31 + 7) & 0xff | 1;
-      for (let mib = 0; mib < 192; mib++) fs.writeSync(fd, piece, 0, piece.length, mib << 20);
-      fs.ftruncateSync(fd, 1 << 30);
-      fs.closeSync(fd);
+      // SRC is an NBD export of a 64 GiB COW, served by this test process: qemu-img reads every
+      // byte (holes without the zero flag), which takes many seconds, and an orphaned qemu-img
+      // would go on reading it long after ubdcow is gone.
       const base = path.join(tmp.path, 'base.img');
       fs.writeFileSync(base, '');
-      fs.truncateSync(base, 1 << 30);
+      fs.truncateSync(base, 64 * 2 ** 30);
+      const cow = path.join(tmp.path, 'vm.cow');
+      await createCow(cow, base);
+      const socket = path.join(tmp.path, 'nbd.sock');
+      const served = await serveImage(cow, { socket, readOnly: true });
       let qemuImg = 0;
-      await interruptMidway(
-        ['import', src, path.join(tmp.path, 'imported.cow'), base],
-        signal,
-        (pid) => {
-          const copying = fs.readdirSync(tmp.path).find((name) => /^\.imported\.cow\.raw\.ubdcow-\d+-[a-z0-9]+\.tmp$/.test(name));
-          [qemuImg] = childrenNamed(pid, 'qemu-img');
-          return copying !== undefined && qemuImg !== undefined ? copying : undefined;
-        },
-        { settleMs: 30, beforeSignal: () => expect(running(qemuImg), 'qemu-img still copying when the signal is sent').toBe(true) },
-      );
-      await waitFor(() => (running(qemuImg) ? undefined : true), 5_000);
-      expect(fs.readdirSync(tmp.path).sort()).toEqual(['base.img', 'src.raw']);
+      try {
+        await interruptMidway(
+          ['import', `nbd+unix:///?socket=${socket}`, path.join(tmp.path, 'imported.cow'), base],
+          signal,
+          (pid) => {
+            const copying = fs.readdirSync(tmp.path).find((name) => /^\.imported\.cow\.raw\.ubdcow-\d+-[a-z0-9]+\.tmp$/.test(name));
+            [qemuImg] = childrenNamed(pid, 'qemu-img');
+            return copying !== undefined && qemuImg !== undefined ? copying : undefined;
+          },
+          { settleMs: 100, beforeSignal: () => expect(running(qemuImg), 'qemu-img still copying when the signal is sent').toBe(true) },
+        );
+        await waitFor(() => (running(qemuImg) ? undefined : true), 2_000);
+      } finally {
+        await served.close();
+      }
+      expect(fs.readdirSync(tmp.path).sort()).toEqual(['base.img', 'vm.cow']);
     });
 
     it(`${signal} while the copy is compared with the backing leaves no raw copy, no partial COW, no COW`, async () => {
