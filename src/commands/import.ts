@@ -78,7 +78,7 @@ export async function importImage(source: string, cowPath: string, backing: stri
     });
     return { source, sourceFormat: info.format, cow: cowPath, backing, size, sectors: written.sectors, bytes: written.bytes, warnings: plan.warnings };
   } finally {
-    fs.rmSync(rawCopy, { force: true });
+    await fileSystem.unlink(rawCopy).catch(() => undefined);
     forgetRawCopy();
   }
 }

@@ -64,6 +64,33 @@ function running(pid: number): boolean {
   return stat !== undefined && stat.state !== 'Z';
 }
 
+/** A 64 GiB sparse base.img and an empty vm.cow over it: qemu-img reads all of such an export (its holes are not zeros), which takes many seconds. */
+async function bigEmptyCow(dir: string): Promise<{ base: string; cow: string }> {
+  const base = path.join(dir, 'base.img');
+  fs.writeFileSync(base, '');
+  fs.truncateSync(base, 64 * 2 ** 30);
+  const cow = path.join(dir, 'vm.cow');
+  await createCow(cow, base);
+  return { base, cow };
+}
+
+/**
+ * Probes for interruptMidway around the qemu-img that ubdcow runs: `started` once a file matching
+ * `pattern` is in `dir` and ubdcow has a qemu-img child, `beforeSignal` checks that it still runs,
+ * `ended` waits until it is gone.
+ */
+function watchQemuImg(dir: string, pattern: RegExp) {
+  let qemuImg: number | undefined;
+  return {
+    started: (pid: number) => {
+      [qemuImg] = childrenNamed(pid, 'qemu-img');
+      return qemuImg === undefined ? undefined : fs.readdirSync(dir).find((name) => pattern.test(name));
+    },
+    beforeSignal: () => expect(qemuImg !== undefined && running(qemuImg), 'qemu-img still running when the signal is sent').toBe(true),
+    ended: (timeoutMs: number) => waitFor(() => (qemuImg !== undefined && running(qemuImg) ? undefined : true), timeoutMs),
+  };
+}
+
 /**
  * Runs `ubdcow ARGS`, waits until `started` finds what the command is building, checks
  * `whileRunning`, lets it work `settleMs` more, then sends `signal`. Checks that the process ended
@@ -127,28 +154,19 @@ describe.skipIf(missingTools('qemu-img').length > 0)(titleWithSkipReason('signal
 
   for (const signal of ['SIGINT', 'SIGTERM'] as const) {
     it(`${signal} mid-convert removes the partial image and the socket's folder, kills qemu-img, and leaves no OUT`, async () => {
-      const base = path.join(tmp.path, 'base.img');
-      fs.writeFileSync(base, '');
-      // qemu-img reads every byte the export serves (its holes are not zeros): 64 GiB takes many seconds.
-      fs.truncateSync(base, 64 * 2 ** 30);
-      const cow = path.join(tmp.path, 'vm.cow');
-      await createCow(cow, base);
+      const { cow } = await bigEmptyCow(tmp.path);
       const scratch = path.join(tmp.path, 'scratch');
       fs.mkdirSync(scratch);
       const out = path.join(tmp.path, 'out.qcow2');
 
-      let qemuImg = 0;
-      const started = (pid: number) => {
-        [qemuImg] = childrenNamed(pid, 'qemu-img');
-        return qemuImg === undefined ? undefined : fs.readdirSync(tmp.path).find((name) => /^\.out\.qcow2\.ubdcow-\d+-[a-z0-9]+\.tmp$/.test(name));
-      };
-      await interruptMidway(['convert', cow, out, '-O', 'qcow2'], signal, started, {
+      const qemuImg = watchQemuImg(tmp.path, /^\.out\.qcow2\.ubdcow-\d+-[a-z0-9]+\.tmp$/);
+      await interruptMidway(['convert', cow, out, '-O', 'qcow2'], signal, qemuImg.started, {
         settleMs: 200,
         env: { ...process.env, TMPDIR: scratch },
         whileRunning: () => expect(fs.readdirSync(scratch)).toHaveLength(1),
-        beforeSignal: () => expect(running(qemuImg)).toBe(true),
+        beforeSignal: qemuImg.beforeSignal,
       });
-      await waitFor(() => (running(qemuImg) ? undefined : true), 5_000);
+      await qemuImg.ended(5_000);
       expect(fs.readdirSync(scratch)).toEqual([]);
       expect(fs.readdirSync(tmp.path).sort()).toEqual(['base.img', 'scratch', 'vm.cow']);
     });
@@ -163,26 +181,16 @@ describe.skipIf(missingTools('qemu-img').length > 0)(titleWithSkipReason('signal
       // SRC is an NBD export of a 64 GiB COW, served by this test process: qemu-img reads every
       // byte (holes without the zero flag), which takes many seconds, and an orphaned qemu-img
       // would go on reading it long after ubdcow is gone.
-      const base = path.join(tmp.path, 'base.img');
-      fs.writeFileSync(base, '');
-      fs.truncateSync(base, 64 * 2 ** 30);
-      const cow = path.join(tmp.path, 'vm.cow');
-      await createCow(cow, base);
+      const { base, cow } = await bigEmptyCow(tmp.path);
       const socket = path.join(tmp.path, 'nbd.sock');
       const served = await serveImage(cow, { socket, readOnly: true });
-      let qemuImg = 0;
+      const qemuImg = watchQemuImg(tmp.path, /^\.imported\.cow\.raw\.ubdcow-\d+-[a-z0-9]+\.tmp$/);
       try {
-        await interruptMidway(
-          ['import', `nbd+unix:///?socket=${socket}`, path.join(tmp.path, 'imported.cow'), base],
-          signal,
-          (pid) => {
-            const copying = fs.readdirSync(tmp.path).find((name) => /^\.imported\.cow\.raw\.ubdcow-\d+-[a-z0-9]+\.tmp$/.test(name));
-            [qemuImg] = childrenNamed(pid, 'qemu-img');
-            return copying !== undefined && qemuImg !== undefined ? copying : undefined;
-          },
-          { settleMs: 100, beforeSignal: () => expect(running(qemuImg), 'qemu-img still copying when the signal is sent').toBe(true) },
-        );
-        await waitFor(() => (running(qemuImg) ? undefined : true), 2_000);
+        await interruptMidway(['import', `nbd+unix:///?socket=${socket}`, path.join(tmp.path, 'imported.cow'), base], signal, qemuImg.started, {
+          settleMs: 100,
+          beforeSignal: qemuImg.beforeSignal,
+        });
+        await qemuImg.ended(2_000);
       } finally {
         await served.close();
       }
