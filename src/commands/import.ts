@@ -63,6 +63,8 @@ export async function importImage(source: string, cowPath: string, backing: stri
   // the copy a killed one left.
   const rawFor = `${path.resolve(cowPath)}.raw`;
   await removeStaleTemporaries(fileSystem, rawFor);
+  // Imports before these names left `.COW.ubdcow-import-PID.raw` and `.COW.ubdcow-import-PID`.
+  await removeStaleTemporaries(fileSystem, path.resolve(cowPath), /^import-(\d+)(?:\.raw)?$/);
   const rawCopy = temporaryNameFor(rawFor);
   const forgetRawCopy = removeOnSignal(rawCopy);
   try {

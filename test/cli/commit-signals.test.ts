@@ -216,13 +216,19 @@ describe.skipIf(missingTools('qemu-img').length > 0)(titleWithSkipReason('signal
     });
   }
 
-  it('a later import removes the raw copy and partial COW a killed import left (a dead pid), not those of a running one', () => {
+  it('a later import removes the raw copy and partial COW a killed import left (a dead pid; old names too), not those of a running one', () => {
     const src = path.join(tmp.path, 'src.raw');
     fs.writeFileSync(src, Buffer.alloc(1 << 20, 0x42));
     const base = path.join(tmp.path, 'base.img');
     fs.writeFileSync(base, Buffer.alloc(1 << 20));
     const dead = spawnSync('sh', ['-c', 'echo $$'], { encoding: 'utf8' }).stdout.trim();
-    const leftovers = [`.imported.cow.raw.ubdcow-${dead}-k1ll3d.tmp`, `.imported.cow.ubdcow-${dead}-k1ll3d.tmp`];
+    const leftovers = [
+      `.imported.cow.raw.ubdcow-${dead}-k1ll3d.tmp`,
+      `.imported.cow.ubdcow-${dead}-k1ll3d.tmp`,
+      // The names imports used before.
+      `.imported.cow.ubdcow-import-${dead}.raw`,
+      `.imported.cow.ubdcow-import-${dead}`,
+    ];
     const live = `.imported.cow.raw.ubdcow-${process.pid}-l1v3.tmp`;
     for (const name of [...leftovers, live]) fs.writeFileSync(path.join(tmp.path, name), 'left');
     const r = spawnSync(process.execPath, [cli, 'import', src, path.join(tmp.path, 'imported.cow'), base], { encoding: 'utf8' });
