@@ -93,7 +93,7 @@ const convert: CommandModule = {
       .option('B', { type: 'string', describe: 'Make OUT a qcow2 overlay over this base holding only what the COW holds' })
       .option('backing', { alias: 'b', type: 'string', describe: 'Backing file of IMAGE instead of the one in its header' })
       .option('p', { type: 'boolean', describe: 'Show qemu-img\'s progress' })
-      .option('force', { alias: 'f', type: 'boolean', describe: 'Replace OUT if it exists' })
+      .option('force', { alias: 'f', type: 'boolean', describe: 'Replace OUT if it exists (never IMAGE, its backing file or BASE, by any name)' })
       .option('json', { type: 'boolean', describe: 'Print the result as JSON' })
       .example('$0 convert vm.cow vm.qcow2 -O qcow2', 'The whole disk as one qcow2 image')
       .example('$0 convert vm.cow vm.qcow2 -O qcow2 -B base.img', 'Only what the COW holds, as a qcow2 overlay over base.img'),
@@ -120,7 +120,7 @@ const importCommand: CommandModule = {
       .positional('source', { type: 'string', describe: 'Image to import (qcow2, raw, vmdk, ... anything qemu-img reads)', demandOption: true })
       .positional('cow', { type: 'string', describe: 'COW file to create', demandOption: true })
       .positional('backing', { type: 'string', describe: 'Backing file of the new COW (same size as SOURCE\'s disk)', demandOption: true })
-      .option('force', { alias: 'f', type: 'boolean', describe: 'Replace COW if it exists' })
+      .option('force', { alias: 'f', type: 'boolean', describe: 'Replace COW if it exists (never SOURCE or BACKING, by any name)' })
       .option('p', { type: 'boolean', describe: 'Show qemu-img\'s progress while reading SOURCE' })
       .option('json', { type: 'boolean', describe: 'Print the result as JSON' })
       .example('$0 import vm.qcow2 vm.cow base.img', 'then: linux.uml ubd0=vm.cow,base.img ...'),
@@ -130,6 +130,7 @@ const importCommand: CommandModule = {
       force: Boolean(argv.force),
       progress: Boolean(argv.p),
     });
+    warn('import', result.warnings);
     if (argv.json) out(toJson(result));
     else note(`imported ${result.source} (${result.sourceFormat}) into ${result.cow} over ${result.backing}: ${result.sectors} sectors (${formatBytes(result.bytes)}) differ from the backing`);
   },

@@ -3,14 +3,21 @@
  * read-only `serve` on a temporary Unix socket. With -B, qemu-img asks the export for its
  * allocation (base:allocation) and writes only what the COW holds into a qcow2 overlay over BASE:
  * ranges reported as holes without the zero flag are left to the backing file.
- * OUT appears only when qemu-img succeeded (written beside it, then renamed).
+ * OUT appears only when qemu-img succeeded (written beside it through writeNewFile: synced, then
+ * linked, or renamed with -f), and never over IMAGE, its backing file or BASE (by identity).
  */
-import * as fs from 'node:fs';
+import * as fsSync from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import { refuseExisting, writeNewFile } from '../io/atomic.js';
+import { resolveBackingPath } from '../io/backing.js';
+import type { FileSystem } from '../io/file.js';
+import { type ProtectedFile, refuseOutputOverInput } from '../io/file-identity.js';
+import { openImageFile, probeHeader } from '../io/image.js';
+import { nodeFileSystem } from '../io/node-fs.js';
 import { removeOnSignal } from '../io/signal-cleanup.js';
-import { UbdcowError, fromSystemError } from '../errors.js';
-import { qemuImageInfo, runToolOk } from './qemu-img.js';
+import { UbdcowError } from '../errors.js';
+import { qemuImageInfo, qemuSizeFits, runToolOk } from './qemu-img.js';
 import { serveImage } from './serve.js';
 import { type OptionKeys, checkOptions } from '../options.js';
 
@@ -49,54 +56,73 @@ export async function convertImage(image: string, output: string, options: Conve
   if (options.base !== undefined && options.format !== 'qcow2') {
     throw new UbdcowError('usage', `-B ${options.base}: an overlay needs -O qcow2 (got -O ${options.format})`);
   }
-  if (!options.force && fs.existsSync(output)) {
-    throw new UbdcowError('exists', `${output}: already exists; use -f to replace it`, { file: output });
-  }
+  const fs = nodeFileSystem;
+  // Before anything is written: OUT may not be a file this conversion reads or IMAGE depends on.
+  await refuseOutputOverInput(fs, output, await filesConvertReads(fs, image, options));
+  if (!options.force) await refuseExisting(fs, output);
   let baseFormat: string | undefined;
   let baseAbsolute: string | undefined;
   if (options.base !== undefined) {
     baseAbsolute = path.resolve(options.base);
-    const info = await qemuImageInfo(baseAbsolute, 'convert');
-    baseFormat = info.format;
+    baseFormat = (await qemuImageInfo(baseAbsolute, 'convert')).format;
   } else {
     // Fails early, with the install hint, when qemu-img is missing.
     await runToolOk('qemu-img', ['--version'], 'convert', 'qemu-img');
   }
-  const folder = fs.mkdtempSync(path.join(os.tmpdir(), 'ubdcow-convert-'));
+  const folder = fsSync.mkdtempSync(path.join(os.tmpdir(), 'ubdcow-convert-'));
   const socket = path.join(folder, 'nbd.sock');
-  const partial = path.join(path.dirname(path.resolve(output)), `.${path.basename(output)}.ubdcow-partial-${process.pid}`);
-  // Ctrl-C or SIGTERM mid-convert leaves neither the half-written image nor the socket's folder.
+  // Ctrl-C or SIGTERM mid-convert leaves no socket folder (writeNewFile takes care of OUT's temporary).
   const keepFolder = removeOnSignal(folder);
-  const keepPartial = removeOnSignal(partial);
-  const served = await serveImage(image, { socket, readOnly: true, backing: options.backing }).catch((err) => {
-    fs.rmSync(folder, { recursive: true, force: true });
-    keepFolder();
-    keepPartial();
-    throw err;
-  });
   try {
-    if (baseAbsolute !== undefined) {
-      const info = await qemuImageInfo(baseAbsolute, 'convert');
-      if (info.virtualSize !== served.size) {
-        throw new UbdcowError('size-mismatch', `${options.base}: is ${info.virtualSize} bytes, but ${image} is ${served.size}; an overlay needs a base of the same size`, { file: options.base });
-      }
-    }
-    const args = ['convert', '-f', 'raw', '-O', options.format];
-    if (options.progress) args.push('-p');
-    if (baseAbsolute !== undefined) args.push('-B', baseAbsolute, '-F', baseFormat ?? 'raw');
-    args.push(`nbd+unix:///?socket=${socket}`, partial);
-    await runToolOk('qemu-img', args, 'convert', image, { inheritStdout: options.progress });
+    const served = await serveImage(image, { socket, readOnly: true, backing: options.backing });
     try {
-      fs.renameSync(partial, output);
-    } catch (err) {
-      throw fromSystemError(err, output, 'move the converted image into place');
+      if (baseAbsolute !== undefined) await checkBaseSize(fs, options.base ?? baseAbsolute, baseAbsolute, image, served.size);
+      const args = ['convert', '-f', 'raw', '-O', options.format];
+      if (options.progress) args.push('-p');
+      if (baseAbsolute !== undefined) args.push('-B', baseAbsolute, '-F', baseFormat ?? 'raw');
+      await writeNewFile(fs, output, options.force ?? false, async (file, temporary) => {
+        // qemu-img rewrites the empty temporary in place (same inode), so `file` syncs what it wrote.
+        await runToolOk('qemu-img', [...args, `nbd+unix:///?socket=${socket}`, path.resolve(temporary)], 'convert', image, { inheritStdout: options.progress });
+        // qemu counts whole 512-byte sectors: its raw image of a disk of another size ends in zeros
+        // past the disk. A raw image is the disk, byte for byte.
+        if (options.format === 'raw') await file.truncate(served.size);
+      });
+    } finally {
+      await served.close().catch(() => undefined);
     }
+    return { input: image, output, format: options.format, base: options.base, baseFormat, size: served.size, warnings: served.warnings };
   } finally {
-    await served.close().catch(() => undefined);
-    fs.rmSync(partial, { force: true });
-    fs.rmSync(folder, { recursive: true, force: true });
-    keepPartial();
+    fsSync.rmSync(folder, { recursive: true, force: true });
     keepFolder();
   }
-  return { input: image, output, format: options.format, base: options.base, baseFormat, size: served.size, warnings: served.warnings };
+}
+
+/** IMAGE, the backing file its header names (and the -b override), and BASE: what OUT may not be. */
+async function filesConvertReads(fs: FileSystem, image: string, options: ConvertOptions): Promise<ProtectedFile[]> {
+  const files: ProtectedFile[] = [{ file: image, role: 'the image being converted' }];
+  const { handle } = await openImageFile(fs, image, 'image');
+  try {
+    const probe = await probeHeader(handle, image, 'read image');
+    if ('parsed' in probe) files.push({ file: resolveBackingPath(probe.parsed.header), role: `the backing file ${image} names` });
+  } finally {
+    await handle.close().catch(() => undefined);
+  }
+  if (options.backing !== undefined) files.push({ file: options.backing, role: `the backing file given for ${image} (-b)` });
+  if (options.base !== undefined) files.push({ file: options.base, role: 'the base of the overlay (-B)' });
+  return files;
+}
+
+/**
+ * The overlay's base must be the disk's size. A raw base that is a regular file is measured in
+ * bytes; other formats by the virtual size qemu-img reports, which for a disk whose size is not
+ * a multiple of 512 is that size rounded up (then the overlay's first SIZE bytes are the disk).
+ */
+async function checkBaseSize(fs: FileSystem, named: string, base: string, image: string, size: number): Promise<void> {
+  const info = await qemuImageInfo(base, 'convert');
+  const stat = info.format === 'raw' ? await fs.stat(base).catch(() => undefined) : undefined;
+  const fits = stat?.kind === 'file' ? stat.size === size : qemuSizeFits(info.virtualSize, size);
+  if (!fits) {
+    const baseSize = stat?.kind === 'file' ? stat.size : info.virtualSize;
+    throw new UbdcowError('size-mismatch', `${named}: is ${baseSize} bytes, but ${image} is ${size}; an overlay needs a base of the disk's size (such as the backing file ${image} was made over)`, { file: named });
+  }
 }

@@ -10,10 +10,10 @@ import {
 } from '../format/header.js';
 import { type CowGeometry, computeGeometry } from '../format/geometry.js';
 import { describeBitmapOverlap, describeHangingDisk } from '../format/kernel-traps.js';
-import { type FileSystem } from '../io/file.js';
+import { type FileHandleLike, type FileSystem } from '../io/file.js';
 import { nodeFileSystem } from '../io/node-fs.js';
 import { imageSize, probeReadable, statImageFile } from '../io/image.js';
-import { existsError, writeNewFile } from '../io/atomic.js';
+import { refuseExisting, writeNewFile } from '../io/atomic.js';
 import { looksLikeCow } from '../io/virtual-disk.js';
 import { ubdOptionWarnings } from './ubd-option.js';
 import { type OptionKeys, checkOptions } from '../options.js';
@@ -46,9 +46,38 @@ export async function absoluteBackingPath(backing: string, fs: FileSystem = node
 
 const createCowOptionKeys: OptionKeys<CreateOptions> = { force: true, sectorSize: true, alignment: true, fs: true };
 
+/** What createCow decided before writing anything: the header, its geometry and bytes, and warnings. */
+export interface CowPlan {
+  header: CowHeader;
+  geometry: CowGeometry;
+  /** The serialized V3 header. */
+  bytes: Uint8Array;
+  warnings: string[];
+}
+
 /** Creates a V3 COW file over `backing`, byte for byte what uml_mkcow writes. */
 export async function createCow(cowPath: string, backing: string, options: CreateOptions = {}): Promise<CreateResult> {
   checkOptions('createCow', options, createCowOptionKeys);
+  const fs = options.fs ?? nodeFileSystem;
+  const plan = await planCow(cowPath, backing, options);
+  if (!options.force) await refuseExisting(fs, cowPath);
+  else await refuseOverwritingBacking(fs, cowPath, backing);
+  await writeNewFile(fs, cowPath, options.force ?? false, (file) => writeCowHeader(file, plan));
+  return { path: cowPath, header: plan.header, geometry: plan.geometry, warnings: plan.warnings };
+}
+
+/** Writes a planned COW into a new, empty file: the header, then the length that holds the bitmap and data area. */
+export async function writeCowHeader(file: FileHandleLike, plan: CowPlan): Promise<void> {
+  await file.write(plan.bytes, 0, V3_HEADER_SIZE, 0);
+  await file.truncate(plan.geometry.fileLength);
+}
+
+/**
+ * The checks and header of createCow, without writing: the backing file must be an image this
+ * process can read (and, unless `force`, not a COW nor one the kernel would corrupt). Used by
+ * commands that build a COW into a temporary file of their own (import).
+ */
+export async function planCow(cowPath: string, backing: string, options: CreateOptions = {}): Promise<CowPlan> {
   const fs = options.fs ?? nodeFileSystem;
   const backingStat = await statImageFile(fs, backing, 'backing file');
   await probeReadable(fs, backing, 'backing file');
@@ -94,23 +123,8 @@ export async function createCow(cowPath: string, backing: string, options: Creat
   if (overlap) warnings.push(overlap);
   const hanging = describeHangingDisk(geometry);
   if (hanging) warnings.push(hanging);
-  if (!options.force) await refuseExisting(fs, cowPath);
-  else await refuseOverwritingBacking(fs, cowPath, backing);
-  await writeNewFile(fs, cowPath, options.force ?? false, async (file) => {
-    await file.write(bytes, 0, V3_HEADER_SIZE, 0);
-    await file.truncate(geometry.fileLength);
-  });
-  return { path: cowPath, header, geometry, warnings };
+  return { header, geometry, bytes, warnings };
 }
-
-async function refuseExisting(fs: FileSystem, file: string): Promise<void> {
-  const exists = await fs.stat(file).then(
-    () => true,
-    (err: NodeJS.ErrnoException) => (err.code === 'ENOENT' ? false : Promise.reject(fromSystemError(err, file, 'check whether it exists'))),
-  );
-  if (exists) throw existsError(file);
-}
-
 
 /**
  * With --force, `create base.img base.img` would replace the backing file by a COW of itself.

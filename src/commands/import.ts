@@ -1,15 +1,22 @@
 /**
  * `ubdcow import SRC COW BACKING`: the reverse of convert. SRC (any image qemu-img reads) is
- * turned into a sparse raw copy beside COW, compared with BACKING a sector at a time, and only
- * the sectors that differ are written into a new COW over BACKING, through the engine. The COW
- * appears under its name only once complete; the raw copy is removed on every path.
+ * turned into a sparse raw copy beside COW, compared with BACKING, and only what differs is
+ * written into a new COW over BACKING, through the engine. The COW is built under a temporary
+ * name and appears only once complete (writeNewFile: synced, then linked, or renamed with -f);
+ * the raw copy is removed on every path, on SIGINT/SIGTERM/SIGHUP too (qemu-img is killed then),
+ * and a later import sweeps the leftovers of one killed outright. COW may not be SRC or BACKING.
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { UbdcowError, fromSystemError } from '../errors.js';
+import { UbdcowError, fileEndsEarly } from '../errors.js';
 import { openCow } from '../io/engine.js';
-import { createCow } from './create.js';
-import { qemuImageInfo, runToolOk } from './qemu-img.js';
+import { refuseExisting, removeStaleTemporaries, temporaryNameFor, writeNewFile } from '../io/atomic.js';
+import { type FileSystem, readExactly } from '../io/file.js';
+import { refuseOutputOverInput } from '../io/file-identity.js';
+import { nodeFileSystem } from '../io/node-fs.js';
+import { removeOnSignal } from '../io/signal-cleanup.js';
+import { planCow, writeCowHeader } from './create.js';
+import { qemuImageInfo, qemuSizeFits, runToolOk } from './qemu-img.js';
 import { type OptionKeys, checkOptions } from '../options.js';
 
 export interface ImportOptions {
@@ -28,6 +35,8 @@ export interface ImportResult {
   /** Sectors written into the COW (those where SRC differs from BACKING). */
   sectors: number;
   bytes: number;
+  /** About the new COW, as `create` gives them (e.g. a backing path UML's ubd option cannot take). */
+  warnings: string[];
 }
 
 const CHUNK = 4 << 20;
@@ -36,45 +45,64 @@ const importImageOptionKeys: OptionKeys<ImportOptions> = { force: true, progress
 
 export async function importImage(source: string, cowPath: string, backing: string, options: ImportOptions = {}): Promise<ImportResult> {
   checkOptions('importImage', options, importImageOptionKeys);
+  const fileSystem = nodeFileSystem;
+  // Before anything is written: the new COW may replace neither what it is made from nor its backing.
+  await refuseOutputOverInput(fileSystem, cowPath, [
+    { file: source, role: 'the image being imported' },
+    { file: backing, role: 'the backing file of the new COW' },
+  ]);
+  if (!options.force) await refuseExisting(fileSystem, cowPath);
+  // The backing file's checks and the header, as `create` makes them.
+  const plan = await planCow(cowPath, backing, { force: options.force, fs: fileSystem });
+  const size = plan.header.size;
   const info = await qemuImageInfo(source, 'import');
-  const backingSize = await fs.promises.stat(backing).then(
-    (s) => s.size,
-    (err) => {
-      throw fromSystemError(err, backing, 'read backing file');
-    },
-  );
-  if (info.virtualSize !== backingSize) {
-    throw new UbdcowError('size-mismatch', `${source}: its disk is ${info.virtualSize} bytes but ${backing} is ${backingSize}; a COW has its backing file's size`, { file: source });
+  if (!qemuSizeFits(info.virtualSize, size)) {
+    throw new UbdcowError('size-mismatch', `${source}: its disk is ${info.virtualSize} bytes but ${backing} is ${size}; a COW has its backing file's size: import over a backing file of the disk's size`, { file: source });
   }
-  if (!options.force && fs.existsSync(cowPath)) throw new UbdcowError('exists', `${cowPath}: already exists; use -f to replace it`, { file: cowPath });
-  const folder = path.dirname(path.resolve(cowPath));
-  const partialCow = path.join(folder, `.${path.basename(cowPath)}.ubdcow-import-${process.pid}`);
-  const rawCopy = path.join(folder, `.${path.basename(cowPath)}.ubdcow-import-${process.pid}.raw`);
+  // The raw copy is named like writeNewFile's temporaries (for COW.raw), so a later import sweeps
+  // the copy a killed one left.
+  const rawFor = `${path.resolve(cowPath)}.raw`;
+  await removeStaleTemporaries(fileSystem, rawFor);
+  // Imports before these names left `.COW.ubdcow-import-PID.raw` and `.COW.ubdcow-import-PID`.
+  await removeStaleTemporaries(fileSystem, path.resolve(cowPath), /^import-(\d+)(?:\.raw)?$/);
+  const rawCopy = temporaryNameFor(rawFor);
+  const forgetRawCopy = removeOnSignal(rawCopy);
   try {
     const args = ['convert', '-O', 'raw'];
     if (options.progress) args.push('-p');
     args.push(source, rawCopy);
     await runToolOk('qemu-img', args, 'import', source, { inheritStdout: options.progress });
-    const created = await createCow(partialCow, backing, { force: true });
-    const sectorSize = created.header.sectorSize;
-    const written = await copyDifferences(rawCopy, backing, partialCow, sectorSize);
-    try {
-      fs.renameSync(partialCow, cowPath);
-    } catch (err) {
-      throw fromSystemError(err, cowPath, 'move the new COW into place');
-    }
-    return {
-      source,
-      sourceFormat: info.format,
-      cow: cowPath,
-      backing,
-      size: backingSize,
-      sectors: written.sectors,
-      bytes: written.bytes,
-    };
+    await checkTailIsZero(fileSystem, rawCopy, source, size, info.virtualSize);
+    let written = { sectors: 0, bytes: 0 };
+    await writeNewFile(fileSystem, cowPath, options.force ?? false, async (file, temporary) => {
+      await writeCowHeader(file, plan);
+      written = await copyDifferences(rawCopy, backing, temporary, plan.header.sectorSize);
+    });
+    return { source, sourceFormat: info.format, cow: cowPath, backing, size, sectors: written.sectors, bytes: written.bytes, warnings: plan.warnings };
   } finally {
-    fs.rmSync(rawCopy, { force: true });
-    fs.rmSync(partialCow, { force: true });
+    await fileSystem.unlink(rawCopy).catch(() => undefined);
+    forgetRawCopy();
+  }
+}
+
+/**
+ * qemu gives a disk whose size is not a multiple of 512 a size rounded up to one (qemuVirtualSize):
+ * SRC of BACKING's size so rounded fits when the bytes past BACKING's size are zeros, as qemu pads
+ * them (ubdcow convert writes such images). Anything else there would be lost: refused.
+ */
+async function checkTailIsZero(fileSystem: FileSystem, rawCopy: string, source: string, size: number, virtualSize: number): Promise<void> {
+  if (virtualSize <= size) return;
+  const tail = Buffer.alloc(virtualSize - size);
+  const handle = await fileSystem.open(rawCopy, 'r');
+  try {
+    await readExactly(handle, rawCopy, 'read the raw copy', { buffer: tail, offset: 0, length: tail.length, position: size }, (got) =>
+      fileEndsEarly(rawCopy, size, got, virtualSize, 'qemu-img\'s raw copy'),
+    );
+  } finally {
+    await handle.close();
+  }
+  if (tail.some((byte) => byte !== 0)) {
+    throw new UbdcowError('size-mismatch', `${source}: its disk is ${virtualSize} bytes, and the ${virtualSize - size} bytes past ${size} (the backing file's size) are not all zero; import over a backing file of ${virtualSize} bytes`, { file: source });
   }
 }
 

@@ -1,10 +1,13 @@
 /**
  * Running qemu-img (and qemu-io) for convert and import: one place that finds the tool, turns
  * "not installed" into one clear line, and keeps stderr for the error message. Runs are async:
- * the NBD server they talk to lives in this same process and must keep serving meanwhile.
+ * the NBD server they talk to lives in this same process and must keep serving meanwhile. A
+ * SIGINT/SIGTERM/SIGHUP that ends ubdcow kills the running tool too (killOnSignal): an orphaned
+ * qemu-img would go on writing a multi-GiB file nobody removes.
  */
 import { spawn } from 'node:child_process';
 import { UbdcowError, oneLine } from '../errors.js';
+import { killOnSignal } from '../io/signal-cleanup.js';
 
 export interface ToolRun {
   status: number | null;
@@ -20,14 +23,19 @@ export function missingToolError(tool: string, command: string): UbdcowError {
 export function runTool(tool: string, args: string[], command: string, options: { inheritStdout?: boolean } = {}): Promise<ToolRun> {
   return new Promise((resolve, reject) => {
     const child = spawn(tool, args, { stdio: ['ignore', options.inheritStdout ? 'inherit' : 'pipe', 'pipe'] });
+    const forget = killOnSignal(child);
     let stdout = '';
     let stderr = '';
     child.stdout?.on('data', (c) => (stdout += c));
     child.stderr?.on('data', (c) => (stderr += c));
     child.on('error', (err: NodeJS.ErrnoException) => {
+      forget();
       reject(err.code === 'ENOENT' ? missingToolError(tool, command) : new UbdcowError('tool-failed', `${tool}: could not start: ${err.message}`));
     });
-    child.on('close', (status) => resolve({ status, stdout, stderr }));
+    child.on('close', (status) => {
+      forget();
+      resolve({ status, stdout, stderr });
+    });
   });
 }
 
@@ -50,4 +58,18 @@ export async function qemuImageInfo(file: string, command: string): Promise<Qemu
   const result = await runToolOk('qemu-img', ['info', '--output=json', file], command, file);
   const info = JSON.parse(result.stdout) as { format: string; 'virtual-size': number };
   return { format: info.format, virtualSize: info['virtual-size'] };
+}
+
+/**
+ * The virtual size qemu gives a disk of `bytes` bytes: qemu-img 7.2 counts whole 512-byte sectors,
+ * so a raw file or NBD export of 64 MiB + 1234 bytes is 64 MiB + 1536 to it (its images of such a
+ * disk end in up to 511 zero bytes past the disk).
+ */
+export function qemuVirtualSize(bytes: number): number {
+  return Math.ceil(bytes / 512) * 512;
+}
+
+/** Whether a size qemu-img reports stands for a disk of exactly `bytes` bytes (the same, or it rounded up to 512). */
+export function qemuSizeFits(reported: number, bytes: number): boolean {
+  return reported === bytes || reported === qemuVirtualSize(bytes);
 }

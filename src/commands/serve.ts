@@ -8,8 +8,9 @@
  */
 import * as fs from 'node:fs';
 import { UbdcowError, fromSystemError } from '../errors.js';
-import { COW_MAGIC } from '../format/header.js';
 import { type CowDevice, openCow } from '../io/engine.js';
+import { nodeFileSystem } from '../io/node-fs.js';
+import { looksLikeCow } from '../io/virtual-disk.js';
 import { type NbdBlockDevice, type NbdServer, serveNbd } from '../nbd/server.js';
 import { STATE_HOLE, type StatusDescriptor } from '../nbd/protocol.js';
 import { type OptionKeys, checkOptions } from '../options.js';
@@ -53,7 +54,7 @@ const serveImageOptionKeys: OptionKeys<ServeOptions> = { backing: true, socket: 
 
 export async function serveImage(image: string, options: ServeOptions = {}): Promise<ServeHandle> {
   checkOptions('serveImage', options, serveImageOptionKeys);
-  const kind = (await startsWithCowMagic(image)) ? 'cow' : 'raw';
+  const kind = (await looksLikeCow(nodeFileSystem, image)) ? 'cow' : 'raw';
   if (kind === 'raw' && options.backing !== undefined) {
     throw new UbdcowError('not-a-cow', `${image}: is not a UML COW file (no COW magic), so a backing file (${options.backing}) makes no sense for it`, { file: image });
   }
@@ -107,24 +108,6 @@ export async function serveImage(image: string, options: ServeOptions = {}): Pro
 }
 
 type ClosableDevice = NbdBlockDevice & { close(): Promise<void>; warnings?: string[] };
-
-async function startsWithCowMagic(file: string): Promise<boolean> {
-  let handle: fs.promises.FileHandle;
-  try {
-    handle = await fs.promises.open(file, 'r');
-  } catch (err) {
-    throw fromSystemError(err, file, 'open image');
-  }
-  try {
-    const start = Buffer.alloc(4);
-    const { bytesRead } = await handle.read(start, 0, 4, 0);
-    return bytesRead === 4 && (start.readUInt32BE(0) === COW_MAGIC || start.readUInt32LE(0) === COW_MAGIC);
-  } catch (err) {
-    throw fromSystemError(err, file, 'read image');
-  } finally {
-    await handle.close().catch(() => undefined);
-  }
-}
 
 async function cowExport(image: string, options: ServeOptions): Promise<ClosableDevice> {
   const cow = await openCow(image, { backing: options.backing, readOnly: options.readOnly, sync: options.sync, blockingReads: true });

@@ -18,17 +18,21 @@ function isRunning(pid: number): boolean {
   }
 }
 
+/** What follows `.NAME.ubdcow-` in a temporaryNameFor name; group 1 is the pid. */
+const TEMPORARY_SUFFIX = /^(\d+)-[a-z0-9]+\.tmp$/;
+
 /**
  * Removes temporary files an earlier ubdcow left for `destination` when it was killed (SIGKILL
  * allows no cleanup), recognised by name and by their process no longer running. Best effort.
+ * `suffix` matches what follows `.NAME.ubdcow-` (group 1: the pid); by default temporaryNameFor's.
  */
-export async function removeStaleTemporaries(fs: FileSystem, destination: string): Promise<string[]> {
+export async function removeStaleTemporaries(fs: FileSystem, destination: string, suffix: RegExp = TEMPORARY_SUFFIX): Promise<string[]> {
   const prefix = `.${path.basename(destination)}.ubdcow-`;
   const names = await fs.readdir(path.dirname(destination)).catch(() => [] as string[]);
   const removed: string[] = [];
   for (const name of names) {
-    if (!name.startsWith(prefix) || !name.endsWith('.tmp')) continue;
-    const pid = Number(/^(\d+)-[a-z0-9]+\.tmp$/.exec(name.slice(prefix.length))?.[1]);
+    if (!name.startsWith(prefix)) continue;
+    const pid = Number(suffix.exec(name.slice(prefix.length))?.[1]);
     if (!Number.isInteger(pid) || pid === process.pid || isRunning(pid)) continue;
     const full = path.join(path.dirname(destination), name);
     if (await fs.unlink(full).then(() => true, () => false)) removed.push(full);
@@ -39,6 +43,18 @@ export async function removeStaleTemporaries(fs: FileSystem, destination: string
 /** The refusal to replace `file`, wherever a command finds it already there. */
 export function existsError(file: string): UbdcowError {
   return new UbdcowError('exists', `${file}: already exists (use --force to overwrite)`, { file });
+}
+
+/**
+ * Refuses early when `file` is already there: a fail-fast before long work. writeNewFile's link()
+ * is what makes no-clobber atomic (a file appearing meanwhile, or a dangling symlink, fails there).
+ */
+export async function refuseExisting(fs: FileSystem, file: string): Promise<void> {
+  const exists = await fs.stat(file).then(
+    () => true,
+    (err: NodeJS.ErrnoException) => (err.code === 'ENOENT' ? false : Promise.reject(fromSystemError(err, file, 'check whether it exists'))),
+  );
+  if (exists) throw existsError(file);
 }
 
 /**

@@ -1,4 +1,5 @@
 import * as path from 'node:path';
+import { UbdcowError } from '../errors.js';
 import type { FileSystem } from './file.js';
 
 /*
@@ -36,4 +37,29 @@ export async function knownNames(fs: FileSystem, file: string): Promise<string[]
 /** The folders holding the known names of `file`: where other users of it are most likely kept. */
 export async function foldersOfKnownNames(fs: FileSystem, file: string): Promise<string[]> {
   return [...new Set((await knownNames(fs, file)).map((name) => path.dirname(name)))];
+}
+
+/** Whether paths `a` and `b` reach the same file (by identity); false when either cannot be reached. */
+export async function sameFile(fs: FileSystem, a: string, b: string): Promise<boolean> {
+  const [first, second] = await Promise.all([fileIdentityOrUndefined(fs, a), fileIdentityOrUndefined(fs, b)]);
+  return first !== undefined && first === second;
+}
+
+/** A file a command reads or depends on, and how messages name its role ("the backing file of vm.cow"). */
+export interface ProtectedFile {
+  file: string;
+  role: string;
+}
+
+/**
+ * Refuses to write `output` when it is, by identity, one of `inputs` (by any name: the same path,
+ * a symlink, a hard link): replacing it would destroy what the command reads, or the file another
+ * image depends on. Call before anything is written. `--force` does not lift it.
+ */
+export async function refuseOutputOverInput(fs: FileSystem, output: string, inputs: readonly ProtectedFile[]): Promise<void> {
+  for (const input of inputs) {
+    if (!(await sameFile(fs, output, input.file))) continue;
+    const alias = path.resolve(output) === path.resolve(input.file) ? '' : ` (${input.file}, by another name)`;
+    throw new UbdcowError('same-file', `${output}: is ${input.role}${alias}; writing there would destroy it, even with -f: name another output file`, { file: output });
+  }
 }

@@ -1,8 +1,9 @@
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { createCow } from '../../src/commands/create.js';
+import { serveImage } from '../../src/commands/serve.js';
 import { openCow } from '../../src/io/engine.js';
 import { useTempDir } from '../helpers/tmp.js';
 import { ensureBuiltCli, missingTools, titleWithSkipReason } from '../helpers/tools.js';
@@ -13,7 +14,9 @@ import { ensureBuiltCli, missingTools, titleWithSkipReason } from '../helpers/to
  * status 130 / 143). The disk is a 4 TiB sparse file, so the merge (a million 4 MiB windows, each
  * asked for its data with SEEK_DATA) takes seconds: the signal is sent 100 ms after the temporary
  * appears, well inside the copy. The same for `convert`: its partial image and the folder of its
- * private NBD socket go.
+ * private NBD socket go. And for `import` (issue 18 item 13): its raw copy and its partial COW go,
+ * and the qemu-img it runs is killed, whether the signal lands while qemu-img copies SRC or while
+ * the copy is compared with the backing; a later import sweeps what a killed one left.
  */
 
 let cli: string;
@@ -31,6 +34,63 @@ async function waitFor<T>(probe: () => T | undefined, timeoutMs: number): Promis
   }
 }
 
+/** Pids of the running (not zombie) processes named `name` whose parent is `parent`, from /proc. */
+function childrenNamed(parent: number, name: string): number[] {
+  const found: number[] = [];
+  for (const entry of fs.readdirSync('/proc')) {
+    if (!/^\d+$/.test(entry)) continue;
+    const stat = processStat(Number(entry));
+    if (stat && stat.ppid === parent && stat.comm === name && stat.state !== 'Z') found.push(Number(entry));
+  }
+  return found;
+}
+
+/** /proc/PID/stat's name, state and parent; undefined once the process is gone. */
+function processStat(pid: number): { comm: string; state: string; ppid: number } | undefined {
+  let text: string;
+  try {
+    text = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+  } catch {
+    return undefined;
+  }
+  const close = text.lastIndexOf(')');
+  const [state, ppid] = text.slice(close + 2).split(' ');
+  return { comm: text.slice(text.indexOf('(') + 1, close), state, ppid: Number(ppid) };
+}
+
+/** Whether `pid` still runs (a zombie waiting for its parent to reap it has ended). */
+function running(pid: number): boolean {
+  const stat = processStat(pid);
+  return stat !== undefined && stat.state !== 'Z';
+}
+
+/** A 64 GiB sparse base.img and an empty vm.cow over it: qemu-img reads all of such an export (its holes are not zeros), which takes many seconds. */
+async function bigEmptyCow(dir: string): Promise<{ base: string; cow: string }> {
+  const base = path.join(dir, 'base.img');
+  fs.writeFileSync(base, '');
+  fs.truncateSync(base, 64 * 2 ** 30);
+  const cow = path.join(dir, 'vm.cow');
+  await createCow(cow, base);
+  return { base, cow };
+}
+
+/**
+ * Probes for interruptMidway around the qemu-img that ubdcow runs: `started` once a file matching
+ * `pattern` is in `dir` and ubdcow has a qemu-img child, `beforeSignal` checks that it still runs,
+ * `ended` waits until it is gone.
+ */
+function watchQemuImg(dir: string, pattern: RegExp) {
+  let qemuImg: number | undefined;
+  return {
+    started: (pid: number) => {
+      [qemuImg] = childrenNamed(pid, 'qemu-img');
+      return qemuImg === undefined ? undefined : fs.readdirSync(dir).find((name) => pattern.test(name));
+    },
+    beforeSignal: () => expect(qemuImg !== undefined && running(qemuImg), 'qemu-img still running when the signal is sent').toBe(true),
+    ended: (timeoutMs: number) => waitFor(() => (qemuImg !== undefined && running(qemuImg) ? undefined : true), timeoutMs),
+  };
+}
+
 /**
  * Runs `ubdcow ARGS`, waits until `started` finds what the command is building, checks
  * `whileRunning`, lets it work `settleMs` more, then sends `signal`. Checks that the process ended
@@ -40,8 +100,8 @@ async function waitFor<T>(probe: () => T | undefined, timeoutMs: number): Promis
 async function interruptMidway(
   args: string[],
   signal: 'SIGINT' | 'SIGTERM',
-  started: () => string | undefined,
-  options: { settleMs: number; env?: NodeJS.ProcessEnv; whileRunning?: () => void },
+  started: (pid: number) => string | undefined,
+  options: { settleMs: number; env?: NodeJS.ProcessEnv; whileRunning?: () => void; beforeSignal?: () => void },
 ): Promise<string> {
   const child = spawn(process.execPath, [cli, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: options.env ?? process.env });
   let stderr = '';
@@ -50,10 +110,11 @@ async function interruptMidway(
   const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) =>
     child.on('close', (code, sig) => resolve({ code, signal: sig })),
   );
-  const found = await waitFor(started, 20_000);
+  const found = await waitFor(() => started(child.pid ?? 0), 20_000);
   options.whileRunning?.();
   await new Promise((resolve) => setTimeout(resolve, options.settleMs));
   expect(child.exitCode).toBeNull();
+  options.beforeSignal?.();
   child.kill(signal);
   const { code, signal: endedBy } = await exited;
   const number = signal === 'SIGINT' ? 2 : 15;
@@ -92,24 +153,86 @@ describe.skipIf(missingTools('qemu-img').length > 0)(titleWithSkipReason('signal
   const tmp = useTempDir();
 
   for (const signal of ['SIGINT', 'SIGTERM'] as const) {
-    it(`${signal} mid-convert removes the partial image and the socket's folder, and leaves no OUT`, async () => {
-      const base = path.join(tmp.path, 'base.img');
-      fs.writeFileSync(base, '');
-      // qemu-img reads every byte the export serves (its holes are not zeros): 64 GiB takes many seconds.
-      fs.truncateSync(base, 64 * 2 ** 30);
-      const cow = path.join(tmp.path, 'vm.cow');
-      await createCow(cow, base);
+    it(`${signal} mid-convert removes the partial image and the socket's folder, kills qemu-img, and leaves no OUT`, async () => {
+      const { cow } = await bigEmptyCow(tmp.path);
       const scratch = path.join(tmp.path, 'scratch');
       fs.mkdirSync(scratch);
       const out = path.join(tmp.path, 'out.qcow2');
 
-      await interruptMidway(['convert', cow, out, '-O', 'qcow2'], signal, () => fs.readdirSync(tmp.path).find((name) => /^\.out\.qcow2\.ubdcow-partial-\d+$/.test(name)), {
+      const qemuImg = watchQemuImg(tmp.path, /^\.out\.qcow2\.ubdcow-\d+-[a-z0-9]+\.tmp$/);
+      await interruptMidway(['convert', cow, out, '-O', 'qcow2'], signal, qemuImg.started, {
         settleMs: 200,
         env: { ...process.env, TMPDIR: scratch },
         whileRunning: () => expect(fs.readdirSync(scratch)).toHaveLength(1),
+        beforeSignal: qemuImg.beforeSignal,
       });
+      await qemuImg.ended(5_000);
       expect(fs.readdirSync(scratch)).toEqual([]);
       expect(fs.readdirSync(tmp.path).sort()).toEqual(['base.img', 'scratch', 'vm.cow']);
     });
   }
+});
+
+describe.skipIf(missingTools('qemu-img').length > 0)(titleWithSkipReason('signals during import', missingTools('qemu-img')), () => {
+  const tmp = useTempDir();
+
+  for (const signal of ['SIGINT', 'SIGTERM'] as const) {
+    it(`${signal} while qemu-img copies SRC kills qemu-img and leaves no raw copy, no partial COW, no COW`, async () => {
+      // SRC is an NBD export of a 64 GiB COW, served by this test process: qemu-img reads every
+      // byte (holes without the zero flag), which takes many seconds, and an orphaned qemu-img
+      // would go on reading it long after ubdcow is gone.
+      const { base, cow } = await bigEmptyCow(tmp.path);
+      const socket = path.join(tmp.path, 'nbd.sock');
+      const served = await serveImage(cow, { socket, readOnly: true });
+      const qemuImg = watchQemuImg(tmp.path, /^\.imported\.cow\.raw\.ubdcow-\d+-[a-z0-9]+\.tmp$/);
+      try {
+        await interruptMidway(['import', `nbd+unix:///?socket=${socket}`, path.join(tmp.path, 'imported.cow'), base], signal, qemuImg.started, {
+          settleMs: 100,
+          beforeSignal: qemuImg.beforeSignal,
+        });
+        await qemuImg.ended(2_000);
+      } finally {
+        await served.close();
+      }
+      expect(fs.readdirSync(tmp.path).sort()).toEqual(['base.img', 'vm.cow']);
+    });
+
+    it(`${signal} while the copy is compared with the backing leaves no raw copy, no partial COW, no COW`, async () => {
+      // 64 GiB of holes on both sides: the comparison reads for many seconds.
+      const src = path.join(tmp.path, 'src.raw');
+      fs.writeFileSync(src, '');
+      fs.truncateSync(src, 64 * 2 ** 30);
+      const fd = fs.openSync(src, 'r+');
+      fs.writeSync(fd, Buffer.from('late in the disk'), 0, 16, 60 * 2 ** 30);
+      fs.closeSync(fd);
+      const base = path.join(tmp.path, 'base.img');
+      fs.writeFileSync(base, '');
+      fs.truncateSync(base, 64 * 2 ** 30);
+      await interruptMidway(['import', src, path.join(tmp.path, 'imported.cow'), base], signal, () => fs.readdirSync(tmp.path).find((name) => /^\.imported\.cow\.ubdcow-\d+-[a-z0-9]+\.tmp$/.test(name)), {
+        settleMs: 200,
+        whileRunning: () => expect(fs.readdirSync(tmp.path).filter((name) => name.includes('.raw.ubdcow-'))).toHaveLength(1),
+      });
+      expect(fs.readdirSync(tmp.path).sort()).toEqual(['base.img', 'src.raw']);
+    });
+  }
+
+  it('a later import removes the raw copy and partial COW a killed import left (a dead pid; old names too), not those of a running one', () => {
+    const src = path.join(tmp.path, 'src.raw');
+    fs.writeFileSync(src, Buffer.alloc(1 << 20, 0x42));
+    const base = path.join(tmp.path, 'base.img');
+    fs.writeFileSync(base, Buffer.alloc(1 << 20));
+    const dead = spawnSync('sh', ['-c', 'echo $$'], { encoding: 'utf8' }).stdout.trim();
+    const leftovers = [
+      `.imported.cow.raw.ubdcow-${dead}-k1ll3d.tmp`,
+      `.imported.cow.ubdcow-${dead}-k1ll3d.tmp`,
+      // The names imports used before.
+      `.imported.cow.ubdcow-import-${dead}.raw`,
+      `.imported.cow.ubdcow-import-${dead}`,
+    ];
+    const live = `.imported.cow.raw.ubdcow-${process.pid}-l1v3.tmp`;
+    for (const name of [...leftovers, live]) fs.writeFileSync(path.join(tmp.path, name), 'left');
+    const r = spawnSync(process.execPath, [cli, 'import', src, path.join(tmp.path, 'imported.cow'), base], { encoding: 'utf8' });
+    expect(r.status, r.stderr).toBe(0);
+    expect(fs.readdirSync(tmp.path).sort()).toEqual([live, 'base.img', 'imported.cow', 'src.raw']);
+  });
 });

@@ -36,3 +36,29 @@ describe('removeOnSignal', () => {
     }
   });
 });
+
+describe('killOnSignal', () => {
+  it('kills a registered child on a signal (so no qemu-img outlives ubdcow), and listens only while one is registered', async () => {
+    const { spawn } = await import('node:child_process');
+    const { killOnSignal } = await import('../../src/io/signal-cleanup.js');
+    const before = process.listenerCount('SIGTERM');
+    const child = spawn('sleep', ['60'], { stdio: 'ignore' });
+    const ended = new Promise<NodeJS.Signals | null>((resolve) => child.on('exit', (_code, signal) => resolve(signal)));
+    const other = () => undefined;
+    process.on('SIGTERM', other);
+    try {
+      killOnSignal(child);
+      expect(process.listenerCount('SIGTERM')).toBe(before + 2);
+      process.emit('SIGTERM', 'SIGTERM');
+      expect(await ended).toBe('SIGKILL');
+      expect(process.listenerCount('SIGTERM')).toBe(before + 1);
+    } finally {
+      process.off('SIGTERM', other);
+    }
+    const quiet = spawn('sleep', ['60'], { stdio: 'ignore' });
+    const forget = killOnSignal(quiet);
+    forget();
+    expect(process.listenerCount('SIGTERM')).toBe(before);
+    quiet.kill();
+  });
+});
