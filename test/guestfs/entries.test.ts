@@ -179,20 +179,32 @@ describe.skipIf(missing.length > 0)(titleWithSkipReason('guest entries: odd time
     debugfs(image, [`write ${host} /f`]);
     const stat = debugfs(image, ['stat /f'], false).toString('latin1');
     const leaf = Number(/\(ETB0\):(\d+)/.exec(stat)?.[1]);
+    const [data1, data2] = [...stat.matchAll(/\((\d+)\):(\d+)/g)].map((m) => Number(m[2]));
     expect(leaf, stat).toBeGreaterThan(0);
-    // The root claims depth 2; the leaf becomes an index node of 340 entries that all point at itself.
-    debugfs(image, [`sif /f block[1] ${4 | (2 << 16)}`]);
-    const node = Buffer.alloc(4096);
-    node.writeUInt16LE(0xf30a, 0);
-    node.writeUInt16LE(340, 2);
-    node.writeUInt16LE(340, 4);
-    node.writeUInt16LE(1, 6);
-    for (let i = 0; i < 340; i++) {
-      node.writeUInt32LE(i, 12 + i * 12);
-      node.writeUInt32LE(leaf, 12 + i * 12 + 4);
-    }
+    expect(data2, stat).toBeGreaterThan(0);
+    // A tree ext4's depth limit allows (3 levels) where every index entry of a level points at the
+    // one node below: 340 x 340 x 340 extents if followed blindly (what ran out of heap before).
+    debugfs(image, [`sif /f block[1] ${4 | (3 << 16)}`]);
+    const node = (depth: number, child: number) => {
+      const bytes = Buffer.alloc(4096);
+      bytes.writeUInt16LE(0xf30a, 0);
+      bytes.writeUInt16LE(340, 2);
+      bytes.writeUInt16LE(340, 4);
+      bytes.writeUInt16LE(depth, 6);
+      for (let i = 0; i < 340; i++) {
+        bytes.writeUInt32LE(i, 12 + i * 12);
+        if (depth > 0) bytes.writeUInt32LE(child, 12 + i * 12 + 4);
+        else {
+          bytes.writeUInt16LE(1, 12 + i * 12 + 4);
+          bytes.writeUInt32LE(child, 12 + i * 12 + 8);
+        }
+      }
+      return bytes;
+    };
     const fd = fs.openSync(image, 'r+');
-    fs.writeSync(fd, node, 0, node.length, leaf * 4096);
+    fs.writeSync(fd, node(2, data1!), 0, 4096, leaf * 4096);
+    fs.writeSync(fd, node(1, data2!), 0, 4096, data1! * 4096);
+    fs.writeSync(fd, node(0, data2!), 0, 4096, data2! * 4096);
     fs.closeSync(fd);
     for (const args of [['get', image, '/f'], ['ls', image, '-R', '-l']]) {
       const result = cli(args, 20_000);
@@ -235,7 +247,7 @@ describe.skipIf(missing.length > 0)(titleWithSkipReason('guest entries: odd time
     debugfs(image, ['fallocate /sparse.bin 4096 5119']);
     expect(debugfs(image, ['ex /sparse.bin'], false).toString('latin1')).toMatch(/Uninit/);
     const out = path.join(tmp.path, 'out.bin');
-    const got = cli(['get', image, '/sparse.bin', '--out', out]);
+    const got = cli(['get', image, '/sparse.bin', '-o', out]);
     expect(got.status, got.stderr).toBe(0);
     expect(fs.readFileSync(out).equals(fs.readFileSync(host))).toBe(true);
     const stat = fs.statSync(out);
