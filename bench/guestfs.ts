@@ -157,7 +157,7 @@ async function alternating(commands: Array<{ program: string; args: string[] }>,
 
 const ubdcowTo = (output: string, ...argv: string[]) => ({
   program: 'sh',
-  args: ['-c', `exec "$0" "$1" "$@" > ${output}`, process.execPath, path.join(repoRoot, 'bin', 'ubdcow'), ...argv],
+  args: ['-c', `exec "$0" "$@" > ${output}`, process.execPath, path.join(repoRoot, 'bin', 'ubdcow'), ...argv],
 });
 
 /** Issue 18's rows: walk speed against find, depth linearity, get's rate, sparse get -o. */
