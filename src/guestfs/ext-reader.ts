@@ -244,12 +244,19 @@ export class ExtVolume {
     let extentIndex = 0;
     for (let position = 0; position < size; ) {
       const length = Math.min(chunkBytes, size - position);
-      // Not zeroed up front: the extents fill most of it, the gaps are zeroed below.
-      const chunk = Buffer.allocUnsafe(length);
       const end = position + length;
-      let filled = position;
       // Extents are sorted by logical block; skip those wholly before this chunk.
       while (extentIndex < map.extents.length && (map.extents[extentIndex]!.logical + map.extents[extentIndex]!.length) * blockSize <= position) extentIndex++;
+      const next = map.extents[extentIndex];
+      if (!next || next.logical * blockSize >= end) {
+        // All hole: fresh zeroed memory, which the kernel maps lazily (no 8 MiB written).
+        yield new Uint8Array(length);
+        position = end;
+        continue;
+      }
+      // Not zeroed up front: the extents fill most of it, the gaps are zeroed below.
+      const chunk = Buffer.allocUnsafe(length);
+      let filled = position;
       for (let i = extentIndex; i < map.extents.length; i++) {
         const extent = map.extents[i]!;
         const start = extent.logical * blockSize;
