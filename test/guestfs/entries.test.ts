@@ -168,6 +168,26 @@ describe.skipIf(missing.length > 0)(titleWithSkipReason('guest entries: odd time
     expect(diff.stderr.trim().split('\n')).toEqual([expect.stringMatching(/^ubdcow diff: .*\/d\/loop is directory inode \d+ again/)]);
   });
 
+  it('one entry whose inode number is out of range: ls -R names it and lists every other entry, exit 2', async () => {
+    const image = await oddImage();
+    // Point /d/old's directory entry at an inode the file system does not have.
+    const block = Number(/(\d+)\s*$/.exec(debugfs(image, ['blocks /d'], false).toString('latin1'))?.[1]);
+    expect(block).toBeGreaterThan(0);
+    const fd = fs.openSync(image, 'r+');
+    const bytes = Buffer.alloc(4096);
+    fs.readSync(fd, bytes, 0, 4096, block * 4096);
+    let at = -1;
+    for (let i = bytes.indexOf('old'); i >= 0; i = bytes.indexOf('old', i + 1)) if (bytes[i - 2] === 3) at = i - 8;
+    expect(at).toBeGreaterThanOrEqual(0);
+    bytes.writeUInt32LE(0xffffff, at);
+    fs.writeSync(fd, bytes, 0, 4096, block * 4096);
+    fs.closeSync(fd);
+    const listing = cli(['ls', image, '-R']);
+    expect(listing.status).toBe(2);
+    expect(listing.stdout.toString('utf8').trim().split('\n')).toEqual(['/d', '/d/caf\\351', '/d/esc\\033]0;pwned\\007x', '/d/far', '/d/lnk', '/d/new', '/lost+found']);
+    expect(listing.stderr.trim().split('\n')).toEqual([expect.stringMatching(/^ubdcow ls: .*inode 16777215 is outside 1\.\.\d+/)]);
+  });
+
   it('a crafted extent tree whose index entries all point at one node is a one-line error, not a heap overflow', async () => {
     const image = path.join(tmp.path, 'tree.img');
     await mkfs(image, '32M');
