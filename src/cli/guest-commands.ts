@@ -66,7 +66,7 @@ const ls: CommandModule = {
       .positional('path', { type: 'string', default: '/', describe: 'Guest directory (or file)' })
       .option('long', { alias: 'l', type: 'boolean', describe: 'Type, mode, uid, gid, size, mtime and symlink target' })
       .option('recursive', { alias: 'R', type: 'boolean', describe: 'Everything below PATH, with full paths' })
-      .option('json', { type: 'boolean', describe: 'Print { "entries": [ { path, name, type, mode, uid, gid, size, mtime, target? } ] }' })
+      .option('json', { type: 'boolean', describe: 'Print { "entries": [ { path, name, type, mode, uid, gid, size, mtime, target? } ], "errors": [ { path, message } ] } (pathBytes/nameBytes/targetBytes: base64 of a name that is not UTF-8)' })
       .option('backing', { alias: 'b', type: 'string', describe: 'Backing file instead of the one in the COW header' })
       .option('partition', { type: 'number', describe: 'Partition number (MBR or GPT); default: the whole disk, or the only Linux partition' })
       .example('$0 ls vm.cow /etc -l', 'What is in the guest\'s /etc')
