@@ -4,14 +4,19 @@
  *      Linux ext4 driver changed 200 files (budget: 2 s and 250 MiB peak RSS), against the full
  *      walk (`--deep`: every inode and every file's bytes on both sides) and a tree walk of both
  *      file systems reading every inode (`ls -R` of each);
- *  (b) `ubdcow get` of a 100 MiB guest file (target: at least 200 MiB/s).
+ *  (b) `ubdcow get` of a 100 MiB guest file (target: at least 200 MiB/s);
+ *  (c) issue 18's walk and copy rows (`--walk-only` runs just these): `ls -R --json` of a tree of
+ *      20,000 files and 5,000 symlinks against `find -printf` on a loop mount of the same image
+ *      (target: at most 2x), `ls -R` of chains 100/200/400 directories deep (linear), `get` of a
+ *      200 MiB file (target 200 MiB/s), and `get -o` of a 5 GiB sparse file against `get > file`.
+ *      Medians of 5 runs, ubdcow and its peer alternating.
  *
  * The changes are made by the kernel: the base is copied, the copy loop-mounted read-write and
  * changed, and the COW then holds exactly the sectors that differ (written through the engine),
  * which is what a guest on the COW would have left. Without root or loop devices the copy is
  * changed with debugfs -w instead (said in the output).
  *
- * Run: npx tsx bench/guestfs.ts [--quick] [--runs N]
+ * Run: npx tsx bench/guestfs.ts [--quick] [--runs N] [--walk-only]
  */
 import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
@@ -137,8 +142,97 @@ async function best(argv: string[], okCodes: number[]): Promise<Measurement> {
   return fastest!;
 }
 
+/** Median seconds of `runs` runs of each command, the commands alternating run by run. */
+async function alternating(commands: Array<{ program: string; args: string[] }>, count = 5): Promise<Measurement[]> {
+  const times: Measurement[][] = commands.map(() => []);
+  for (let i = 0; i < count; i++) {
+    for (const [j, { program, args: argv }] of commands.entries()) {
+      const m = await measure(program, argv);
+      if (m.status !== 0) throw new Error(`${program} ${argv.join(' ')} exited ${m.status}: ${m.stderr}`);
+      times[j]!.push(m);
+    }
+  }
+  return times.map((list) => [...list].sort((x, y) => x.seconds - y.seconds)[Math.floor(list.length / 2)]!);
+}
+
+const ubdcowTo = (output: string, ...argv: string[]) => ({
+  program: 'sh',
+  args: ['-c', `exec "$0" "$@" > ${output}`, process.execPath, path.join(repoRoot, 'bin', 'ubdcow'), ...argv],
+});
+
+/** Issue 18's rows: walk speed against find, depth linearity, get's rate, sparse get -o. */
+async function walkRows(dir: string): Promise<string[][]> {
+  const tree = path.join(dir, 'walk-tree');
+  const FILES = 20_000;
+  const LINKS = 5_000;
+  for (let i = 0; i < FILES; i++) {
+    const sub = path.join(tree, `d${i % 20}`, `s${i % 400}`);
+    if (i < 400) fs.mkdirSync(sub, { recursive: true });
+    fs.writeFileSync(path.join(sub, `f${i}`), `file ${i}\n`);
+  }
+  for (let i = 0; i < LINKS; i++) fs.symlinkSync(i % 2 ? `../s${i % 400}/f${i}` : `/usr/lib/some/long/target/path/number/${i}/${'x'.repeat(40)}`, path.join(tree, `d${i % 20}`, `s${i % 400}`, `l${i}`));
+  const image = path.join(dir, 'walk.img');
+  sh('mke2fs', ['-q', '-F', '-t', 'ext4', '-d', tree, image, '1G'], 'mke2fs');
+  fs.rmSync(tree, { recursive: true });
+  const rows: string[][] = [];
+  const mount = path.join(dir, 'walk-mnt');
+  fs.mkdirSync(mount);
+  if (process.getuid?.() === 0 && spawnSync('mount', ['-o', 'loop,ro', image, mount]).status === 0) {
+    try {
+      const [ls, find] = await alternating([ubdcowTo('/dev/null', 'ls', '-R', image, '--json'), { program: 'sh', args: ['-c', `find "$0" -printf '%p %y %m %U %G %s %T@ %l\n' > /dev/null`, mount] }]);
+      rows.push([`ls -R --json, ${FILES} files + ${LINKS} symlinks (vs find -printf on a loop mount)`, `${seconds(ls!.seconds)} vs ${seconds(find!.seconds)} (${(ls!.seconds / find!.seconds).toFixed(2)}x)`, mebibytes(ls!.maxRssKiB), '<= 2x find']);
+    } finally {
+      sh('umount', [mount], 'umount');
+    }
+  } else {
+    const [ls] = await alternating([ubdcowTo('/dev/null', 'ls', '-R', image, '--json')]);
+    rows.push([`ls -R --json, ${FILES} files + ${LINKS} symlinks (no loop mount here: find not run)`, seconds(ls!.seconds), mebibytes(ls!.maxRssKiB), '<= 2x find']);
+  }
+  for (const depth of [100, 200, 400]) {
+    const deep = path.join(dir, `deep${depth}`);
+    fs.mkdirSync(path.join(deep, ...Array<string>(depth).fill('d')), { recursive: true });
+    const deepImage = path.join(dir, `deep${depth}.img`);
+    sh('mke2fs', ['-q', '-F', '-t', 'ext4', '-d', deep, deepImage, '64M'], 'mke2fs');
+    fs.rmSync(deep, { recursive: true });
+    const [walk] = await alternating([ubdcowTo('/dev/null', 'ls', '-R', deepImage)]);
+    rows.push([`ls -R of a chain ${depth} directories deep`, seconds(walk!.seconds), mebibytes(walk!.maxRssKiB), 'linear in depth']);
+  }
+  const files = path.join(dir, 'files');
+  fs.mkdirSync(files);
+  const big = Buffer.alloc(200 * MIB);
+  for (let i = 0; i < big.length; i += 4) big.writeUInt32LE((i * 2654435761) >>> 0, i);
+  fs.writeFileSync(path.join(files, 'big.bin'), big);
+  const sparse = fs.openSync(path.join(files, 'sparse.bin'), 'w');
+  fs.writeSync(sparse, big, 0, 16 * MIB, 0);
+  fs.writeSync(sparse, big, 0, 16 * MIB, 3 * 1024 * MIB);
+  fs.ftruncateSync(sparse, 5 * 1024 * MIB);
+  fs.closeSync(sparse);
+  const filesImage = path.join(dir, 'files.img');
+  sh('mke2fs', ['-q', '-F', '-t', 'ext4', '-d', files, filesImage, '1G'], 'mke2fs');
+  fs.rmSync(files, { recursive: true });
+  const [get] = await alternating([ubdcowTo('/dev/null', 'get', filesImage, '/big.bin')]);
+  rows.push(['get of a 200 MiB file (to /dev/null)', `${seconds(get!.seconds)} (${(200 / get!.seconds).toFixed(0)} MiB/s)`, mebibytes(get!.maxRssKiB), `>= ${GET_TARGET_MIBS} MiB/s`]);
+  const out = path.join(dir, 'sparse.out');
+  const [toFile, redirected] = await alternating([
+    { program: 'sh', args: ['-c', 'rm -f "$3" && exec "$0" "$1" get "$2" /sparse.bin -o "$3"', process.execPath, path.join(repoRoot, 'bin', 'ubdcow'), filesImage, out] },
+    ubdcowTo(`"${out}.redirected"`, 'get', filesImage, '/sparse.bin'),
+  ]);
+  const kept = fs.statSync(out).blocks * 512;
+  rows.push(['get -o of a 5 GiB sparse file (32 MiB written) vs get > file', `${seconds(toFile!.seconds)} vs ${seconds(redirected!.seconds)}, ${(kept / MIB).toFixed(0)} MiB on disk`, mebibytes(toFile!.maxRssKiB), 'holes kept']);
+  return rows;
+}
+
 async function main(): Promise<void> {
   ensureBuilt();
+  if (args.includes('--walk-only')) {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ubdcow-bench-guestfs-'));
+    try {
+      console.log(table([['measurement', 'time (median of 5)', 'peak RSS', 'target'], ...(await walkRows(dir))]));
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+    return;
+  }
   for (const tool of ['mke2fs', 'debugfs']) {
     if (!hasTool(tool)) {
       console.log(`bench/guestfs.ts: ${tool} is not installed: skipped.`);
@@ -206,6 +300,7 @@ async function main(): Promise<void> {
       ['ls -R of the COW + ls -R of the base (tree walk, every inode)', seconds(walkCow.seconds + walkBase.seconds), mebibytes(Math.max(walkCow.maxRssKiB, walkBase.maxRssKiB)), ''],
       [`get of a ${BIG_MIB} MiB file`, `${seconds(getBig!.seconds)} (${getRate.toFixed(0)} MiB/s)`, mebibytes(getBig!.maxRssKiB), `>= ${GET_TARGET_MIBS} MiB/s`],
     ];
+    rows.push(...(await walkRows(dir)));
     console.log(table(rows));
     const timeOk = smart.seconds <= TIME_BUDGET_S && smart.maxRssKiB / 1024 <= RSS_BUDGET_MIB;
     console.log(`\ndiff --files: ${timeOk ? 'within budget' : 'OVER BUDGET'}; ${(deep.seconds / smart.seconds).toFixed(1)}x faster than --deep, ` +

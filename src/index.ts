@@ -31,8 +31,8 @@ export { serveNbd, BLOCK_SIZES as NBD_BLOCK_SIZES, type NbdBlockDevice, type Nbd
 export { serveImage, type ServeOptions, type ServeHandle } from './commands/serve.js';
 export { convertImage, CONVERT_FORMATS, type ConvertOptions, type ConvertResult, type ConvertFormat } from './commands/convert.js';
 export { importImage, type ImportOptions, type ImportResult } from './commands/import.js';
-export { openGuestFs, type GuestFs, type GuestFsOptions, type GuestStat } from './guestfs/guest-fs.js';
+export { openGuestFs, type GuestFs, type GuestFsOptions, type GuestPath, type GuestStat } from './guestfs/guest-fs.js';
 export { diffFiles, type DiffFilesOptions, type DiffFilesResult, type FileChange, type FileChangeWhat } from './guestfs/diff-files.js';
-export { listGuest, type LsOptions, type LsEntry, type LsResult } from './commands/ls.js';
+export { listGuest, type LsOptions, type LsEntry, type LsProblem, type LsResult } from './commands/ls.js';
 export { getGuestFile, getGuestFileTo, type GetOptions } from './commands/get.js';
 export type { AllocatedRun } from './io/engine.js';

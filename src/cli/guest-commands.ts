@@ -1,6 +1,7 @@
 import type { Argv, ArgumentsCamelCase, CommandModule } from 'yargs';
 import { UbdcowError } from '../errors.js';
 import type { LsEntry } from '../commands/ls.js';
+import { escapeName } from '../guestfs/guest-names.js';
 import type { DiffFilesResult } from '../guestfs/diff-files.js';
 import { CliExit } from './exit.js';
 import { out, toJson, warn } from './format.js';
@@ -45,9 +46,14 @@ function modeString(type: string, mode: number): string {
   return `${typeLetter[type] ?? '?'}${bits.join('')}`;
 }
 
+/** A name for the terminal: its exact bytes (base64 in `*Bytes` when not UTF-8), escaped as guest-names.ts says. */
+function shownName(text: string, base64: string | undefined): string {
+  return escapeName(base64 === undefined ? Buffer.from(text, 'utf8') : Buffer.from(base64, 'base64'));
+}
+
 function longLine(entry: LsEntry, name: string): string {
   const time = new Date(entry.mtime * 1000).toISOString().replace('T', ' ').slice(0, 19);
-  const target = entry.target === undefined ? '' : ` -> ${entry.target}`;
+  const target = entry.target === undefined ? '' : ` -> ${shownName(entry.target, entry.targetBytes)}`;
   return `${modeString(entry.type, entry.mode)} ${String(entry.uid).padStart(5)} ${String(entry.gid).padStart(5)} ${String(entry.size).padStart(12)} ${time} ${name}${target}`;
 }
 
@@ -60,30 +66,36 @@ const ls: CommandModule = {
       .positional('path', { type: 'string', default: '/', describe: 'Guest directory (or file)' })
       .option('long', { alias: 'l', type: 'boolean', describe: 'Type, mode, uid, gid, size, mtime and symlink target' })
       .option('recursive', { alias: 'R', type: 'boolean', describe: 'Everything below PATH, with full paths' })
-      .option('json', { type: 'boolean', describe: 'Print { "entries": [ { path, name, type, mode, uid, gid, size, mtime, target? } ] }' })
+      .option('json', { type: 'boolean', describe: 'Print { "entries": [ { path, name, type, mode, uid, gid, size, mtime, target? } ], "errors": [ { path, message } ] } (pathBytes/nameBytes/targetBytes: base64 of a name that is not UTF-8)' })
       .option('backing', { alias: 'b', type: 'string', describe: 'Backing file instead of the one in the COW header' })
       .option('partition', { type: 'number', describe: 'Partition number (MBR or GPT); default: the whole disk, or the only Linux partition' })
       .example('$0 ls vm.cow /etc -l', 'What is in the guest\'s /etc')
       .example('$0 ls vm.cow -R --json', 'Every path in the guest, as JSON')
-      .epilogue('Read-only: neither the image nor its backing file is ever written. Exit codes: 0 listed, 2 could not answer.'),
+      .epilogue('Read-only: neither the image nor its backing file is ever written. Names are printed with control characters and bytes that are not UTF-8 as \\ooo octal escapes (\\\\ for a backslash), as GNU ls -b does; PATH may be given that way too. Exit codes: 0 listed, 2 could not answer (or some entries could not be listed: each one is named on stderr, the rest is listed).'),
   handler: (argv) =>
     answering('ls', async () => {
       const { listGuest } = await import('../commands/ls.js');
-      const result = await listGuest(String(argv.image), String(argv.path ?? '/'), {
-        recursive: Boolean(argv.recursive),
-        backing: argv.backing as string | undefined,
-        partition: partitionOption(argv),
-      });
+      const { withEscapedRetry } = await import('./guest-path-argument.js');
+      const result = await withEscapedRetry(String(argv.path ?? '/'), (path) =>
+        listGuest(String(argv.image), path, {
+          recursive: Boolean(argv.recursive),
+          backing: argv.backing as string | undefined,
+          partition: partitionOption(argv),
+        }),
+      );
       warn('ls', result.warnings);
       if (argv.json) {
-        out(toJson({ entries: result.entries }));
-        return;
+        out(toJson({ entries: result.entries, errors: result.errors }));
+      } else {
+        const lines = result.entries.map((entry) => {
+          const name = argv.recursive ? shownName(entry.path, entry.pathBytes) : shownName(entry.name, entry.nameBytes);
+          return argv.long ? longLine(entry, name) : name;
+        });
+        if (lines.length > 0) out(lines.join('\n'));
       }
-      const lines = result.entries.map((entry) => {
-        const name = argv.recursive ? entry.path : entry.name;
-        return argv.long ? longLine(entry, name) : name;
-      });
-      if (lines.length > 0) out(lines.join('\n'));
+      // Every entry that could be listed was; the ones that could not make the answer incomplete.
+      for (const problem of result.errors) process.stderr.write(`ubdcow ls: ${problem.message}\n`);
+      if (result.errors.length > 0) throw new CliExit(2);
     }),
 };
 
@@ -94,29 +106,42 @@ const get: CommandModule = {
     y
       .positional('image', { type: 'string', describe: 'COW file (seen through its backing) or raw image', demandOption: true })
       .positional('path', { type: 'string', describe: 'Guest file (symlinks are followed inside the guest)', demandOption: true })
-      .option('output', { alias: 'o', type: 'string', describe: 'Write to this new file instead of stdout' })
-      .option('force', { alias: 'f', type: 'boolean', describe: 'With -o: replace an existing file' })
+      .option('out', { alias: 'o', type: 'string', describe: 'Write to this new file instead of stdout (holes in the guest file stay holes)' })
+      .option('force', { alias: 'f', type: 'boolean', describe: 'With -o/--out: replace an existing file' })
       .option('backing', { alias: 'b', type: 'string', describe: 'Backing file instead of the one in the COW header' })
       .option('partition', { type: 'number', describe: 'Partition number (MBR or GPT); default: the whole disk, or the only Linux partition' })
       .example('$0 get vm.cow /etc/hostname', 'Print a guest file')
       .example('$0 get vm.cow /var/log/syslog -o syslog', 'Copy it out')
-      .epilogue('Read-only: neither the image nor its backing file is ever written. Exit codes: 0 copied, 2 could not answer.'),
+      .epilogue('Read-only: neither the image nor its backing file is ever written. A PATH with bytes that are not UTF-8 is taken as the shell passed it, or in the \\ooo spelling ls prints. --output stays the global format option (get has no JSON output, so --output=json is refused). Exit codes: 0 copied, 2 could not answer.'),
   handler: (argv) =>
     answering('get', async () => {
       const image = String(argv.image);
-      const guestPath = String(argv.path);
       const options = {
         backing: argv.backing as string | undefined,
         partition: partitionOption(argv),
         onWarning: (warning: string) => warn('get', [warning]),
       };
-      if (argv.output !== undefined) {
+      const { guestPathArgument, withEscapedRetry } = await import('./guest-path-argument.js');
+      if (argv.out !== undefined) {
         const { getGuestFileTo } = await import('../commands/get.js');
-        await getGuestFileTo(image, guestPath, String(argv.output), Boolean(argv.force), options);
+        await withEscapedRetry(String(argv.path), (guestPath) => getGuestFileTo(image, guestPath, String(argv.out), Boolean(argv.force), options));
         return;
       }
       const { getGuestFile } = await import('../commands/get.js');
       const { streamToStdout } = await import('./commands/cat.js');
+      // With `\` in it, resolve before the first byte goes out, so a retry with the escaped spelling
+      // writes nothing twice.
+      const typed = String(argv.path);
+      const guestPath = !typed.includes('\\') ? guestPathArgument(typed) : await withEscapedRetry(typed, async (path) => {
+        const { openGuestFs } = await import('../guestfs/guest-fs.js');
+        const guest = await openGuestFs(image, { backing: options.backing, partition: options.partition });
+        try {
+          await guest.resolve(path, true);
+          return path;
+        } finally {
+          await guest.close();
+        }
+      });
       await streamToStdout(getGuestFile(image, guestPath, options));
     }),
 };
@@ -142,7 +167,7 @@ export function fileDiffOptions<T>(y: Argv<T>): Argv<T> {
 
 function formatChanges(result: DiffFilesResult): string {
   const sign = { added: '+', removed: '-', modified: 'M' } as const;
-  return result.changes.map((c) => `${sign[c.change]} ${c.path}${c.what.length ? `  (${c.what.join(', ')})` : ''}${c.sha256?.a ? `  sha256 ${c.sha256.a}` : ''}`).join('\n');
+  return result.changes.map((c) => `${sign[c.change]} ${shownName(c.path, c.pathBytes)}${c.what.length ? `  (${c.what.join(', ')})` : ''}${c.sha256?.a ? `  sha256 ${c.sha256.a}` : ''}`).join('\n');
 }
 
 /** `diff --files A [B]`: exit 0 no file changes, 1 changes, 2 could not answer. */

@@ -1,9 +1,10 @@
 /**
  * `ubdcow get`: a guest file's bytes (like virt-cat), symlinks resolved inside the guest, streamed
  * in large chunks straight from the extents. With an output file, the file appears whole or not
- * at all (written under a temporary name, then linked or renamed into place).
+ * at all (written under a temporary name, then linked or renamed into place), holes kept.
+ * A path is a string (UTF-8) or bytes (guest names are bytes).
  */
-import { type GuestFsOptions, openGuestFs } from '../guestfs/guest-fs.js';
+import { type GuestFsOptions, type GuestPath, openGuestFs } from '../guestfs/guest-fs.js';
 import { nodeFileSystem } from '../io/node-fs.js';
 import { writeNewFile } from '../io/atomic.js';
 import { type OptionKeys, checkOptions } from '../options.js';
@@ -15,7 +16,7 @@ export interface GetOptions extends GuestFsOptions {
 const getGuestFileOptionKeys: OptionKeys<GetOptions> = { backing: true, partition: true, onWarning: true };
 
 /** The bytes of a regular guest file, chunk by chunk (the image stays open until iteration ends). */
-export async function* getGuestFile(image: string, guestPath: string, options: GetOptions = {}): AsyncGenerator<Uint8Array> {
+export async function* getGuestFile(image: string, guestPath: GuestPath, options: GetOptions = {}): AsyncGenerator<Uint8Array> {
   checkOptions('getGuestFile', options, getGuestFileOptionKeys);
   const guest = await openGuestFs(image, { backing: options.backing, partition: options.partition });
   try {
@@ -26,24 +27,24 @@ export async function* getGuestFile(image: string, guestPath: string, options: G
   }
 }
 
-/** Copies a guest file to a new host file; `replace` allows overwriting one that exists. */
-export async function getGuestFileTo(image: string, guestPath: string, output: string, replace: boolean, options: GetOptions = {}): Promise<{ bytes: number }> {
+/**
+ * Copies a guest file to a new host file; `replace` allows overwriting one that exists. Only the
+ * file's written extents are written (positionally), then the length is set: the guest file's
+ * holes and unwritten extents stay holes in the copy, as `get > FILE` leaves them.
+ */
+export async function getGuestFileTo(image: string, guestPath: GuestPath, output: string, replace: boolean, options: GetOptions = {}): Promise<{ bytes: number }> {
   checkOptions('getGuestFileTo', options, getGuestFileOptionKeys);
   const guest = await openGuestFs(image, { backing: options.backing, partition: options.partition });
-  let bytes = 0;
   try {
     for (const warning of guest.warnings) options.onWarning?.(warning);
-    // Resolve first, so a missing guest path never creates a host file.
-    const stat = await guest.stat(guestPath);
-    // readChunks refuses a non-file with the same message get prints, before reading anything.
-    if (stat.type !== 'file') await guest.readChunks(guestPath).next();
+    // Resolve first, so a missing guest path (or one that is not a regular file) never creates a host file.
+    const { inode } = await guest.resolve(guestPath, true);
+    if (inode.type !== 'file') await guest.readRuns(guestPath).next();
     await writeNewFile(nodeFileSystem, output, replace, async (file) => {
-      for await (const chunk of guest.readChunks(guestPath)) {
-        await file.write(chunk, 0, chunk.length, bytes);
-        bytes += chunk.length;
-      }
+      for await (const run of guest.volume.readRuns(inode)) await file.write(run.bytes, 0, run.bytes.length, run.position);
+      await file.truncate(inode.size);
     });
-    return { bytes };
+    return { bytes: inode.size };
   } finally {
     await guest.close();
   }

@@ -22,17 +22,21 @@ import type { DirEntry, FileType, Inode } from './ext-layout.js';
 import type { BlockMap, ExtVolume } from './ext-reader.js';
 import { type OpenedVolume, openVolume } from './guest-fs.js';
 import { type OptionKeys, checkOptions } from '../options.js';
+import { decodeName, escapeName, joinPathBytes, lossless } from './guest-names.js';
 
 export type FileChangeWhat = 'content' | 'size' | 'mode' | 'owner' | 'type' | 'target' | 'mtime' | 'atime' | 'ctime';
 
 export interface FileChange {
+  /** The guest path (U+FFFD where its bytes are not UTF-8). */
   path: string;
+  /** The exact bytes of `path`, base64, only when `path` is not them (a name that is not UTF-8). */
+  pathBytes?: string;
   change: 'added' | 'removed' | 'modified';
   /** The type on the new side (a, or the COW), or on the old side for a removed path. */
   type: FileType | 'unknown';
   /** For modified paths: what differs, in a fixed order. */
   what: FileChangeWhat[];
-  /** With `checksum`, for regular files: SHA-256 of the bytes in a (new) and b (old). */
+  /** With `checksum`, for regular files: SHA-256 of the bytes in a (new) and b (old); a side that is not a regular file has none. */
   sha256?: { a?: string; b?: string };
 }
 
@@ -109,9 +113,6 @@ function nameKey(entry: DirEntry): string {
   return Buffer.from(entry.nameBytes).toString('latin1');
 }
 
-function childPath(dir: string, name: string): string {
-  return dir === '/' ? `/${name}` : `${dir}/${name}`;
-}
 
 const diffFilesOptionKeys: OptionKeys<DiffFilesOptions> = { backingA: true, backingB: true, partition: true, times: true, checksum: true, deep: true };
 
@@ -156,7 +157,7 @@ export async function diffFiles(a: string, b?: string, options: DiffFilesOptions
     const touched = written ? new RangeSet(written.map((r) => ({ start: r.start - volA.source.offset, end: r.end - volA.source.offset }))) : undefined;
     const differ = new TreeDiff(volA, volB, touched, options);
     await differ.run();
-    differ.changes.sort((x, y) => (x.path < y.path ? -1 : x.path > y.path ? 1 : 0));
+    differ.sortChanges();
     const warnings = [...volA.warnings, ...volB.warnings.filter((w) => !volA.warnings.includes(w))];
     return {
       a,
@@ -174,6 +175,11 @@ export async function diffFiles(a: string, b?: string, options: DiffFilesOptions
 
 class TreeDiff {
   readonly changes: FileChange[] = [];
+  /** The exact path bytes of each change (paths are bytes; the strings may be lossy). */
+  private readonly changeBytes = new Map<FileChange, Uint8Array>();
+  /** Directory inodes entered on each side: a second visit is a directory hard link (a loop, maybe). */
+  private readonly enteredA = new Map<number, Uint8Array>();
+  private readonly enteredB = new Map<number, Uint8Array>();
   readonly stats = { directoriesListed: 0, inodesCompared: 0, filesRead: 0, bytesCompared: 0 };
   private readonly a: ExtVolume;
   private readonly b: ExtVolume;
@@ -190,7 +196,33 @@ class TreeDiff {
   }
 
   async run(): Promise<void> {
-    await this.compare('/', 2, 2);
+    await this.compare(Uint8Array.of(0x2f), 2, 2);
+  }
+
+  sortChanges(): void {
+    const bytes = (c: FileChange) => this.changeBytes.get(c)!;
+    this.changes.sort((x, y) => Buffer.compare(bytes(x), bytes(y)));
+  }
+
+  private push(path: Uint8Array, change: Omit<FileChange, 'path' | 'pathBytes'>): void {
+    const exact = lossless(path);
+    const entry: FileChange = { path: decodeName(path), ...(exact === undefined ? {} : { pathBytes: exact }), ...change };
+    this.changeBytes.set(entry, path);
+    this.changes.push(entry);
+  }
+
+  /**
+   * Notes that a directory is being listed on one side; a directory inode met twice exists only
+   * through a hard link to a directory (a corrupt or crafted file system), and walking it again
+   * could go round forever, so that is a one-line error naming both paths.
+   */
+  private enter(volume: ExtVolume, dir: Inode, path: Uint8Array): void {
+    const entered = volume === this.a ? this.enteredA : this.enteredB;
+    const first = entered.get(dir.ino);
+    if (first !== undefined) {
+      throw volume.corrupt(`${escapeName(path)} is directory inode ${dir.ino} again, already walked at ${escapeName(first)} (a hard link to a directory, which can loop)`);
+    }
+    entered.set(dir.ino, path);
   }
 
   /** The inode's record reads the same on both sides (same number, no written byte in it). */
@@ -208,13 +240,14 @@ class TreeDiff {
     return true;
   }
 
-  private async listDir(volume: ExtVolume, inode: Inode): Promise<DirEntry[]> {
+  private async listDir(volume: ExtVolume, inode: Inode, path: Uint8Array): Promise<DirEntry[]> {
+    this.enter(volume, inode, path);
     this.stats.directoriesListed++;
     return volume.readDir(inode);
   }
 
   /** Compares the inodes at one path on both sides (ia on a, ib on b). */
-  private async compare(path: string, ia: number, ib: number, typeHint?: FileType): Promise<void> {
+  private async compare(path: Uint8Array, ia: number, ib: number, typeHint?: FileType): Promise<void> {
     const same = ia === ib && this.inodeUntouched(ia);
     // An untouched non-directory needs nothing more; the entry's file-type byte says which it is.
     if (same && typeHint !== undefined && typeHint !== 'dir') return;
@@ -222,7 +255,7 @@ class TreeDiff {
     if (same) {
       // Identical inode; only a directory can hide changes below it.
       if (inodeA.type === 'dir' && (await this.compareDirs(path, inodeA, inodeA, true))) {
-        this.changes.push({ path, change: 'modified', type: 'dir', what: ['content'] });
+        this.push(path, { change: 'modified', type: 'dir', what: ['content'] });
       }
       return;
     }
@@ -236,6 +269,13 @@ class TreeDiff {
       what.add('type');
       if (typeA === 'dir') await this.subtree(path, this.a, inodeA, 'added');
       if (typeB === 'dir') await this.subtree(path, this.b, inodeB, 'removed');
+      // A path that became (or stopped being) a regular file: the sum of the side that is one.
+      if (this.options.checksum && (typeA === 'file' || typeB === 'file')) {
+        sums = {
+          ...(typeA === 'file' ? { a: await this.sha256(this.a, inodeA) } : {}),
+          ...(typeB === 'file' ? { b: await this.sha256(this.b, inodeB) } : {}),
+        };
+      }
     } else {
       if ((inodeA.mode & 0o7777) !== (inodeB.mode & 0o7777)) what.add('mode');
       if (inodeA.uid !== inodeB.uid || inodeA.gid !== inodeB.gid) what.add('owner');
@@ -259,16 +299,18 @@ class TreeDiff {
       }
     }
     if (what.size > 0) {
-      this.changes.push({ path, change: 'modified', type: typeA, what: whatOrder.filter((w) => what.has(w)), ...(sums ? { sha256: sums } : {}) });
+      this.push(path, { change: 'modified', type: typeA, what: whatOrder.filter((w) => what.has(w)), ...(sums ? { sha256: sums } : {}) });
     }
   }
 
   /** Compares the entries of a directory on both sides; true when the set of names or their inodes changed. */
-  private async compareDirs(path: string, dirA: Inode, dirB: Inode, sameInode: boolean): Promise<boolean> {
-    const entriesA = await this.listDir(this.a, dirA);
+  private async compareDirs(path: Uint8Array, dirA: Inode, dirB: Inode, sameInode: boolean): Promise<boolean> {
+    const entriesA = await this.listDir(this.a, dirA, path);
     let entriesB: DirEntry[];
-    if (sameInode && this.blocksUntouched(await this.a.blockMap(dirA))) entriesB = entriesA;
-    else entriesB = await this.listDir(this.b, dirB);
+    if (sameInode && this.blocksUntouched(await this.a.blockMap(dirA))) {
+      this.enter(this.b, dirB, path);
+      entriesB = entriesA;
+    } else entriesB = await this.listDir(this.b, dirB, path);
     const byNameB = new Map(entriesB.map((e) => [nameKey(e), e]));
     let changed = false;
     const seen = new Set<string>();
@@ -276,7 +318,7 @@ class TreeDiff {
       const key = nameKey(entryA);
       seen.add(key);
       const entryB = byNameB.get(key);
-      const path2 = childPath(path, entryA.name);
+      const path2 = joinPathBytes(path, entryA.nameBytes);
       if (!entryB) {
         changed = true;
         await this.whole(path2, this.a, entryA.ino, 'added');
@@ -288,25 +330,25 @@ class TreeDiff {
     for (const entryB of entriesB) {
       if (seen.has(nameKey(entryB))) continue;
       changed = true;
-      await this.whole(childPath(path, entryB.name), this.b, entryB.ino, 'removed');
+      await this.whole(joinPathBytes(path, entryB.nameBytes), this.b, entryB.ino, 'removed');
     }
     return changed;
   }
 
   /** A path only one side has: it and, for a directory, everything below it. */
-  private async whole(path: string, volume: ExtVolume, ino: number, change: 'added' | 'removed'): Promise<void> {
+  private async whole(path: Uint8Array, volume: ExtVolume, ino: number, change: 'added' | 'removed'): Promise<void> {
     const inode = await volume.readInode(ino);
-    const entry: FileChange = { path, change, type: inode.type ?? 'unknown', what: [] };
+    const entry: Omit<FileChange, 'path'> = { change, type: inode.type ?? 'unknown', what: [] };
     if (this.options.checksum && inode.type === 'file') {
       const sum = await this.sha256(volume, inode);
       entry.sha256 = change === 'added' ? { a: sum } : { b: sum };
     }
-    this.changes.push(entry);
+    this.push(path, entry);
     if (inode.type === 'dir') await this.subtree(path, volume, inode, change);
   }
 
-  private async subtree(path: string, volume: ExtVolume, dir: Inode, change: 'added' | 'removed'): Promise<void> {
-    for (const entry of await this.listDir(volume, dir)) await this.whole(childPath(path, entry.name), volume, entry.ino, change);
+  private async subtree(path: Uint8Array, volume: ExtVolume, dir: Inode, change: 'added' | 'removed'): Promise<void> {
+    for (const entry of await this.listDir(volume, dir, path)) await this.whole(joinPathBytes(path, entry.nameBytes), volume, entry.ino, change);
   }
 
   private async compareContent(inodeA: Inode, inodeB: Inode): Promise<{ same: boolean }> {

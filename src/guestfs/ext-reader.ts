@@ -21,6 +21,7 @@ import {
   SUPERBLOCK_SIZE,
   type Superblock,
   descriptorBlocks,
+  inodeTableBlocks,
   inodeOffset,
   isFastSymlink,
   parseDirBlock,
@@ -39,6 +40,7 @@ export interface BlockMap {
 }
 
 const CHUNK = 8 << 20;
+const INODE_READAHEAD = 64 << 10;
 
 export class ExtVolume {
   private readonly inodeBlockCache = new Map<number, Uint8Array>();
@@ -105,9 +107,17 @@ export class ExtVolume {
     const block = Math.floor(offset / blockSize);
     let bytes = this.inodeBlockCache.get(block);
     if (!bytes) {
-      bytes = await this.readBlock(block);
-      if (this.inodeBlockCache.size >= 4096) this.inodeBlockCache.delete(this.inodeBlockCache.keys().next().value as number);
-      this.inodeBlockCache.set(block, bytes);
+      // Read ahead within this group's inode table: a walk reads neighbouring inodes next, and one
+      // 64 KiB read costs about what one 4 KiB read does.
+      const tableEnd = Math.min(this.groups[Math.floor((ino - 1) / this.sb.inodesPerGroup)]!.inodeTable + inodeTableBlocks(this.sb), this.sb.blocksCount);
+      const count = Math.max(1, Math.min(Math.floor(INODE_READAHEAD / blockSize), tableEnd - block));
+      if (!(block > 0 && block + count <= this.sb.blocksCount)) throw this.corrupt(`block ${block} is outside the file system`);
+      const run = await this.source.read(block * blockSize, count * blockSize);
+      for (let i = 0; i < count; i++) {
+        if (this.inodeBlockCache.size >= 4096) this.inodeBlockCache.delete(this.inodeBlockCache.keys().next().value as number);
+        this.inodeBlockCache.set(block + i, run.subarray(i * blockSize, (i + 1) * blockSize));
+      }
+      bytes = this.inodeBlockCache.get(block)!;
     }
     const at = offset - block * blockSize;
     return parseInode(ino, bytes.subarray(at, at + inodeSize));
@@ -120,28 +130,41 @@ export class ExtVolume {
     if (inode.type !== 'file' && inode.type !== 'dir' && inode.type !== 'symlink') return map;
     if (isFastSymlink(this.sb, inode)) return map;
     if (inode.flags & INODE_FLAG_EXTENTS) {
-      await this.walkExtents(inode, inode.blockArea, map, 0);
+      await this.walkExtents(inode, inode.blockArea, map, undefined, new Set());
     } else {
       await this.walkIndirect(inode, map);
     }
     return map;
   }
 
-  private async walkExtents(inode: Inode, bytes: Uint8Array, map: BlockMap, level: number): Promise<void> {
-    if (level > 6) throw this.corrupt(`inode ${inode.ino}'s extent tree is deeper than 5 levels`);
+  /**
+   * Walks an extent tree as ext4 does: each child one level below its parent (so at most 5 levels),
+   * each node block visited once, leaves in increasing logical order. A crafted tree whose index
+   * entries all point at one node (or at an ancestor) is an error here, not an exponential walk.
+   */
+  private async walkExtents(inode: Inode, bytes: Uint8Array, map: BlockMap, expectedDepth: number | undefined, visited: Set<number>): Promise<void> {
     const node = parseExtentNode(bytes, `${this.label}: inode ${inode.ino}`);
+    if (expectedDepth !== undefined && node.depth !== expectedDepth) {
+      throw this.corrupt(`inode ${inode.ino}'s extent tree has a node at depth ${node.depth} where depth ${expectedDepth} belongs`);
+    }
     if (node.depth === 0) {
       for (const extent of node.extents) {
         if (extent.length > 0 && extent.physical + extent.length > this.sb.blocksCount) {
           throw this.corrupt(`inode ${inode.ino} maps blocks ${extent.physical}+${extent.length} past the end of the file system`);
+        }
+        const last = map.extents[map.extents.length - 1];
+        if (last && extent.logical < last.logical + last.length) {
+          throw this.corrupt(`inode ${inode.ino}'s extents overlap or are out of order (logical block ${extent.logical} after ${last.logical}+${last.length})`);
         }
         map.extents.push(extent);
       }
       return;
     }
     for (const child of node.children) {
+      if (visited.has(child.block)) throw this.corrupt(`inode ${inode.ino}'s extent tree reaches block ${child.block} twice (a loop in the tree)`);
+      visited.add(child.block);
       map.metaBlocks.push(child.block);
-      await this.walkExtents(inode, await this.readBlock(child.block), map, level + 1);
+      await this.walkExtents(inode, await this.readBlock(child.block), map, node.depth - 1, visited);
     }
   }
 
@@ -157,8 +180,12 @@ export class ExtVolume {
       else map.extents.push({ logical, physical, length: 1, unwritten: false });
     };
     for (let i = 0; i < 12 && i < wanted; i++) add(i, area.getUint32(i * 4, true));
+    // Each pointer block once: a block listed twice (or pointing at itself) is a loop, not a bigger file.
+    const visited = new Set<number>();
     const walk = async (block: number, depth: number, firstLogical: number): Promise<void> => {
       if (block === 0 || firstLogical >= wanted) return;
+      if (visited.has(block)) throw this.corrupt(`inode ${inode.ino}'s indirect block ${block} is listed twice (a loop in the block map)`);
+      visited.add(block);
       map.metaBlocks.push(block);
       const bytes = await this.readBlock(block);
       const v = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
@@ -174,6 +201,12 @@ export class ExtVolume {
     await walk(area.getUint32(48, true), 0, 12);
     await walk(area.getUint32(52, true), 1, 12 + perBlock);
     await walk(area.getUint32(56, true), 2, 12 + perBlock + perBlock ** 2);
+  }
+
+  /** The inode number `name` (bytes) has in directory `dir`, or undefined. */
+  async lookup(dir: Inode, name: Uint8Array): Promise<number | undefined> {
+    for (const entry of await this.readDir(dir)) if (Buffer.compare(entry.nameBytes, name) === 0) return entry.ino;
+    return undefined;
   }
 
   /** Directory entries (without . and ..), in on-disk order. */
@@ -200,7 +233,10 @@ export class ExtVolume {
     return this.readAll(inode);
   }
 
-  /** The file's bytes in chunks of at most 8 MiB, holes and unwritten extents as zeros. */
+  /**
+   * The file's bytes in chunks of exactly `chunkBytes` (the last one shorter), holes and unwritten
+   * extents as zeros. The fixed chunking is what lets diff compare two files chunk by chunk.
+   */
   async *readChunks(inode: Inode, chunkBytes = CHUNK): AsyncGenerator<Uint8Array> {
     const map = await this.blockMap(inode);
     const blockSize = this.sb.blockSize;
@@ -208,10 +244,19 @@ export class ExtVolume {
     let extentIndex = 0;
     for (let position = 0; position < size; ) {
       const length = Math.min(chunkBytes, size - position);
-      const chunk = new Uint8Array(length);
       const end = position + length;
       // Extents are sorted by logical block; skip those wholly before this chunk.
       while (extentIndex < map.extents.length && (map.extents[extentIndex]!.logical + map.extents[extentIndex]!.length) * blockSize <= position) extentIndex++;
+      const next = map.extents[extentIndex];
+      if (!next || next.logical * blockSize >= end) {
+        // All hole: fresh zeroed memory, which the kernel maps lazily (no 8 MiB written).
+        yield new Uint8Array(length);
+        position = end;
+        continue;
+      }
+      // Not zeroed up front: the extents fill most of it, the gaps are zeroed below.
+      const chunk = Buffer.allocUnsafe(length);
+      let filled = position;
       for (let i = extentIndex; i < map.extents.length; i++) {
         const extent = map.extents[i]!;
         const start = extent.logical * blockSize;
@@ -220,10 +265,35 @@ export class ExtVolume {
         const from = Math.max(start, position);
         const to = Math.min((extent.logical + extent.length) * blockSize, end);
         if (to <= from) continue;
+        if (from > filled) chunk.fill(0, filled - position, from - position);
         await this.source.read(extent.physical * blockSize + (from - start), to - from, chunk.subarray(from - position, to - position));
+        filled = to;
       }
+      if (filled < end) chunk.fill(0, filled - position, length);
       yield chunk;
       position = end;
+    }
+  }
+
+  /**
+   * The written data of a file as (position, bytes) runs of at most `chunkBytes`, in order, clipped
+   * to its size; holes and unwritten extents are left out (a sparse copy writes only these).
+   */
+  async *readRuns(inode: Inode, chunkBytes = CHUNK): AsyncGenerator<{ position: number; bytes: Uint8Array }> {
+    const map = await this.blockMap(inode);
+    const blockSize = this.sb.blockSize;
+    const size = inode.size;
+    for (const extent of map.extents) {
+      if (extent.unwritten) continue;
+      const start = extent.logical * blockSize;
+      const end = Math.min((extent.logical + extent.length) * blockSize, size);
+      for (let from = start; from < end; ) {
+        const to = Math.min(end, from + chunkBytes);
+        // Every byte is read into it, so it need not be zeroed first.
+        const bytes = await this.source.read(extent.physical * blockSize + (from - start), to - from, Buffer.allocUnsafe(to - from));
+        yield { position: from, bytes };
+        from = to;
+      }
     }
   }
 

@@ -2,9 +2,9 @@
  * A guest's ext2/3/4 file system, read-only, without booting it: `openGuestFs(image)` on a raw
  * image or a COW seen through its backing file, optionally inside an MBR/GPT partition.
  *
- * Names are resolved by libext2fs (npm `ext2fs`, mounted over a disk object that refuses every
- * write, files opened O_NOATIME so reading never even tries to update an inode); inode contents and
- * file bytes come from ExtVolume, which reads whole extents at once. Guest symlinks are followed
+ * Paths are resolved by inode with ExtVolume, names compared as bytes (names are bytes: Latin-1
+ * names resolve too), and inode contents and file bytes come from it, whole extents at once.
+ * libext2fs (npm `ext2fs`, mounted over a disk object that refuses every write) answers `readdir`. Guest symlinks are followed
  * inside the guest, one path component at a time, never on the host, at most 40 deep (as Linux).
  *
  * Invariant: nothing reachable from here writes to the image, its backing file or anything else.
@@ -14,6 +14,7 @@ import { UbdcowError } from '../errors.js';
 import { type FsSource, type GuestDisk, ReadOnlyExt2fsDisk, openGuestDisk, partitionSource } from './disk-adapter.js';
 import { type FileType, type Inode, SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE, hasExtMagic } from './ext-layout.js';
 import { ExtVolume } from './ext-reader.js';
+import { decodeName, escapeName, escapeText } from './guest-names.js';
 import { type OptionKeys, checkOptions } from '../options.js';
 
 export interface GuestFsOptions {
@@ -42,7 +43,9 @@ export interface GuestStat {
 }
 
 export interface GuestDirEntry {
+  /** The name's UTF-8 reading (U+FFFD where its bytes are not UTF-8). */
   name: string;
+  nameBytes: Uint8Array;
   /** As lstat would return it (symlinks not followed). */
   stat: GuestStat;
 }
@@ -55,17 +58,21 @@ export interface GuestFs {
   blockSize: number;
   warnings: string[];
   /** Names in a directory (libext2fs), sorted, without . and .. */
-  readdir(path: string): Promise<string[]>;
-  /** Entries with their lstat, straight from the directory blocks (one pass, for ls -l and ls -R). */
-  list(path: string): Promise<GuestDirEntry[]>;
-  stat(path: string): Promise<GuestStat>;
-  lstat(path: string): Promise<GuestStat>;
-  readlink(path: string): Promise<string>;
-  readFile(path: string): Promise<Uint8Array>;
+  readdir(path: GuestPath): Promise<string[]>;
+  /** Entries with their lstat, straight from the directory blocks (one pass), sorted by name bytes. */
+  list(path: GuestPath): Promise<GuestDirEntry[]>;
+  stat(path: GuestPath): Promise<GuestStat>;
+  lstat(path: GuestPath): Promise<GuestStat>;
+  readlink(path: GuestPath): Promise<string>;
+  readFile(path: GuestPath): Promise<Uint8Array>;
   /** A regular file's bytes in chunks (for large files). */
-  readChunks(path: string): AsyncGenerator<Uint8Array>;
+  readChunks(path: GuestPath): AsyncGenerator<Uint8Array>;
+  /** A regular file's written data as (position, bytes) runs, holes left out (for sparse copies). */
+  readRuns(path: GuestPath): AsyncGenerator<{ position: number; bytes: Uint8Array }>;
   /** Resolves symlinks inside the guest: the path with none left in it. */
-  realpath(path: string): Promise<string>;
+  realpath(path: GuestPath): Promise<string>;
+  /** The symlink-free path (string and exact bytes) and inode of `path`; the last part followed or not. */
+  resolve(path: GuestPath, followLast: boolean): Promise<{ path: string; pathBytes: Uint8Array; inode: Inode }>;
   close(): Promise<void>;
   /** The inode-level reader under it (for diffFiles). */
   readonly volume: ExtVolume;
@@ -89,12 +96,6 @@ interface Ext2fsMounted {
   };
 }
 
-const O_NOFOLLOW = 131072;
-const O_NOATIME = 262144;
-
-function stripControl(text: string): string {
-  return text.replace(/[\x00-\x1f\x7f]/g, '?');
-}
 
 /** What a disk that holds no ext file system holds instead, as far as a few signatures tell. */
 async function describeContents(disk: GuestDisk, offset: number, size: number): Promise<string> {
@@ -163,7 +164,7 @@ function loadExt2fs(): Ext2fsModule {
   return ext2fsModule;
 }
 
-function statOf(inode: Inode): GuestStat {
+export function statOf(inode: Inode): GuestStat {
   return {
     ino: inode.ino,
     type: inode.type ?? 'unknown',
@@ -181,9 +182,31 @@ function statOf(inode: Inode): GuestStat {
   };
 }
 
+/** A guest path as bytes: a string is taken as UTF-8, bytes as they are (names are bytes). */
+export type GuestPath = string | Uint8Array;
+
+function pathBytes(path: GuestPath): Uint8Array {
+  return typeof path === 'string' ? Buffer.from(path, 'utf8') : path;
+}
+
 /** Splits a guest path into components ("." dropped; ".." kept for the resolver). */
-function components(path: string): string[] {
-  return path.split('/').filter((part) => part !== '' && part !== '.');
+function components(path: Uint8Array): Uint8Array[] {
+  const parts: Uint8Array[] = [];
+  let start = 0;
+  for (let i = 0; i <= path.length; i++) {
+    if (i < path.length && path[i] !== 0x2f) continue;
+    const part = path.subarray(start, i);
+    if (part.length > 0 && !(part.length === 1 && part[0] === 0x2e)) parts.push(part);
+    start = i + 1;
+  }
+  return parts;
+}
+
+const isDotDot = (part: Uint8Array) => part.length === 2 && part[0] === 0x2e && part[1] === 0x2e;
+
+function joinParts(parts: Uint8Array[]): Uint8Array {
+  const slash = Uint8Array.of(0x2f);
+  return parts.length === 0 ? slash : Buffer.concat(parts.flatMap((part) => [slash, part]));
 }
 
 export interface OpenedVolume {
@@ -214,82 +237,82 @@ const openGuestFsOptionKeys: OptionKeys<GuestFsOptions> = { backing: true, parti
 export async function openGuestFs(image: string, options: GuestFsOptions = {}): Promise<GuestFs> {
   checkOptions('openGuestFs', options, openGuestFsOptionKeys);
   const disk = await openGuestDisk(image, { backing: options.backing });
-  let mounted: Ext2fsMounted | undefined;
-  const ext2fs = loadExt2fs();
   try {
     const { source, location, label, volume, warnings } = await openVolume(disk, options.partition);
-    const readOnlyDisk = new ReadOnlyExt2fsDisk(disk);
-    try {
-      mounted = await ext2fs.mount(readOnlyDisk, source.offset);
-    } catch (err) {
-      throw new UbdcowError('corrupt-fs', `${label}: libext2fs cannot open the ${volume.sb.kind} file system (${ext2fsMessage(err)}); corrupt file system?`, { file: image });
-    }
-    const mountedFs = mounted;
-    const p = mountedFs.promises;
+    // Mounted on first use (only readdir needs it): ls, get and stat never load the WebAssembly
+    // library, which is ~0.1 s of every command's start-up.
+    let mounted: Promise<Ext2fsMounted> | undefined;
+    const mountedFs = () =>
+      (mounted ??= loadExt2fs()
+        .mount(new ReadOnlyExt2fsDisk(disk), source.offset)
+        .catch((err: unknown) => {
+          throw new UbdcowError('corrupt-fs', `${label}: libext2fs cannot open the ${volume.sb.kind} file system (${ext2fsMessage(err)}); corrupt file system?`, { file: image });
+        }));
 
+    /** A libext2fs error as ours (`path` already escaped for the terminal). */
     const fail = (err: unknown, path: string): never => {
       if (err instanceof UbdcowError) throw err;
       const code = (err as { code?: string }).code;
-      if (code === 'ENOENT') throw new UbdcowError('not-found', `${label}: ${stripControl(path)}: no such file or directory in the guest`, { file: image });
-      if (code === 'ENOTDIR') throw new UbdcowError('not-a-dir', `${label}: ${stripControl(path)}: a component of the path is not a directory in the guest`, { file: image });
-      throw new UbdcowError('corrupt-fs', `${label}: ${stripControl(path)}: libext2fs failed (${ext2fsMessage(err)})`, { file: image });
+      if (code === 'ENOENT') throw new UbdcowError('not-found', `${label}: ${path}: no such file or directory in the guest`, { file: image });
+      if (code === 'ENOTDIR') throw new UbdcowError('not-a-dir', `${label}: ${path}: a component of the path is not a directory in the guest`, { file: image });
+      throw new UbdcowError('corrupt-fs', `${label}: ${path}: libext2fs failed (${ext2fsMessage(err)})`, { file: image });
     };
 
-    /** Inode number of a path made only of real directories (no symlinks), the last part not followed. */
-    const lookup = async (realPath: string): Promise<number> => {
-      if (realPath === '/') return 2;
-      try {
-        const handle = await p.open(realPath, O_NOFOLLOW | O_NOATIME);
-        try {
-          return (await handle.stat()).ino;
-        } finally {
-          await handle.close();
-        }
-      } catch (err) {
-        return fail(err, realPath);
-      }
-    };
-
-    /** Resolves `path`: returns the symlink-free path and its inode. */
-    const resolve = async (path: string, followLast: boolean): Promise<{ path: string; inode: Inode }> => {
-      let pending = components(path);
-      const done: string[] = [];
+    /**
+     * Resolves `path` by inode, one component at a time, reading directory blocks with ExtVolume
+     * (names compared as bytes; libext2fs is not asked, so names that are not UTF-8 and inodes
+     * whose times libext2fs cannot represent resolve all the same): the symlink-free path and its
+     * inode. `..` goes back up the directories walked, as the kernel does.
+     */
+    const resolve = async (path: GuestPath, followLast: boolean): Promise<{ path: string; pathBytes: Uint8Array; inode: Inode }> => {
+      const asked = escapeName(pathBytes(path));
+      let pending = components(pathBytes(path));
+      const done: Uint8Array[] = [];
+      const parents: Inode[] = [];
       let hops = 0;
-      let inode = await volume.readInode(2);
+      const root = await volume.readInode(2);
+      let inode = root;
       while (pending.length > 0) {
         const part = pending.shift()!;
-        if (part === '..') {
+        if (isDotDot(part)) {
           done.pop();
-          inode = await volume.readInode(await lookup(`/${done.join('/')}`));
+          inode = parents.pop() ?? root;
           continue;
         }
-        if (inode.type !== 'dir') throw new UbdcowError('not-a-dir', `${label}: ${stripControl(path)}: /${stripControl(done.join('/'))} is not a directory in the guest`, { file: image });
-        const candidate = `/${[...done, part].join('/')}`;
-        const child = await volume.readInode(
-          await lookup(candidate).catch((err: unknown) => {
-            // Name the path asked for, and which part of it is missing when that differs.
-            if (err instanceof UbdcowError && err.code === 'not-found' && candidate !== path) {
-              throw new UbdcowError('not-found', `${label}: ${stripControl(path)}: no such file or directory in the guest (${stripControl(candidate)} does not exist)`, { file: image });
-            }
-            throw err;
-          }),
-        );
+        if (inode.type !== 'dir') throw new UbdcowError('not-a-dir', `${label}: ${asked}: ${escapeName(joinParts(done))} is not a directory in the guest`, { file: image });
+        const ino = await volume.lookup(inode, part);
+        if (ino === undefined) {
+          const candidate = escapeName(joinParts([...done, part]));
+          // Name the path asked for, and which part of it is missing when that differs.
+          throw new UbdcowError('not-found', `${label}: ${asked}: no such file or directory in the guest${candidate !== asked ? ` (${candidate} does not exist)` : ''}`, { file: image });
+        }
+        const child = await volume.readInode(ino);
         if (child.type === 'symlink' && (pending.length > 0 || followLast)) {
           if (++hops > MAX_SYMLINKS) {
-            throw new UbdcowError('symlink-loop', `${label}: ${stripControl(path)}: too many levels of symbolic links in the guest (more than ${MAX_SYMLINKS}; a symlink loop?)`, { file: image });
+            throw new UbdcowError('symlink-loop', `${label}: ${asked}: too many levels of symbolic links in the guest (more than ${MAX_SYMLINKS}; a symlink loop?)`, { file: image });
           }
-          const target = new TextDecoder().decode(await volume.readLink(child));
+          const target = await volume.readLink(child);
           pending = [...components(target), ...pending];
-          if (target.startsWith('/')) {
+          if (target[0] === 0x2f) {
             done.length = 0;
-            inode = await volume.readInode(2);
+            parents.length = 0;
+            inode = root;
           }
           continue;
         }
         done.push(part);
+        parents.push(inode);
         inode = child;
       }
-      return { path: `/${done.join('/')}`, inode };
+      const bytes = joinParts(done);
+      return { path: decodeName(bytes), pathBytes: bytes, inode };
+    };
+
+    const shown = (path: GuestPath) => escapeName(pathBytes(path));
+    const regularFile = async (path: GuestPath): Promise<Inode> => {
+      const { inode } = await resolve(path, true);
+      if (inode.type !== 'file') throw new UbdcowError('not-a-file', `${label}: ${shown(path)}: is a ${inode.type ?? 'special file'}, not a regular file, in the guest`, { file: image });
+      return inode;
     };
 
     const guest: GuestFs = {
@@ -302,20 +325,20 @@ export async function openGuestFs(image: string, options: GuestFsOptions = {}): 
       disk,
       async readdir(path) {
         const { path: real, inode } = await resolve(path, true);
-        if (inode.type !== 'dir') throw new UbdcowError('not-a-dir', `${label}: ${stripControl(path)}: not a directory in the guest`, { file: image });
+        if (inode.type !== 'dir') throw new UbdcowError('not-a-dir', `${label}: ${shown(path)}: not a directory in the guest`, { file: image });
         try {
-          const names = await p.readdir(real);
+          const names = await (await mountedFs()).promises.readdir(real);
           return names.filter((name) => name !== '.' && name !== '..').sort();
         } catch (err) {
-          return fail(err, path);
+          return fail(err, shown(path));
         }
       },
       async list(path) {
         const { inode } = await resolve(path, true);
-        if (inode.type !== 'dir') throw new UbdcowError('not-a-dir', `${label}: ${stripControl(path)}: not a directory in the guest`, { file: image });
+        if (inode.type !== 'dir') throw new UbdcowError('not-a-dir', `${label}: ${shown(path)}: not a directory in the guest`, { file: image });
         const entries: GuestDirEntry[] = [];
-        for (const entry of await volume.readDir(inode)) entries.push({ name: entry.name, stat: statOf(await volume.readInode(entry.ino)) });
-        return entries.sort((x, y) => (x.name < y.name ? -1 : x.name > y.name ? 1 : 0));
+        for (const entry of await volume.readDir(inode)) entries.push({ name: entry.name, nameBytes: entry.nameBytes, stat: statOf(await volume.readInode(entry.ino)) });
+        return entries.sort((x, y) => Buffer.compare(x.nameBytes, y.nameBytes));
       },
       async stat(path) {
         return statOf((await resolve(path, true)).inode);
@@ -325,25 +348,26 @@ export async function openGuestFs(image: string, options: GuestFsOptions = {}): 
       },
       async readlink(path) {
         const { inode } = await resolve(path, false);
-        if (inode.type !== 'symlink') throw new UbdcowError('not-a-symlink', `${label}: ${stripControl(path)}: not a symbolic link in the guest`, { file: image });
-        return new TextDecoder().decode(await volume.readLink(inode));
+        if (inode.type !== 'symlink') throw new UbdcowError('not-a-symlink', `${label}: ${shown(path)}: not a symbolic link in the guest`, { file: image });
+        return decodeName(await volume.readLink(inode));
       },
       async readFile(path) {
-        const { inode } = await resolve(path, true);
-        if (inode.type !== 'file') throw new UbdcowError('not-a-file', `${label}: ${stripControl(path)}: is a ${inode.type ?? 'special file'}, not a regular file, in the guest`, { file: image });
-        return volume.readAll(inode);
+        return volume.readAll(await regularFile(path));
       },
       async *readChunks(path) {
-        const { inode } = await resolve(path, true);
-        if (inode.type !== 'file') throw new UbdcowError('not-a-file', `${label}: ${stripControl(path)}: is a ${inode.type ?? 'special file'}, not a regular file, in the guest`, { file: image });
-        yield* volume.readChunks(inode);
+        yield* volume.readChunks(await regularFile(path));
+      },
+      async *readRuns(path) {
+        yield* volume.readRuns(await regularFile(path));
       },
       async realpath(path) {
         return (await resolve(path, true)).path;
       },
+      resolve,
       async close() {
         try {
-          await ext2fs.umount(mountedFs);
+          const fs = await mounted?.catch(() => undefined);
+          if (fs) await loadExt2fs().umount(fs);
         } finally {
           await disk.close();
         }
@@ -351,7 +375,6 @@ export async function openGuestFs(image: string, options: GuestFsOptions = {}): 
     };
     return guest;
   } catch (err) {
-    if (mounted) await ext2fs.umount(mounted).catch(() => undefined);
     await disk.close().catch(() => undefined);
     throw err;
   }
@@ -359,5 +382,5 @@ export async function openGuestFs(image: string, options: GuestFsOptions = {}): 
 
 function ext2fsMessage(err: unknown): string {
   const e = err as { code?: string; message?: string };
-  return e.code ?? stripControl(String(e.message ?? err)).split(' args:')[0]!;
+  return e.code ?? escapeText(String(e.message ?? err)).split(' args:')[0]!;
 }

@@ -210,6 +210,10 @@ describe('demo', () => {
   it('removes its temporary folder, or keeps it with --keep and says where', () => {
     const removed = ubdcow(['demo']);
     expect(removed.status, removed.stderr).toBe(0);
+    // Step 5 summarises the differing ranges (count, bytes, the first three) on a short line.
+    const diffLine = removed.stdout.split('\n').find((line) => line.startsWith('5. '));
+    expect(diffLine).toMatch(/^5\. ok   diff: \d+ ranges, \d+ bytes, differ from the backing: \d+ bytes at \d+, \d+ bytes at \d+, \d+ bytes at \d+, … \(\d+ more\)$/);
+    expect(diffLine!.length).toBeLessThan(200);
     const gone = /temporary folder (\S+) removed/.exec(removed.stdout);
     expect(gone, removed.stdout).not.toBeNull();
     expect(fs.existsSync(gone![1])).toBe(false);
@@ -290,13 +294,21 @@ describe.skipIf(extMissing.length > 0)(
       expect(fs.existsSync(path.join(tmp.path, 'x'))).toBe(false);
     });
 
-    it('get -o FILE keeps its meaning (a file, not a format); serve --json carries schemaVersion', async () => {
+    it('get -o/--out FILE is a file; --output stays the format (refused: get has no JSON); serve --json carries schemaVersion', async () => {
       makeGuestCow();
       const got = ubdcow(['get', 'vm.cow', '/hello.txt', '-o', 'json']);
       expect(got.status, got.stderr).toBe(0);
       expect(fs.readFileSync(path.join(tmp.path, 'json'), 'utf8')).toBe('hello\n');
-      expect(ubdcow(['get', 'vm.cow', '/hello.txt', '--output', 'out.txt']).status).toBe(0);
+      expect(ubdcow(['get', 'vm.cow', '/hello.txt', '--out', 'out.txt']).status).toBe(0);
       expect(fs.readFileSync(path.join(tmp.path, 'out.txt'), 'utf8')).toBe('hello\n');
+      // --output means the format everywhere: get has no JSON, so it is refused, and no file appears.
+      for (const args of [['--output=json'], ['--output', 'json'], ['--output', 'other.txt']]) {
+        const refused = ubdcow(['get', 'vm.cow', '/hello.txt', ...args]);
+        expect(refused.status, refused.stdout).toBe(1);
+        expect(refused.stderr.trim().split('\n')).toHaveLength(1);
+        expect(refused.stderr).toMatch(/--output/);
+      }
+      expect(fs.readdirSync(tmp.path).filter((name) => name === 'other.txt' || name.startsWith('.other'))).toEqual([]);
 
       const { spawn } = await import('node:child_process');
       const server = spawn(process.execPath, [cli, 'serve', 'vm.cow', '--socket', path.join(tmp.path, 'nbd.sock'), '--read-only', '--output=json'], { cwd: tmp.path });
