@@ -60,7 +60,7 @@ const ls: CommandModule = {
       .positional('path', { type: 'string', default: '/', describe: 'Guest directory (or file)' })
       .option('long', { alias: 'l', type: 'boolean', describe: 'Type, mode, uid, gid, size, mtime and symlink target' })
       .option('recursive', { alias: 'R', type: 'boolean', describe: 'Everything below PATH, with full paths' })
-      .option('json', { type: 'boolean', describe: 'Print { "entries": [ { path, name, type, mode, uid, gid, size, mtime, target? } ] }' })
+      .option('json', { type: 'boolean', describe: 'Print { "entries": [ { path, name, type, mode, uid, gid, size, mtime, target? } ], "journal"?: { file, transactions, blocks } (set when a journal needing recovery was replayed in memory) }' })
       .option('backing', { alias: 'b', type: 'string', describe: 'Backing file instead of the one in the COW header' })
       .option('partition', { type: 'number', describe: 'Partition number (MBR or GPT); default: the whole disk, or the only Linux partition' })
       .example('$0 ls vm.cow /etc -l', 'What is in the guest\'s /etc')
@@ -76,7 +76,7 @@ const ls: CommandModule = {
       });
       warn('ls', result.warnings);
       if (argv.json) {
-        out(toJson({ entries: result.entries }));
+        out(toJson({ entries: result.entries, ...(result.journal ? { journal: result.journal } : {}) }));
         return;
       }
       const lines = result.entries.map((entry) => {
@@ -158,7 +158,7 @@ export async function diffFilesCommand(argv: ArgumentsCamelCase): Promise<void> 
       deep: Boolean(argv.deep),
     });
     warn('diff', result.warnings);
-    if (argv.json) out(toJson({ a: result.a, b: result.b, mode: result.mode, changes: result.changes }));
+    if (argv.json) out(toJson({ a: result.a, b: result.b, mode: result.mode, changes: result.changes, ...(result.journal.length > 0 ? { journal: result.journal } : {}) }));
     else if (result.changes.length > 0) out(formatChanges(result));
     // An answer ("changed"), not a failure: CliExit is not a UbdcowError, so it passes through.
     if (result.changes.length > 0) throw new CliExit(1);

@@ -3,6 +3,7 @@
  * read from a raw image or a COW seen through its backing file, without booting anything.
  */
 import { type GuestFsOptions, type GuestStat, openGuestFs } from '../guestfs/guest-fs.js';
+import type { JournalReplayNote } from '../guestfs/journal-replay.js';
 import { type OptionKeys, checkOptions } from '../options.js';
 
 export interface LsOptions extends GuestFsOptions {
@@ -31,6 +32,8 @@ export interface LsResult {
   location: string;
   entries: LsEntry[];
   warnings: string[];
+  /** Set when the journal needed recovery and was replayed in memory. */
+  journal?: JournalReplayNote;
 }
 
 function join(dir: string, name: string): string {
@@ -62,7 +65,7 @@ export async function listGuest(image: string, guestPath = '/', options: LsOptio
       const name = start.slice(start.lastIndexOf('/') + 1);
       entries.push({ path: start, name, type: stat.type, mode: stat.mode, uid: stat.uid, gid: stat.gid, size: stat.size, mtime: stat.mtime });
     }
-    return { image, path: start, location: guest.location, entries, warnings: guest.warnings };
+    return { image, path: start, location: guest.location, entries, warnings: guest.warnings, ...(guest.journal ? { journal: guest.journal } : {}) };
   } finally {
     await guest.close();
   }
