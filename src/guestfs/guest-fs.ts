@@ -184,6 +184,7 @@ export async function openVolume(disk: GuestDisk, partition: number | undefined)
       ? `${label}: the ${onDisk.sb.kind} file system is marked as needing journal recovery, but its journal holds no committed transaction: nothing to replay`
       : `${label}: the ${onDisk.sb.kind} journal needed recovery (the guest did not unmount cleanly): replayed in memory (${journal.transactions} transaction${journal.transactions === 1 ? '' : 's'}, ${journal.blocks} block${journal.blocks === 1 ? '' : 's'}), as the kernel would on mount; the image itself is not written`,
   );
+  warnings.push(...replay.warnings.map((warning) => `${label}: ${warning}`));
   const bs = onDisk.sb.blockSize;
   const replayedRanges = [...replay.blocks.keys()].map((block) => ({ start: block * bs, end: (block + 1) * bs }));
   return { source: replayedSource, location, label, volume, warnings, journal, replayedRanges };

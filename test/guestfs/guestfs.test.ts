@@ -12,7 +12,6 @@ import { createCow } from '../../src/commands/create.js';
 import { openCow } from '../../src/io/engine.js';
 import { diffFiles } from '../../src/guestfs/diff-files.js';
 import { openGuestFs } from '../../src/guestfs/guest-fs.js';
-import { ReadOnlyExt2fsDisk, openGuestDisk } from '../../src/guestfs/disk-adapter.js';
 import { parseGroupDescriptors, parseSuperblock, descriptorBlocks } from '../../src/guestfs/ext-layout.js';
 import { debugfsCat, md5OfFile, runProgram, ubdcow } from '../uml/harness.js';
 import { missingTools, titleWithSkipReason } from '../helpers/tools.js';
@@ -168,7 +167,7 @@ describe.skipIf(missing.length > 0)(titleWithSkipReason('guest file systems buil
             expect(ours.equals(theirs), file).toBe(true);
           }
           expect(await guest.readlink('/data/link')).toBe('../data/keep.txt');
-          // Names from libext2fs and from the directory blocks agree.
+          // readdir (names only) and list (names with their inodes) agree.
           for (const dir of ['/', '/data', '/many/sub1']) {
             expect((await guest.list(dir)).map((e) => e.name), dir).toEqual(await guest.readdir(dir));
           }
@@ -194,7 +193,7 @@ describe.skipIf(missing.length > 0)(titleWithSkipReason('guest file systems buil
     });
   }
 
-  it('a journal that needs recovery is reported as a warning, never replayed: the image is not written', async () => {
+  it('a file system marked as needing recovery with an empty log: a warning, and the image is not written', async () => {
     const tree = path.join(tmp.path, 'tree');
     buildTree(tree);
     const image = path.join(tmp.path, 'ext3.img');
@@ -203,32 +202,14 @@ describe.skipIf(missing.length > 0)(titleWithSkipReason('guest file systems buil
     const before = md5OfFile(image);
     const mtime = fs.statSync(image).mtimeMs;
     const guest = await openGuestFs(image);
-    expect(guest.warnings.join('\n')).toMatch(/journal needs recovery/);
+    expect(guest.warnings.join('\n')).toMatch(/marked as needing journal recovery, but its journal holds no committed transaction/);
     expect(await guest.readdir('/data')).toContain('keep.txt');
     await guest.close();
     const ls = await ubdcow(['ls', image]);
     expect(ls.status).toBe(0);
-    expect(ls.stderr).toMatch(/^ubdcow ls: warning: .*journal needs recovery.*never replays/);
+    expect(ls.stderr).toMatch(/^ubdcow ls: warning: .*nothing to replay/);
     expect(md5OfFile(image)).toBe(before);
     expect(fs.statSync(image).mtimeMs).toBe(mtime);
-  });
-
-  it('reading through libext2fs never even tries to write (the disk object refuses writes and counts them)', async () => {
-    const tree = path.join(tmp.path, 'tree');
-    buildTree(tree);
-    const image = path.join(tmp.path, 'fs.img');
-    await mkfs(tree, image, 'ext4', 4096);
-    const disk = await openGuestDisk(image);
-    const roDisk = new ReadOnlyExt2fsDisk(disk);
-    await expect(roDisk.write()).rejects.toMatchObject({ code: 'EROFS' });
-    await disk.close();
-    expect(roDisk.refusedWrites).toBe(1);
-    const guest = await openGuestFs(image);
-    await guest.readdir('/many/sub2');
-    await guest.lstat('/data/keep-link');
-    await guest.readFile('/data/keep-link');
-    await guest.close();
-    expect(md5OfFile(image)).toBe(md5OfFile(image));
   });
 });
 
