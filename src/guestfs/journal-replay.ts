@@ -254,7 +254,7 @@ export async function replayJournal(volume: ExtVolume): Promise<JournalReplay> {
     for (const copy of transaction.copies) {
       const revokedAt = revoked.get(copy.target);
       if (revokedAt !== undefined && !seqAfter(transaction.sequence, revokedAt)) continue;
-      if (!(copy.target > 0 && copy.target < sb.blocksCount)) throw refuse(`its journal logs block ${copy.target}, outside the file system`);
+      if (!(copy.target >= 0 && copy.target < sb.blocksCount)) throw refuse(`its journal logs block ${copy.target}, outside the file system`);
       if (checksummed && !(await copyOk(copy))) {
         replay.warnings.push(`the journal's copy of block ${copy.target} in transaction ${transaction.sequence} fails its checksum: not replayed, as the kernel and e2fsck skip it`);
         continue;
