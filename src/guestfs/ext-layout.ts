@@ -27,29 +27,6 @@ const INCOMPAT_CASEFOLD = 0x20000;
 const RO_COMPAT_SPARSE_SUPER = 0x1;
 const RO_COMPAT_BIGALLOC = 0x200;
 
-/**
- * Incompatible features by bit, as e2fsprogs names them. The reader follows every one marked
- * true; false ones change the on-disk format in ways it does not decode, and a bit missing here is
- * one it has never heard of: both are refused by name (the kernel refuses to mount those too).
- */
-const incompatFeatures: Array<[bit: number, name: string, readable: boolean]> = [
-  [0x1, 'compression', false],
-  [INCOMPAT_FILETYPE, 'filetype', true],
-  [INCOMPAT_RECOVER, 'needs_recovery', true], // the journal is replayed in memory (journal-replay.ts)
-  [INCOMPAT_JOURNAL_DEV, 'journal_dev', true], // refused earlier, with its own message
-  [INCOMPAT_META_BG, 'meta_bg', true],
-  [INCOMPAT_EXTENTS, 'extent', true],
-  [INCOMPAT_64BIT, '64bit', true],
-  [0x100, 'mmp', true], // multi-mount protection: a block a read-only reader can ignore
-  [0x200, 'flex_bg', true],
-  [0x400, 'ea_inode', true], // large extended attributes in inodes; xattrs are not read
-  [0x1000, 'dirdata', false],
-  [0x2000, 'metadata_csum_seed', true],
-  [0x4000, 'large_dir', true], // deeper htrees; directories are read block by block
-  [INCOMPAT_INLINE_DATA, 'inline_data', false],
-  [0x10000, 'encrypt', true], // names and contents are shown as stored (see docs/guestfs.md)
-  [INCOMPAT_CASEFOLD, 'casefold', true],
-];
 
 export const INODE_FLAG_EXTENTS = 0x80000;
 export const INODE_FLAG_INLINE_DATA = 0x10000000;
@@ -410,24 +387,7 @@ export function parseDirBlock(sb: Superblock, block: Uint8Array, where: string):
   return entries;
 }
 
-/**
- * Incompatible features the reader cannot follow, by name (an unknown bit as "unknown incompatible
- * feature 0x…"): it says so instead of returning wrong answers. Unknown read-only-compatible
- * features are fine for a reader, as for a read-only mount.
- */
-export function unsupportedFeatures(sb: Superblock): string[] {
-  const found: string[] = [];
-  let known = 0;
-  for (const [bit, name, readable] of incompatFeatures) {
-    known |= bit;
-    if (sb.featureIncompat & bit && !readable) found.push(name);
-  }
-  const unknown = (sb.featureIncompat & ~known) >>> 0;
-  for (let bit = 1; bit !== 0 && bit <= unknown; bit = (bit << 1) >>> 0) {
-    if (unknown & bit) found.push(`unknown incompatible feature 0x${bit.toString(16)}`);
-  }
-  return found;
-}
+export { unsupportedFeatures } from './ext-features.js';
 
 /** Directory inode flag: names in it are looked up case-insensitively (casefold feature). */
 export const INODE_FLAG_CASEFOLD = 0x40000000;

@@ -11,7 +11,7 @@ import { readPartitionTable } from '../../src/guestfs/partition-table.js';
 import { debugfsCat, md5OfFile, runProgram, ubdcow } from '../uml/harness.js';
 import { missingTools, titleWithSkipReason } from '../helpers/tools.js';
 import { useTempDir } from '../helpers/tmp.js';
-import { debugfsListing } from '../helpers/debugfs-listing.js';
+import { debugfsListing, lsJsonListing } from '../helpers/debugfs-listing.js';
 
 const missing = missingTools('mke2fs', 'debugfs', 'sfdisk', 'sgdisk', 'partx', 'mkswap', 'mkfs.vfat');
 
@@ -191,12 +191,7 @@ describe.skipIf(featureMissing.length > 0)(titleWithSkipReason('valid ext varian
 
       const ls = await ubdcow(['ls', image, '-R', '--json']);
       expect(ls.status, ls.stderr).toBe(0);
-      const ours = new Map<string, string>(
-        JSON.parse(ls.stdout).entries.map((e: { path: string; type: string; mode: number; uid: number; gid: number; size: number }) => [
-          e.path,
-          `${e.type} ${e.mode.toString(8)} ${e.uid} ${e.gid} ${e.type === 'dir' ? '' : e.size}`,
-        ]),
-      );
+      const ours = lsJsonListing(ls.stdout);
       expect(ours).toEqual(await debugfsListing(image));
       for (const file of ['/data/big.bin', '/data/Hello.txt', '/data/added.txt', '/many/file-199.txt', '/cf/MixedCase.TXT']) {
         const got = await ubdcow(['get', image, file, '-o', path.join(tmp.path, 'out'), '--force']);

@@ -16,7 +16,7 @@ import { parseGroupDescriptors, parseSuperblock, descriptorBlocks } from '../../
 import { debugfsCat, md5OfFile, runProgram, ubdcow } from '../uml/harness.js';
 import { missingTools, titleWithSkipReason } from '../helpers/tools.js';
 import { useTempDir } from '../helpers/tmp.js';
-import { debugfsListing } from '../helpers/debugfs-listing.js';
+import { debugfsListing, lsJsonListing } from '../helpers/debugfs-listing.js';
 
 const missing = missingTools('mke2fs', 'debugfs', 'dumpe2fs');
 
@@ -181,12 +181,7 @@ describe.skipIf(missing.length > 0)(titleWithSkipReason('guest file systems buil
 
         const ls = await ubdcow(['ls', cow, '-R', '--json']);
         expect(ls.status, ls.stderr).toBe(0);
-        const ours = new Map<string, string>(
-          JSON.parse(ls.stdout).entries.map((e: { path: string; type: string; mode: number; uid: number; gid: number; size: number }) => [
-            e.path,
-            `${e.type} ${e.mode.toString(8)} ${e.uid} ${e.gid} ${e.type === 'dir' ? '' : e.size}`,
-          ]),
-        );
+        const ours = lsJsonListing(ls.stdout);
         expect(ours).toEqual(await debugfsListing(changed));
         expect([md5OfFile(cow), md5OfFile(base)]).toEqual(before);
       });

@@ -8,7 +8,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
 import { UmlLab, debugfsCat, markersNamed, md5, md5OfFile, missingUmlTools, runProgram, ubdcow, umlSuiteTitle, umlTestTimeout } from './harness.js';
-import { debugfsListing } from '../helpers/debugfs-listing.js';
+import { debugfsListing, lsJsonListing } from '../helpers/debugfs-listing.js';
 
 const missing = missingUmlTools('dumpe2fs');
 
@@ -68,12 +68,7 @@ describe.skipIf(missing.length > 0)(umlSuiteTitle('a guest killed before unmount
       const listing = JSON.parse(ls.stdout);
       expect(listing.journal).toMatchObject({ file: cow });
       expect(listing.journal.transactions).toBeGreaterThan(0);
-      const ours = new Map<string, string>(
-        listing.entries.map((e: { path: string; type: string; mode: number; uid: number; gid: number; size: number }) => [
-          e.path,
-          `${e.type} ${e.mode.toString(8)} ${e.uid} ${e.gid} ${e.type === 'dir' ? '' : e.size}`,
-        ]),
-      );
+      const ours = lsJsonListing(ls.stdout);
       expect(ours).toEqual(truthListing);
 
       for (const file of ['/new/journaled.bin', '/data/append.txt', '/data/new-name.txt']) {
