@@ -56,8 +56,9 @@ export interface Superblock {
   hasCasefold: boolean;
   /** Inode of the internal journal (0: none, or an external journal device). */
   journalInode: number;
-  /** UUID of the external journal device, when the journal is not an inode. */
+  /** UUID and device number (Linux's encoding) of the external journal device, when the journal is not an inode. */
   journalUuid: string;
+  journalDevice: number;
   volumeName: string;
   /** What this looks like: ext2, ext3 or ext4 (by features, as blkid names them). */
   kind: 'ext2' | 'ext3' | 'ext4';
@@ -138,6 +139,7 @@ export function parseSuperblock(bytes: Uint8Array): Superblock {
     hasFileType: (featureIncompat & INCOMPAT_FILETYPE) !== 0,
     hasCasefold: (featureIncompat & INCOMPAT_CASEFOLD) !== 0,
     journalInode: hasJournal ? u32(0xe0) : 0,
+    journalDevice: u32(0xe4),
     journalUuid: [...bytes.subarray(0xd0, 0xe0)].map((b) => b.toString(16).padStart(2, '0')).join('').replace(/^(.{8})(.{4})(.{4})(.{4})/, '$1-$2-$3-$4-'),
     volumeName: new TextDecoder().decode(nul < 0 ? name : name.subarray(0, nul)),
     kind: featureIncompat & ext4Features ? 'ext4' : hasJournal ? 'ext3' : 'ext2',

@@ -136,7 +136,10 @@ export async function replayJournal(volume: ExtVolume): Promise<JournalReplay> {
     );
   const { sb } = volume;
   if (sb.journalInode === 0) {
-    throw refuse(`the journal is on an external journal device (UUID ${sb.journalUuid}), and ubdcow replays internal journals only`);
+    // Linux's dev_t encoding (new_decode_dev), as `ls -l /dev` shows it: major:minor.
+    const dev = sb.journalDevice;
+    const device = `${(dev & 0xfff00) >>> 8}:${(dev & 0xff) | ((dev >>> 12) & 0xfff00)}`;
+    throw refuse(`the journal is on an external journal device (UUID ${sb.journalUuid}, device ${device}), and ubdcow replays internal journals only`);
   }
   const journalInode = await volume.readInode(sb.journalInode);
   const map = await volume.blockMap(journalInode);
