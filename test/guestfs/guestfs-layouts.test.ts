@@ -136,6 +136,48 @@ describe.skipIf(missing.length > 0)(titleWithSkipReason('partition tables with g
     const alone = await ubdcow(['ls', disk]);
     expect(alone.status).toBe(2);
     expect(alone.stderr).toMatch(/GPT disk with 2 Linux partitions: 2 \(EBD0A0A2-B9E5-4433-87C0-68B6B72699C7, 4194304 bytes\), 5 .*, 7 .*; choose one/);
+
+    // A damaged primary header: the backup at the disk's end has the same table (partx agrees).
+    const fd = fs.openSync(disk, 'r+');
+    fs.writeSync(fd, Buffer.alloc(512), 0, 512, 512);
+    fs.closeSync(fd);
+    expect(await ourTable(disk)).toEqual(await partx(disk));
+    const fromBackup = await ubdcow(['get', disk, '/id.txt', '--partition', '5']);
+    expect(fromBackup.status, fromBackup.stderr).toBe(0);
+    expect(fromBackup.stdout).toBe('entry 5\n');
+  });
+
+  const otherMkfs = missingTools('mkfs.ntfs', 'mkfs.xfs', 'mkfs.btrfs');
+  it.skipIf(otherMkfs.length > 0)(titleWithSkipReason('NTFS, XFS and btrfs partitions are named by their signatures', otherMkfs), async () => {
+    const disk = path.join(tmp.path, 'others.img');
+    fs.writeFileSync(disk, Buffer.alloc(0));
+    fs.truncateSync(disk, 40 << 20);
+    await ok('sgdisk', ['-n', '1:2048:+8M', '-n', '2:20480:+4M', '-n', '3:30720:+4M', disk]);
+    const made = [
+      { n: 1, program: 'mkfs.ntfs', args: ['-F', '-f', '-q'], size: 8 << 20, what: 'an NTFS file system' },
+      { n: 2, program: 'mkfs.xfs', args: ['-q', '-f'], size: 300 << 20, what: 'an XFS file system' },
+      { n: 3, program: 'mkfs.btrfs', args: ['-q', '-f'], size: 120 << 20, what: 'a btrfs file system' },
+    ];
+    const starts = new Map((await partx(disk)).map((row) => [row[0]!, row[1]!]));
+    for (const { n, program, args, size } of made) {
+      const image = path.join(tmp.path, `fs${n}.img`);
+      fs.writeFileSync(image, Buffer.alloc(0));
+      fs.truncateSync(image, size);
+      await ok(program, [...args, image]);
+      // The signatures sit in the first 68 KiB; that much of each file system is enough here.
+      const head = path.join(tmp.path, `head${n}.img`);
+      const fd = fs.openSync(image, 'r');
+      const bytes = Buffer.alloc(1 << 20);
+      fs.readSync(fd, bytes, 0, bytes.length, 0);
+      fs.closeSync(fd);
+      fs.writeFileSync(head, bytes);
+      place(disk, head, starts.get(n)!);
+    }
+    for (const { n, what } of made) {
+      const result = await ubdcow(['ls', disk, '--partition', String(n)]);
+      expect(result.status).toBe(2);
+      expect(result.stderr.trim()).toBe(`ubdcow ls: ${disk} partition ${n} holds ${what}, not an ext2/3/4 file system`);
+    }
   });
 });
 
