@@ -42,7 +42,7 @@ await build({
   platform: 'node',
   format: 'esm',
   target: 'node20',
-  external: ['koffi', 'ext2fs', 'partitioninfo', 'cli-progress'],
+  external: ['koffi', 'cli-progress'],
   plugins: [yargsShimLocation],
   logLevel: 'warning',
 });

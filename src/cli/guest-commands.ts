@@ -66,7 +66,7 @@ const ls: CommandModule = {
       .positional('path', { type: 'string', default: '/', describe: 'Guest directory (or file)' })
       .option('long', { alias: 'l', type: 'boolean', describe: 'Type, mode, uid, gid, size, mtime and symlink target' })
       .option('recursive', { alias: 'R', type: 'boolean', describe: 'Everything below PATH, with full paths' })
-      .option('json', { type: 'boolean', describe: 'Print { "entries": [ { path, name, type, mode, uid, gid, size, mtime, target? } ], "errors": [ { path, message } ] } (pathBytes/nameBytes/targetBytes: base64 of a name that is not UTF-8)' })
+      .option('json', { type: 'boolean', describe: 'Print { "entries": [ { path, name, type, mode, uid, gid, size, mtime, target? } ], "errors": [ { path, message } ], "journal"?: { file, transactions, blocks } } (pathBytes/nameBytes/targetBytes: base64 of a name that is not UTF-8; journal: set when a journal needing recovery was replayed in memory)' })
       .option('backing', { alias: 'b', type: 'string', describe: 'Backing file instead of the one in the COW header' })
       .option('partition', { type: 'number', describe: 'Partition number (MBR or GPT); default: the whole disk, or the only Linux partition' })
       .example('$0 ls vm.cow /etc -l', 'What is in the guest\'s /etc')
@@ -85,7 +85,7 @@ const ls: CommandModule = {
       );
       warn('ls', result.warnings);
       if (argv.json) {
-        out(toJson({ entries: result.entries, errors: result.errors }));
+        out(toJson({ entries: result.entries, errors: result.errors, ...(result.journal ? { journal: result.journal } : {}) }));
       } else {
         const lines = result.entries.map((entry) => {
           const name = argv.recursive ? shownName(entry.path, entry.pathBytes) : shownName(entry.name, entry.nameBytes);
@@ -183,7 +183,7 @@ export async function diffFilesCommand(argv: ArgumentsCamelCase): Promise<void> 
       deep: Boolean(argv.deep),
     });
     warn('diff', result.warnings);
-    if (argv.json) out(toJson({ a: result.a, b: result.b, mode: result.mode, changes: result.changes }));
+    if (argv.json) out(toJson({ a: result.a, b: result.b, mode: result.mode, changes: result.changes, ...(result.journal.length > 0 ? { journal: result.journal } : {}) }));
     else if (result.changes.length > 0) out(formatChanges(result));
     // An answer ("changed"), not a failure: CliExit is not a UbdcowError, so it passes through.
     if (result.changes.length > 0) throw new CliExit(1);

@@ -12,6 +12,7 @@ import { UbdcowError } from '../errors.js';
 import { type GuestFsOptions, type GuestPath, type GuestStat, openGuestFs, statOf } from '../guestfs/guest-fs.js';
 import type { Inode } from '../guestfs/ext-layout.js';
 import { decodeName, escapeName, joinPathBytes, lossless } from '../guestfs/guest-names.js';
+import type { JournalReplayNote } from '../guestfs/journal-replay.js';
 import { type OptionKeys, checkOptions } from '../options.js';
 
 export interface LsOptions extends GuestFsOptions {
@@ -55,6 +56,8 @@ export interface LsResult {
   entries: LsEntry[];
   errors: LsProblem[];
   warnings: string[];
+  /** Set when the journal needed recovery and was replayed in memory. */
+  journal?: JournalReplayNote;
 }
 
 const listGuestOptionKeys: OptionKeys<LsOptions> = { backing: true, partition: true, recursive: true };
@@ -146,7 +149,7 @@ export async function listGuest(image: string, guestPath: GuestPath = '/', optio
       // Resolved with every symlink followed, so this is the file itself.
       entries.push(await entryOf(start.pathBytes, start.pathBytes.subarray(start.pathBytes.lastIndexOf(0x2f) + 1), start.inode));
     }
-    return { image, path: start.path, location: guest.location, entries, errors, warnings: guest.warnings };
+    return { image, path: start.path, location: guest.location, entries, errors, warnings: guest.warnings, ...(guest.journal ? { journal: guest.journal } : {}) };
   } finally {
     await guest.close();
   }

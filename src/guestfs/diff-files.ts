@@ -21,6 +21,7 @@ import { type ByteRange, type GuestDisk, openGuestDisk } from './disk-adapter.js
 import type { DirEntry, FileType, Inode } from './ext-layout.js';
 import type { BlockMap, ExtVolume } from './ext-reader.js';
 import { type OpenedVolume, openVolume } from './guest-fs.js';
+import type { JournalReplayNote } from './journal-replay.js';
 import { type OptionKeys, checkOptions } from '../options.js';
 import { decodeName, escapeName, joinPathBytes, lossless } from './guest-names.js';
 
@@ -62,6 +63,8 @@ export interface DiffFilesResult {
   fullReason?: string;
   changes: FileChange[];
   warnings: string[];
+  /** Journals that needed recovery and were replayed in memory (the answer is the file system after recovery). */
+  journal: JournalReplayNote[];
   stats: { directoriesListed: number; inodesCompared: number; filesRead: number; bytesCompared: number };
 }
 
@@ -154,7 +157,9 @@ export async function diffFiles(a: string, b?: string, options: DiffFilesOptions
         fullReason = 'the file systems have different layouts (resized or reformatted?)';
       }
     }
-    const touched = written ? new RangeSet(written.map((r) => ({ start: r.start - volA.source.offset, end: r.end - volA.source.offset }))) : undefined;
+    // Blocks a journal replay put in place differ from the disk's bytes there: touched too.
+    const replayed = [...volA.replayedRanges, ...volB.replayedRanges];
+    const touched = written ? new RangeSet([...written.map((r) => ({ start: r.start - volA.source.offset, end: r.end - volA.source.offset })), ...replayed]) : undefined;
     const differ = new TreeDiff(volA, volB, touched, options);
     await differ.run();
     differ.sortChanges();
@@ -166,6 +171,7 @@ export async function diffFiles(a: string, b?: string, options: DiffFilesOptions
       ...(touched ? {} : { fullReason }),
       changes: differ.changes,
       warnings,
+      journal: [volA.journal, volB.journal].filter((note): note is JournalReplayNote => note !== undefined),
       stats: differ.stats,
     };
   } finally {

@@ -3,8 +3,7 @@
  * a COW seen through its backing file, or a raw image, as a read-only byte source. If the virtual
  * disk's shape changes, only this file adapts.
  *
- * Invariant: nothing here can write. The object handed to libext2fs (ext2fs) refuses writes,
- * flushes and discards with EROFS, so even a library bug cannot reach the user's files.
+ * Invariant: nothing here can write: the only operations offered are reads.
  */
 import { UbdcowError } from '../errors.js';
 import { allocatedByteExtents, openVirtualDisk, type VirtualDisk } from '../io/virtual-disk.js';
@@ -54,48 +53,6 @@ function wrap(disk: VirtualDisk, owner?: VirtualDisk): GuestDisk {
 
 export async function openGuestDisk(image: string, options: { backing?: string } = {}): Promise<GuestDisk> {
   return wrap(await openVirtualDisk(image, { backing: options.backing }));
-}
-
-function readOnlyError(): Error {
-  return Object.assign(new Error('read-only: ubdcow never writes to a guest disk'), { code: 'EROFS', errno: 30 });
-}
-
-/**
- * The disk object libext2fs (npm `ext2fs`) expects, like file-disk's: read/write/flush/discard/
- * getCapacity with Node's positional-read signature. Only reads do anything.
- */
-export class ReadOnlyExt2fsDisk {
-  /** Writes libext2fs attempted (always refused); a test asserts it stays 0 for reads. */
-  refusedWrites = 0;
-  readonly readOnly = true;
-
-  constructor(private readonly disk: GuestDisk) {}
-
-  async read(buffer: Buffer, bufferOffset: number, length: number, fileOffset: number): Promise<{ bytesRead: number; buffer: Buffer }> {
-    // libext2fs asks for whole blocks; the last one may run past a disk whose size is not a multiple.
-    const wanted = Math.max(0, Math.min(length, this.disk.size - fileOffset));
-    if (wanted > 0) await this.disk.read(fileOffset, wanted, buffer.subarray(bufferOffset, bufferOffset + wanted));
-    if (wanted < length) buffer.fill(0, bufferOffset + wanted, bufferOffset + length);
-    return { bytesRead: length, buffer };
-  }
-
-  async write(): Promise<never> {
-    this.refusedWrites++;
-    throw readOnlyError();
-  }
-
-  async discard(): Promise<never> {
-    this.refusedWrites++;
-    throw readOnlyError();
-  }
-
-  async flush(): Promise<void> {
-    // Nothing was written, so there is nothing to flush; succeeding lets unmount finish.
-  }
-
-  async getCapacity(): Promise<number> {
-    return this.disk.size;
-  }
 }
 
 /** A byte source limited to one partition (or the whole disk at offset 0). */

@@ -23,7 +23,10 @@ const INCOMPAT_META_BG = 0x10;
 const INCOMPAT_EXTENTS = 0x40;
 const INCOMPAT_64BIT = 0x80;
 const INCOMPAT_INLINE_DATA = 0x8000;
+const INCOMPAT_CASEFOLD = 0x20000;
 const RO_COMPAT_SPARSE_SUPER = 0x1;
+const RO_COMPAT_BIGALLOC = 0x200;
+
 
 export const INODE_FLAG_EXTENTS = 0x80000;
 export const INODE_FLAG_INLINE_DATA = 0x10000000;
@@ -33,6 +36,8 @@ export interface Superblock {
   blocksCount: number;
   firstDataBlock: number;
   blockSize: number;
+  /** Bytes per allocation cluster: the block size, or a multiple of it with bigalloc. */
+  clusterSize: number;
   blocksPerGroup: number;
   inodesPerGroup: number;
   inodeSize: number;
@@ -47,6 +52,13 @@ export interface Superblock {
   /** The journal holds transactions not yet written to their home blocks. */
   needsRecovery: boolean;
   hasFileType: boolean;
+  /** Directories flagged casefold look names up case-insensitively. */
+  hasCasefold: boolean;
+  /** Inode of the internal journal (0: none, or an external journal device). */
+  journalInode: number;
+  /** UUID and device number (Linux's encoding) of the external journal device, when the journal is not an inode. */
+  journalUuid: string;
+  journalDevice: number;
   volumeName: string;
   /** What this looks like: ext2, ext3 or ext4 (by features, as blkid names them). */
   kind: 'ext2' | 'ext3' | 'ext4';
@@ -80,13 +92,21 @@ export function parseSuperblock(bytes: Uint8Array): Superblock {
   const inodeSize = revLevel >= 1 ? u16(0x58) : 128;
   const descSize = is64 ? u16(0xfe) : 32;
   const blocksPerGroup = u32(0x20);
+  // bigalloc allocates in clusters: the bitmap limits clusters (not blocks) per group.
+  const bigalloc = (featureRoCompat & RO_COMPAT_BIGALLOC) !== 0;
+  const logClusterSize = bigalloc ? u32(0x1c) : logBlockSize;
+  if (logClusterSize < logBlockSize || logClusterSize > logBlockSize + 16) throw corrupt(`superblock cluster size field is ${logClusterSize} with block size field ${logBlockSize}`);
+  const clusterSize = 1024 * 2 ** logClusterSize;
+  const clustersPerGroup = bigalloc ? u32(0x24) : blocksPerGroup;
   const inodesPerGroup = u32(0x28);
   const firstDataBlock = u32(0x14);
   const inodesCount = u32(0x00);
   if (inodeSize < 128 || inodeSize > blockSize || (inodeSize & (inodeSize - 1)) !== 0) {
     throw corrupt(`superblock inode size is ${inodeSize}, expected a power of two from 128 to the block size`);
   }
-  if (blocksPerGroup === 0 || blocksPerGroup > blockSize * 8) throw corrupt(`superblock blocks per group is ${blocksPerGroup}`);
+  if (clustersPerGroup === 0 || clustersPerGroup > blockSize * 8 || blocksPerGroup !== clustersPerGroup * (clusterSize / blockSize)) {
+    throw corrupt(`superblock blocks per group is ${blocksPerGroup}${bigalloc ? ` with ${clustersPerGroup} clusters of ${clusterSize} bytes per group` : ''}`);
+  }
   if (inodesPerGroup === 0 || inodesPerGroup > blockSize * 8) throw corrupt(`superblock inodes per group is ${inodesPerGroup}`);
   if (is64 && (descSize < 32 || descSize > blockSize || (descSize & (descSize - 1)) !== 0)) {
     throw corrupt(`superblock group descriptor size is ${descSize}`);
@@ -104,6 +124,7 @@ export function parseSuperblock(bytes: Uint8Array): Superblock {
     blocksCount,
     firstDataBlock,
     blockSize,
+    clusterSize,
     blocksPerGroup,
     inodesPerGroup,
     inodeSize,
@@ -116,6 +137,10 @@ export function parseSuperblock(bytes: Uint8Array): Superblock {
     hasJournal,
     needsRecovery: (featureIncompat & INCOMPAT_RECOVER) !== 0,
     hasFileType: (featureIncompat & INCOMPAT_FILETYPE) !== 0,
+    hasCasefold: (featureIncompat & INCOMPAT_CASEFOLD) !== 0,
+    journalInode: hasJournal ? u32(0xe0) : 0,
+    journalDevice: u32(0xe4),
+    journalUuid: [...bytes.subarray(0xd0, 0xe0)].map((b) => b.toString(16).padStart(2, '0')).join('').replace(/^(.{8})(.{4})(.{4})(.{4})/, '$1-$2-$3-$4-'),
     volumeName: new TextDecoder().decode(nul < 0 ? name : name.subarray(0, nul)),
     kind: featureIncompat & ext4Features ? 'ext4' : hasJournal ? 'ext3' : 'ext2',
   };
@@ -136,7 +161,10 @@ export function groupHasSuper(sb: Superblock, group: number): boolean {
 export function descriptorBlocks(sb: Superblock): number[] {
   const perBlock = sb.blockSize / sb.descSize;
   const count = Math.ceil(sb.groupCount / perBlock);
-  const first = sb.firstDataBlock + 1;
+  // 1 KiB blocks with bigalloc start the file system at block 0, yet the superblock is still at
+  // byte 1024 (block 1): the table follows it (e2fsprogs' group_zero_adjust).
+  const zeroAdjust = sb.firstDataBlock === 0 && sb.blockSize === 1024 ? 1 : 0;
+  const first = sb.firstDataBlock + zeroAdjust + 1;
   const blocks: number[] = [];
   const metaBg = (sb.featureIncompat & INCOMPAT_META_BG) !== 0;
   for (let i = 0; i < count; i++) {
@@ -144,7 +172,8 @@ export function descriptorBlocks(sb: Superblock): number[] {
       blocks.push(first + i);
     } else {
       const group = i * perBlock;
-      blocks.push(sb.firstDataBlock + group * sb.blocksPerGroup + (groupHasSuper(sb, group) ? 1 : 0));
+      const groupStart = sb.firstDataBlock + group * sb.blocksPerGroup;
+      blocks.push((groupStart === 0 ? zeroAdjust : groupStart) + (groupHasSuper(sb, group) ? 1 : 0));
     }
   }
   return blocks;
@@ -340,7 +369,9 @@ export function parseDirBlock(sb: Superblock, block: Uint8Array, where: string):
   let o = 0;
   while (o + 8 <= block.length) {
     const ino = v.getUint32(o, true);
-    const recLen = v.getUint16(o + 4, true);
+    // 64 KiB blocks: a record spanning the whole block is stored as 0 or 65535 (ext2fs_get_rec_len).
+    const rawRecLen = v.getUint16(o + 4, true);
+    const recLen = block.length === 65536 && (rawRecLen === 0 || rawRecLen === 65535) ? 65536 : (rawRecLen & 65532) | ((rawRecLen & 3) << 16);
     const nameLen = sb.hasFileType ? block[o + 6]! : v.getUint16(o + 6, true);
     if (recLen < 8 || recLen % 4 !== 0 || o + recLen > block.length || 8 + nameLen > recLen) {
       throw corrupt(`${where}: directory entry at byte ${o} has record length ${recLen} and name length ${nameLen}`);
@@ -358,9 +389,7 @@ export function parseDirBlock(sb: Superblock, block: Uint8Array, where: string):
   return entries;
 }
 
-/** Features the reader cannot follow (it says so instead of returning wrong answers). */
-export function unsupportedFeatures(sb: Superblock): string[] {
-  const found: string[] = [];
-  if (sb.featureIncompat & INCOMPAT_INLINE_DATA) found.push('inline_data');
-  return found;
-}
+export { unsupportedFeatures } from './ext-features.js';
+
+/** Directory inode flag: names in it are looked up case-insensitively (casefold feature). */
+export const INODE_FLAG_CASEFOLD = 0x40000000;

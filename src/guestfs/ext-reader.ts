@@ -1,9 +1,9 @@
 /**
  * A small read-only ext2/3/4 reader by inode number: inodes, block maps (extent trees and
  * ext2/3 indirect blocks), directory entries and file bytes, read straight from the disk in
- * large runs. libext2fs (through npm `ext2fs`) answers path questions one block per call;
- * this reader is what makes `get` stream at disk speed and lets `diff --files` look at inode
- * tables and directory blocks without walking every path.
+ * large runs: all that ls, get (path lookups included) and diff --files read goes through it,
+ * over the disk or a journal replayed in memory; it makes `get` stream at disk speed and lets
+ * `diff --files` look at inode tables and directory blocks without walking every path.
  *
  * Invariant: it only reads; every structure is bounds-checked and reported as a corrupt file
  * system (code corrupt-fs) naming the image, never followed out of the file system.

@@ -3,18 +3,21 @@
  * image or a COW seen through its backing file, optionally inside an MBR/GPT partition.
  *
  * Paths are resolved by inode with ExtVolume, names compared as bytes (names are bytes: Latin-1
- * names resolve too), and inode contents and file bytes come from it, whole extents at once.
- * libext2fs (npm `ext2fs`, mounted over a disk object that refuses every write) answers `readdir`. Guest symlinks are followed
- * inside the guest, one path component at a time, never on the host, at most 40 deep (as Linux).
+ * names resolve too); names, inodes and file bytes all come from ExtVolume (directory blocks read
+ * whole, extents read in large runs), over the disk as it is or, when the journal needs recovery,
+ * over an in-memory replay of it (journal-replay.ts). Guest symlinks are followed inside the
+ * guest, one path component at a time, never on the host, at most 40 deep (as Linux).
  *
  * Invariant: nothing reachable from here writes to the image, its backing file or anything else.
  */
-import { createRequire } from 'node:module';
 import { UbdcowError } from '../errors.js';
-import { type FsSource, type GuestDisk, ReadOnlyExt2fsDisk, openGuestDisk, partitionSource } from './disk-adapter.js';
-import { type FileType, type Inode, SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE, hasExtMagic } from './ext-layout.js';
+import { type ByteRange, type FsSource, type GuestDisk, openGuestDisk, partitionSource } from './disk-adapter.js';
+import { describeContents } from './disk-signatures.js';
+import { type FileType, type Inode, INODE_FLAG_CASEFOLD, ROOT_INODE, SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE, hasExtMagic } from './ext-layout.js';
 import { ExtVolume } from './ext-reader.js';
-import { decodeName, escapeName, escapeText } from './guest-names.js';
+import { decodeName, escapeName } from './guest-names.js';
+import { type JournalReplayNote, journalOverlay, replayJournal } from './journal-replay.js';
+import { type PartitionTable, isExtendedPartition, readPartitionTable } from './partition-table.js';
 import { type OptionKeys, checkOptions } from '../options.js';
 
 export interface GuestFsOptions {
@@ -57,7 +60,9 @@ export interface GuestFs {
   fsKind: 'ext2' | 'ext3' | 'ext4';
   blockSize: number;
   warnings: string[];
-  /** Names in a directory (libext2fs), sorted, without . and .. */
+  /** Set when the journal needed recovery: it was replayed in memory, and this says how much. */
+  journal?: JournalReplayNote;
+  /** Names in a directory, sorted by name bytes, without . and .. */
   readdir(path: GuestPath): Promise<string[]>;
   /** Entries with their lstat, straight from the directory blocks (one pass), sorted by name bytes. */
   list(path: GuestPath): Promise<GuestDirEntry[]>;
@@ -82,73 +87,42 @@ export interface GuestFs {
 const MAX_SYMLINKS = 40;
 const LINUX_GPT_TYPE = '0FC63DAF-8483-4772-8E79-3D69D8477DE4';
 
-interface Ext2fsModule {
-  mount(disk: unknown, offset: number): Promise<Ext2fsMounted>;
-  umount(fs: Ext2fsMounted): Promise<void>;
-}
-interface Ext2fsMounted {
-  promises: {
-    /** Names in a directory (libext2fs), sorted, without . and .. */
-  readdir(path: string): Promise<string[]>;
-  /** Entries with their lstat, straight from the directory blocks (one pass, for ls -l and ls -R). */
-  list(path: string): Promise<GuestDirEntry[]>;
-    open(path: string, flags: number): Promise<{ stat(): Promise<{ ino: number }>; close(): Promise<void> }>;
-  };
-}
-
-
-/** What a disk that holds no ext file system holds instead, as far as a few signatures tell. */
-async function describeContents(disk: GuestDisk, offset: number, size: number): Promise<string> {
-  const head = await disk.read(offset, Math.min(size, 70 << 10));
-  const text = (at: number, length: number) => (head.length >= at + length ? new TextDecoder('latin1').decode(head.subarray(at, at + length)) : '');
-  if (text(0, 4) === 'XFSB') return 'an XFS file system';
-  if (text(0x10040, 8) === '_BHRfS_M') return 'a btrfs file system';
-  if (text(4086, 10) === 'SWAPSPACE2') return 'Linux swap';
-  if (text(0, 6) === 'LUKS\xba\xbe') return 'a LUKS encrypted volume';
-  if (text(0x8001, 5) === 'CD001') return 'an ISO 9660 image';
-  if (text(0x52, 5) === 'FAT32' || text(0x36, 3) === 'FAT') return 'a FAT file system';
-  if (head.every((byte) => byte === 0)) return `only zeros in its first ${head.length} bytes (an empty, unformatted disk?)`;
-  return 'no file system signature ubdcow knows';
-}
-
-async function partitionTable(disk: GuestDisk): Promise<{ type: 'mbr' | 'gpt'; partitions: Array<{ index: number; offset: number; size: number; type: number | string }> } | undefined> {
-  const { getPartitions } = await import('partitioninfo');
-  try {
-    const info = await getPartitions(new ReadOnlyExt2fsDisk(disk) as never, { includeExtended: false, getLogical: true });
-    return info as never;
-  } catch {
-    return undefined;
-  }
-}
 
 function isLinuxPartition(type: number | string): boolean {
   return typeof type === 'number' ? type === 0x83 : type.toUpperCase() === LINUX_GPT_TYPE;
 }
 
-/** Finds the file system: partition N, the whole disk, or the only Linux partition. */
+function tableOf(disk: GuestDisk): Promise<PartitionTable | undefined> {
+  return readPartitionTable((offset, length) => disk.read(offset, length), disk.size);
+}
+
+/** Finds the file system: partition N (numbered as the table numbers it), the whole disk, or the only Linux partition. */
 async function locate(disk: GuestDisk, partition: number | undefined): Promise<{ source: FsSource; location: string }> {
   const name = disk.path;
   if (partition !== undefined) {
     if (!Number.isInteger(partition) || partition < 1) throw new UbdcowError('usage', `--partition must be a whole number from 1, got ${partition}`);
-    const table = await partitionTable(disk);
+    const table = await tableOf(disk);
     if (!table) throw new UbdcowError('no-partition', `${name}: has no MBR or GPT partition table, so there is no partition ${partition} (omit --partition for a whole-disk file system)`, { file: name });
-    const found = table.partitions.find((p) => p.index === partition);
+    const found = table.partitions.find((p) => p.number === partition);
     if (!found) {
-      throw new UbdcowError('no-partition', `${name}: its ${table.type.toUpperCase()} table has no partition ${partition} (it has ${table.partitions.map((p) => p.index).join(', ') || 'none'})`, { file: name });
+      throw new UbdcowError('no-partition', `${name}: its ${table.type.toUpperCase()} table has no partition ${partition} (it has ${table.partitions.map((p) => p.number).join(', ')})`, { file: name });
+    }
+    if (isExtendedPartition(found)) {
+      throw new UbdcowError('no-fs', `${name}: partition ${partition} is an MBR extended partition (a container for logical partitions, numbered from 5), not a file system`, { file: name });
     }
     if (found.offset + found.size > disk.size) throw new UbdcowError('corrupt-fs', `${name}: partition ${partition} runs past the end of the disk`, { file: name });
     return { source: partitionSource(disk, found.offset, found.size), location: `partition ${partition}` };
   }
   const superblock = disk.size >= SUPERBLOCK_OFFSET + SUPERBLOCK_SIZE ? await disk.read(SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE) : new Uint8Array(0);
   if (hasExtMagic(superblock)) return { source: partitionSource(disk, 0, disk.size), location: 'whole disk' };
-  const table = await partitionTable(disk);
-  if (table && table.partitions.length > 0) {
+  const table = await tableOf(disk);
+  if (table) {
     const linux = table.partitions.filter((p) => isLinuxPartition(p.type));
     if (linux.length === 1) {
       const only = linux[0]!;
-      return { source: partitionSource(disk, only.offset, only.size), location: `partition ${only.index}` };
+      return { source: partitionSource(disk, only.offset, only.size), location: `partition ${only.number}` };
     }
-    const list = table.partitions.map((p) => `${p.index} (${typeof p.type === 'number' ? `type 0x${p.type.toString(16)}` : p.type}, ${p.size} bytes)`).join(', ');
+    const list = table.partitions.map((p) => `${p.number} (${typeof p.type === 'number' ? `type 0x${p.type.toString(16)}` : p.type}, ${p.size} bytes)`).join(', ');
     throw new UbdcowError(
       'which-partition',
       `${name}: ${table.type.toUpperCase()} disk with ${linux.length === 0 ? 'no Linux partition' : `${linux.length} Linux partitions`}: ${list}; choose one with --partition N`,
@@ -156,12 +130,6 @@ async function locate(disk: GuestDisk, partition: number | undefined): Promise<{
     );
   }
   throw new UbdcowError('no-fs', `${name}: no ext2/3/4 file system and no partition table; the disk holds ${await describeContents(disk, 0, disk.size)}`, { file: name });
-}
-
-let ext2fsModule: Ext2fsModule | undefined;
-function loadExt2fs(): Ext2fsModule {
-  ext2fsModule ??= createRequire(import.meta.url)('ext2fs') as Ext2fsModule;
-  return ext2fsModule;
 }
 
 export function statOf(inode: Inode): GuestStat {
@@ -216,20 +184,46 @@ export interface OpenedVolume {
   label: string;
   volume: ExtVolume;
   warnings: string[];
+  /** Set when the journal needed recovery and was replayed in memory. */
+  journal?: JournalReplayNote;
+  /** Byte ranges of the file system the in-memory replay changed (relative to the file system). */
+  replayedRanges: ByteRange[];
 }
 
-/** Finds and opens the ext file system on a guest disk (no libext2fs mount: diffFiles needs only this). */
+/** Finds and opens the ext file system on a guest disk, replaying a journal that needs recovery in memory. */
 export async function openVolume(disk: GuestDisk, partition: number | undefined): Promise<OpenedVolume> {
   const { source, location } = await locate(disk, partition);
   const label = location === 'whole disk' ? disk.path : `${disk.path} ${location}`;
-  const volume = await ExtVolume.open(source, label);
-  const warnings = [...disk.warnings];
-  if (volume.sb.needsRecovery) {
-    warnings.push(
-      `${label}: the ${volume.sb.kind} journal needs recovery (the guest did not unmount cleanly); shown is the file system without the journal's last transactions, which ubdcow never replays (boot the guest, or run e2fsck on a copy, to replay them)`,
-    );
+  const head = source.size >= SUPERBLOCK_OFFSET + SUPERBLOCK_SIZE ? await source.read(SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE) : undefined;
+  if (head && !hasExtMagic(head) && location !== 'whole disk') {
+    const what = await describeContents(disk, source.offset, source.size);
+    throw new UbdcowError('no-fs', `${label} holds ${what}, not an ext2/3/4 file system`, { file: disk.path });
   }
-  return { source, location, label, volume, warnings };
+  const onDisk = await ExtVolume.open(source, label);
+  const warnings = [...disk.warnings];
+  if (!onDisk.sb.needsRecovery) return { source, location, label, volume: onDisk, warnings, replayedRanges: [] };
+  const replay = await replayJournal(onDisk);
+  const replayedSource = journalOverlay(source, replay, onDisk.sb.blockSize);
+  const volume = await ExtVolume.open(replayedSource, label);
+  const journal: JournalReplayNote = { file: label, transactions: replay.transactions, blocks: replay.blocks.size };
+  warnings.push(
+    journal.transactions === 0
+      ? `${label}: the ${onDisk.sb.kind} file system is marked as needing journal recovery, but its journal holds no committed transaction: nothing to replay`
+      : `${label}: the ${onDisk.sb.kind} journal needed recovery (the guest did not unmount cleanly): replayed in memory (${journal.transactions} transaction${journal.transactions === 1 ? '' : 's'}, ${journal.blocks} block${journal.blocks === 1 ? '' : 's'}), as the kernel would on mount; the image itself is not written`,
+  );
+  warnings.push(...replay.warnings.map((warning) => `${label}: ${warning}`));
+  const bs = onDisk.sb.blockSize;
+  const replayedRanges = [...replay.blocks.keys()].map((block) => ({ start: block * bs, end: (block + 1) * bs }));
+  return { source: replayedSource, location, label, volume, warnings, journal, replayedRanges };
+}
+
+function sameBytes(x: Uint8Array, y: Uint8Array): boolean {
+  return x.length === y.length && x.every((byte, i) => byte === y[i]);
+}
+
+/** Case-insensitive key of a name in a casefold directory (Unicode NFD, then lower case, as the kernel's utf8 casefold approximately). */
+function foldName(name: string): string {
+  return name.normalize('NFD').toLowerCase();
 }
 
 const openGuestFsOptionKeys: OptionKeys<GuestFsOptions> = { backing: true, partition: true };
@@ -238,31 +232,20 @@ export async function openGuestFs(image: string, options: GuestFsOptions = {}): 
   checkOptions('openGuestFs', options, openGuestFsOptionKeys);
   const disk = await openGuestDisk(image, { backing: options.backing });
   try {
-    const { source, location, label, volume, warnings } = await openVolume(disk, options.partition);
-    // Mounted on first use (only readdir needs it): ls, get and stat never load the WebAssembly
-    // library, which is ~0.1 s of every command's start-up.
-    let mounted: Promise<Ext2fsMounted> | undefined;
-    const mountedFs = () =>
-      (mounted ??= loadExt2fs()
-        .mount(new ReadOnlyExt2fsDisk(disk), source.offset)
-        .catch((err: unknown) => {
-          throw new UbdcowError('corrupt-fs', `${label}: libext2fs cannot open the ${volume.sb.kind} file system (${ext2fsMessage(err)}); corrupt file system?`, { file: image });
-        }));
+    const { location, label, volume, warnings, journal } = await openVolume(disk, options.partition);
 
-    /** A libext2fs error as ours (`path` already escaped for the terminal). */
-    const fail = (err: unknown, path: string): never => {
-      if (err instanceof UbdcowError) throw err;
-      const code = (err as { code?: string }).code;
-      if (code === 'ENOENT') throw new UbdcowError('not-found', `${label}: ${path}: no such file or directory in the guest`, { file: image });
-      if (code === 'ENOTDIR') throw new UbdcowError('not-a-dir', `${label}: ${path}: a component of the path is not a directory in the guest`, { file: image });
-      throw new UbdcowError('corrupt-fs', `${label}: ${path}: libext2fs failed (${ext2fsMessage(err)})`, { file: image });
+    /** The inode a name in directory `dir` points at: exact bytes first, then (casefold directories) any case. */
+    const lookup = async (dir: Inode, part: Uint8Array): Promise<number | undefined> => {
+      const exact = await volume.lookup(dir, part);
+      if (exact !== undefined || !(volume.sb.hasCasefold && dir.flags & INODE_FLAG_CASEFOLD)) return exact;
+      const key = foldName(decodeName(part));
+      return (await volume.readDir(dir)).find((entry) => foldName(entry.name) === key)?.ino;
     };
 
     /**
      * Resolves `path` by inode, one component at a time, reading directory blocks with ExtVolume
-     * (names compared as bytes; libext2fs is not asked, so names that are not UTF-8 and inodes
-     * whose times libext2fs cannot represent resolve all the same): the symlink-free path and its
-     * inode. `..` goes back up the directories walked, as the kernel does.
+     * (names compared as bytes, so names that are not UTF-8 resolve too): the symlink-free path and
+     * its inode. `..` goes back up the directories walked, as the kernel does.
      */
     const resolve = async (path: GuestPath, followLast: boolean): Promise<{ path: string; pathBytes: Uint8Array; inode: Inode }> => {
       const asked = escapeName(pathBytes(path));
@@ -270,7 +253,7 @@ export async function openGuestFs(image: string, options: GuestFsOptions = {}): 
       const done: Uint8Array[] = [];
       const parents: Inode[] = [];
       let hops = 0;
-      const root = await volume.readInode(2);
+      const root = await volume.readInode(ROOT_INODE);
       let inode = root;
       while (pending.length > 0) {
         const part = pending.shift()!;
@@ -280,7 +263,7 @@ export async function openGuestFs(image: string, options: GuestFsOptions = {}): 
           continue;
         }
         if (inode.type !== 'dir') throw new UbdcowError('not-a-dir', `${label}: ${asked}: ${escapeName(joinParts(done))} is not a directory in the guest`, { file: image });
-        const ino = await volume.lookup(inode, part);
+        const ino = await lookup(inode, part);
         if (ino === undefined) {
           const candidate = escapeName(joinParts([...done, part]));
           // Name the path asked for, and which part of it is missing when that differs.
@@ -315,31 +298,27 @@ export async function openGuestFs(image: string, options: GuestFsOptions = {}): 
       return inode;
     };
 
+    const list = async (path: GuestPath): Promise<GuestDirEntry[]> => {
+      const { inode } = await resolve(path, true);
+      if (inode.type !== 'dir') throw new UbdcowError('not-a-dir', `${label}: ${shown(path)}: not a directory in the guest`, { file: image });
+      const entries: GuestDirEntry[] = [];
+      for (const entry of await volume.readDir(inode)) entries.push({ name: entry.name, nameBytes: entry.nameBytes, stat: statOf(await volume.readInode(entry.ino)) });
+      return entries.sort((x, y) => Buffer.compare(x.nameBytes, y.nameBytes));
+    };
+
     const guest: GuestFs = {
       image,
       location,
       fsKind: volume.sb.kind,
       blockSize: volume.sb.blockSize,
       warnings,
+      ...(journal ? { journal } : {}),
       volume,
       disk,
       async readdir(path) {
-        const { path: real, inode } = await resolve(path, true);
-        if (inode.type !== 'dir') throw new UbdcowError('not-a-dir', `${label}: ${shown(path)}: not a directory in the guest`, { file: image });
-        try {
-          const names = await (await mountedFs()).promises.readdir(real);
-          return names.filter((name) => name !== '.' && name !== '..').sort();
-        } catch (err) {
-          return fail(err, shown(path));
-        }
+        return (await list(path)).map((entry) => entry.name);
       },
-      async list(path) {
-        const { inode } = await resolve(path, true);
-        if (inode.type !== 'dir') throw new UbdcowError('not-a-dir', `${label}: ${shown(path)}: not a directory in the guest`, { file: image });
-        const entries: GuestDirEntry[] = [];
-        for (const entry of await volume.readDir(inode)) entries.push({ name: entry.name, nameBytes: entry.nameBytes, stat: statOf(await volume.readInode(entry.ino)) });
-        return entries.sort((x, y) => Buffer.compare(x.nameBytes, y.nameBytes));
-      },
+      list,
       async stat(path) {
         return statOf((await resolve(path, true)).inode);
       },
@@ -365,12 +344,7 @@ export async function openGuestFs(image: string, options: GuestFsOptions = {}): 
       },
       resolve,
       async close() {
-        try {
-          const fs = await mounted?.catch(() => undefined);
-          if (fs) await loadExt2fs().umount(fs);
-        } finally {
-          await disk.close();
-        }
+        await disk.close();
       },
     };
     return guest;
@@ -378,9 +352,4 @@ export async function openGuestFs(image: string, options: GuestFsOptions = {}): 
     await disk.close().catch(() => undefined);
     throw err;
   }
-}
-
-function ext2fsMessage(err: unknown): string {
-  const e = err as { code?: string; message?: string };
-  return e.code ?? escapeText(String(e.message ?? err)).split(' args:')[0]!;
 }

@@ -12,12 +12,11 @@ import { createCow } from '../../src/commands/create.js';
 import { openCow } from '../../src/io/engine.js';
 import { diffFiles } from '../../src/guestfs/diff-files.js';
 import { openGuestFs } from '../../src/guestfs/guest-fs.js';
-import { ReadOnlyExt2fsDisk, openGuestDisk } from '../../src/guestfs/disk-adapter.js';
 import { parseGroupDescriptors, parseSuperblock, descriptorBlocks } from '../../src/guestfs/ext-layout.js';
 import { debugfsCat, md5OfFile, runProgram, ubdcow } from '../uml/harness.js';
 import { missingTools, titleWithSkipReason } from '../helpers/tools.js';
 import { useTempDir } from '../helpers/tmp.js';
-import { debugfsListing } from '../helpers/debugfs-listing.js';
+import { debugfsListing, lsJsonListing } from '../helpers/debugfs-listing.js';
 
 const missing = missingTools('mke2fs', 'debugfs', 'dumpe2fs');
 
@@ -168,7 +167,7 @@ describe.skipIf(missing.length > 0)(titleWithSkipReason('guest file systems buil
             expect(ours.equals(theirs), file).toBe(true);
           }
           expect(await guest.readlink('/data/link')).toBe('../data/keep.txt');
-          // Names from libext2fs and from the directory blocks agree.
+          // readdir (names only) and list (names with their inodes) agree.
           for (const dir of ['/', '/data', '/many/sub1']) {
             expect((await guest.list(dir)).map((e) => e.name), dir).toEqual(await guest.readdir(dir));
           }
@@ -182,19 +181,14 @@ describe.skipIf(missing.length > 0)(titleWithSkipReason('guest file systems buil
 
         const ls = await ubdcow(['ls', cow, '-R', '--json']);
         expect(ls.status, ls.stderr).toBe(0);
-        const ours = new Map<string, string>(
-          JSON.parse(ls.stdout).entries.map((e: { path: string; type: string; mode: number; uid: number; gid: number; size: number }) => [
-            e.path,
-            `${e.type} ${e.mode.toString(8)} ${e.uid} ${e.gid} ${e.type === 'dir' ? '' : e.size}`,
-          ]),
-        );
+        const ours = lsJsonListing(ls.stdout);
         expect(ours).toEqual(await debugfsListing(changed));
         expect([md5OfFile(cow), md5OfFile(base)]).toEqual(before);
       });
     });
   }
 
-  it('a journal that needs recovery is reported as a warning, never replayed: the image is not written', async () => {
+  it('a file system marked as needing recovery with an empty log: a warning, and the image is not written', async () => {
     const tree = path.join(tmp.path, 'tree');
     buildTree(tree);
     const image = path.join(tmp.path, 'ext3.img');
@@ -203,32 +197,14 @@ describe.skipIf(missing.length > 0)(titleWithSkipReason('guest file systems buil
     const before = md5OfFile(image);
     const mtime = fs.statSync(image).mtimeMs;
     const guest = await openGuestFs(image);
-    expect(guest.warnings.join('\n')).toMatch(/journal needs recovery/);
+    expect(guest.warnings.join('\n')).toMatch(/marked as needing journal recovery, but its journal holds no committed transaction/);
     expect(await guest.readdir('/data')).toContain('keep.txt');
     await guest.close();
     const ls = await ubdcow(['ls', image]);
     expect(ls.status).toBe(0);
-    expect(ls.stderr).toMatch(/^ubdcow ls: warning: .*journal needs recovery.*never replays/);
+    expect(ls.stderr).toMatch(/^ubdcow ls: warning: .*nothing to replay/);
     expect(md5OfFile(image)).toBe(before);
     expect(fs.statSync(image).mtimeMs).toBe(mtime);
-  });
-
-  it('reading through libext2fs never even tries to write (the disk object refuses writes and counts them)', async () => {
-    const tree = path.join(tmp.path, 'tree');
-    buildTree(tree);
-    const image = path.join(tmp.path, 'fs.img');
-    await mkfs(tree, image, 'ext4', 4096);
-    const disk = await openGuestDisk(image);
-    const roDisk = new ReadOnlyExt2fsDisk(disk);
-    await expect(roDisk.write()).rejects.toMatchObject({ code: 'EROFS' });
-    await disk.close();
-    expect(roDisk.refusedWrites).toBe(1);
-    const guest = await openGuestFs(image);
-    await guest.readdir('/many/sub2');
-    await guest.lstat('/data/keep-link');
-    await guest.readFile('/data/keep-link');
-    await guest.close();
-    expect(md5OfFile(image)).toBe(md5OfFile(image));
   });
 });
 
@@ -341,7 +317,7 @@ describe.skipIf(missing.length > 0)(titleWithSkipReason('partitioned disks (GPT 
     expect(md5OfFile(path.join(tmp.path, 'big'))).toBe(md5OfFile(path.join(tree, 'data', 'big.bin')));
     const esp = await ubdcow(['ls', cow, '--partition', '1']);
     expect(esp.status).toBe(2);
-    expect(esp.stderr).toMatch(/^ubdcow ls: .*partition 1: no ext2\/3\/4 superblock/);
+    expect(esp.stderr).toMatch(/^ubdcow ls: .*gpt\.cow partition 1 holds only zeros in its first \d+ bytes .*, not an ext2\/3\/4 file system$/m);
     const none = await ubdcow(['ls', cow, '--partition', '3']);
     expect(none.status).toBe(2);
     expect(none.stderr).toMatch(/has no partition 3 \(it has 1, 2\)/);

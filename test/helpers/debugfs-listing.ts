@@ -22,3 +22,9 @@ export async function debugfsListing(image: string): Promise<Map<string, string>
   await walk('/');
   return out;
 }
+
+/** `ubdcow ls -R --json` output in the same form as debugfsListing: path -> "type mode uid gid size". */
+export function lsJsonListing(stdout: string): Map<string, string> {
+  const entries: Array<{ path: string; type: string; mode: number; uid: number; gid: number; size: number }> = JSON.parse(stdout).entries;
+  return new Map(entries.map((e) => [e.path, `${e.type} ${e.mode.toString(8)} ${e.uid} ${e.gid} ${e.type === 'dir' ? '' : e.size}`]));
+}
