@@ -175,7 +175,9 @@ async function diffTwoDisks(a: VirtualDisk, b: VirtualDisk, chunkBytes: number, 
   const sectorSize = Math.max(a.sectorSize, b.sectorSize);
   const comparer = new ChunkComparer(sectorSize, chunkBytes, exact);
   const collector = new RangeCollector();
-  const warnings = [...a.warnings.map((w) => `${a.path}: ${w}`), ...b.warnings.map((w) => `${b.path}: ${w}`)];
+  // Each warning names its image (the backing policy's already do).
+  const named = (disk: VirtualDisk) => disk.warnings.map((w) => (w.startsWith(`${disk.path}: `) ? w : `${disk.path}: ${w}`));
+  const warnings = [...named(a), ...named(b)];
   if (sameBase(a, b)) {
     for await (const extent of unionOfAllocation(a, b, sectorSize)) {
       await comparer.compare(a, b, extent.start, extent.end, collector);
