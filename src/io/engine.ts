@@ -50,23 +50,25 @@ export interface CowReader {
 }
 
 /**
- * The engine's read-only mode, as the virtual disk (cat, diff, map, ls, get) uses it: the same
+ * The engine's read-only mode, as the virtual disk (cat, diff, ls, get) uses it: the same read
  * lock, backing policy, bitmap and read path as `openCow(path, { readOnly: true })`. Without
- * `openBacking` the backing file is neither checked nor opened, and a read of a byte the COW does
- * not hold is `no-backing`.
+ * `openBacking` (map, diff --allocated: only the header and the bitmap are wanted, as inspect
+ * reads them) the backing file is neither checked nor opened, no lock is taken, and a read of a
+ * byte the COW does not hold is `no-backing`.
  */
 export async function openCowReader(
   cowPath: string,
   options: Pick<OpenCowOptions, 'backing' | 'fs' | 'bitmapSliceBytes'> & { openBacking?: boolean },
 ): Promise<CowReader> {
-  return openEngine(cowPath, { backing: options.backing, fs: options.fs, bitmapSliceBytes: options.bitmapSliceBytes, readOnly: true }, options.openBacking ?? true);
+  const withBacking = options.openBacking ?? true;
+  return openEngine(cowPath, { backing: options.backing, fs: options.fs, bitmapSliceBytes: options.bitmapSliceBytes, readOnly: true, lock: withBacking }, withBacking);
 }
 
 async function openEngine(cowPath: string, options: OpenCowOptions, withBacking: boolean): Promise<CowReader> {
   const fs = options.fs ?? nodeFileSystem;
   const readOnly = options.readOnly ?? false;
-  // The lock is held until the COW file is closed (close()), so not withImage's scope. Readers
-  // take a read lock too: a COW a running UML holds is changing under them, so they refuse it.
+  // The lock is held until the COW file is closed (close()), so not withImage's scope. Readers of
+  // the disk's bytes take a read lock: a COW a running UML holds changes under them, so they refuse it.
   const lock = (options.lock ?? true) ? (readOnly ? 'read' : 'write') : 'none';
   const image = await openLockedImage(cowPath, { fs, mode: readOnly ? 'r' : 'r+', lock });
   let backing: OpenedFile | undefined;

@@ -10,6 +10,7 @@ import { spawnSync } from 'node:child_process';
 import { describe, expect, it } from 'vitest';
 import { createCow } from '../../src/commands/create.js';
 import { writeCowSectors } from '../helpers/cow-writes.js';
+import { holdLockInChild } from '../helpers/cow-fixtures.js';
 import { ensureBuiltCli } from '../helpers/tools.js';
 import { useTempDir } from '../helpers/tmp.js';
 
@@ -95,5 +96,24 @@ describe('ubdcow cat and ubdcow read agree over a changed backing file', () => {
     expect(cat.stdout.equals(merged)).toBe(true);
     expect(read.stderr).toMatch(/^ubdcow X: warning: .*backing mtime is 2000000 .*the kernel would refuse it; .*"ubdcow rebase .*vm\.cow .*--compare" records its mtime.*\n$/);
     expect(cat.stderr).toBe(read.stderr);
+  });
+
+  it('a COW another process holds (as a running UML does): both refuse it with one line, while map, which reads only the bitmap, answers', async () => {
+    const { cowFile } = await fixture('held');
+    const holder = await holdLockInChild(cowFile);
+    try {
+      const { cat, read } = both(cowFile);
+      for (const result of [cat, read]) {
+        expect(result.status).toBe(1);
+        expect(result.stdout.length).toBe(0);
+        expect(result.stderr).toMatch(/^ubdcow X: .*vm\.cow: in use by another process \(a running UML holds a lock on it; see \/proc\/locks\)\n$/);
+      }
+      expect(cat.stderr).toBe(read.stderr);
+      const map = spawnSync('node', [cli, 'map', cowFile, '--json'], { encoding: 'utf8' });
+      expect(map.status, map.stderr).toBe(0);
+      expect(JSON.parse(map.stdout).extents).toEqual([{ offset: 60 * SECTOR, length: 4 * SECTOR, cowOffset: expect.any(Number) }]);
+    } finally {
+      await holder.release();
+    }
   });
 });
