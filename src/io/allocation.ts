@@ -13,7 +13,7 @@ import type { CowImage } from './image.js';
  */
 
 /** 1 MiB of bitmap covers 4 GiB of disk: big enough to be fast, small enough for any image. */
-export const BITMAP_CHUNK_BYTES = 1 << 20;
+export const BITMAP_CHUNK_BYTES = 64 << 10;
 
 /** A LazyBitmap for one pass over the bitmap: `chunkBytes` slices, none kept once visited. */
 function scanningBitmap(image: CowImage, chunkBytes: number) {

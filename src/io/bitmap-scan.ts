@@ -69,12 +69,17 @@ async function* scanSlices(
   const extents = dataExtents(file, offset + first * sliceBytes, offset + Math.min(length, (last + 1) * sliceBytes));
   let extent = await extents.next();
   try {
-    for (let index = first; index <= last; index++) {
+    for (let index = first; index <= last; ) {
       const slice = bitmap.sliceInFile(index);
       while (!extent.done && extent.value.end <= slice.start) extent = await extents.next();
       const holds = !extent.done && extent.value.start < slice.end;
       if (!holds && !slice.known) {
-        bitmap.stats.holesSkipped++;
+        // Jump over the hole at once: to the slice of the next data, or the next one in memory
+        // (whose bits may not be written yet), whichever comes first.
+        const dataIndex = extent.done ? last + 1 : Math.floor((extent.value.start - offset) / sliceBytes);
+        const next = Math.max(index + 1, Math.min(dataIndex, bitmap.nextKnownSlice(index + 1) ?? last + 1, last + 1));
+        bitmap.stats.holesSkipped += next - index;
+        index = next;
         continue;
       }
       const from = Math.max(start, index * sliceSectors);
@@ -85,6 +90,7 @@ async function* scanSlices(
       } finally {
         view.release();
       }
+      index++;
       yield;
     }
   } finally {
