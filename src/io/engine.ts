@@ -16,7 +16,8 @@ import { type FileHandleLike, type FileSystem, readExactly, readExactlySync } fr
 import { nodeFileSystem } from './node-fs.js';
 import { GroupSync } from './group-sync.js';
 import { type CowImage, openLockedImage } from './image.js';
-import { type ReadSpan, planRead } from './read-plan.js';
+import { type ReadSpan, planRead, planReadInto, readSpans } from './read-plan.js';
+import { ExtentList } from './extent-list.js';
 import { RangeLock } from './range-lock.js';
 import { type OptionKeys, checkOptions } from '../options.js';
 import type { AllocatedRun, CowDevice, FileRange, OpenCowOptions } from './cow-device.js';
@@ -257,22 +258,13 @@ class Engine implements CowDevice {
   private plan(view: BitmapView | undefined, offset: number, end: number): ReadSpan[] {
     const { sectorSize } = this;
     const covered = this.geometry.coveredSectors;
-    let spans: ReadSpan[] | undefined;
+    const plan = new ExtentList<boolean>();
     for (let position = offset; position < end; ) {
       const sector = Math.floor(position / sectorSize);
       const bits = sector < covered ? view!.sliceBits(sector) : NO_BITS;
-      const part = planRead(bits, sectorSize, covered, position, end);
-      if (!spans) spans = part.spans;
-      else {
-        for (const span of part.spans) {
-          const last = spans[spans.length - 1];
-          if (last && last.fromCow === span.fromCow && last.diskOffset + last.length === span.diskOffset) last.length += span.length;
-          else spans.push(span);
-        }
-      }
-      position = part.end;
+      position = planReadInto(plan, bits, sectorSize, covered, position, end);
     }
-    return spans ?? [];
+    return readSpans(plan);
   }
 
   /** Covered sectors of [first, end), or undefined when none are. */
