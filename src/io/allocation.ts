@@ -2,6 +2,7 @@ import { SectorBitmap } from '../format/bitmap.js';
 import { lazyBitmapOf } from './bitmap-cache.js';
 import { slicesSkippingHoles } from './bitmap-scan.js';
 import type { CowImage } from './image.js';
+import type { Extent } from './extent-list.js';
 
 /*
  * Reading a COW's allocation from its bitmap on disk, as streams (slices, extents in sectors,
@@ -38,10 +39,7 @@ export async function readWholeBitmap(image: CowImage): Promise<SectorBitmap> {
 }
 
 /** An allocated extent in sectors: [start, end) of the virtual disk. */
-export interface SectorExtent {
-  start: number;
-  end: number;
-}
+export type SectorExtent = Extent;
 
 /** Allocated extents of the whole disk, merged across chunk boundaries. */
 export async function* allocatedExtents(image: CowImage, chunkBytes = BITMAP_CHUNK_BYTES): AsyncGenerator<SectorExtent> {
@@ -49,10 +47,7 @@ export async function* allocatedExtents(image: CowImage, chunkBytes = BITMAP_CHU
 }
 
 /** A byte range of the virtual disk: [start, end). */
-export interface ByteRun {
-  start: number;
-  end: number;
-}
+export type ByteRun = Extent;
 
 /** A sector extent in bytes of the virtual disk, clipped to its size (the last sector may be partial). */
 export function extentBytes(extent: SectorExtent, image: Pick<CowImage, 'header'>): ByteRun {
