@@ -70,11 +70,12 @@ export interface OpenVirtualDiskOptions {
   fs?: FileSystem;
   /**
    * Set to false when only the COW's own contents are needed (e.g. mapping): the backing file is
-   * then not opened, and reading an unallocated sector is an error.
+   * then neither checked nor opened, reading an unallocated sector is an error, and the COW is not
+   * locked (otherwise a COW opens with a read lock, refusing one another process holds).
    */
   openBacking?: boolean;
   /**
-   * Bytes of bitmap read at a time to plan reads (default 64 KiB, which covers 256 MiB of a
+   * Bytes of bitmap read at a time to plan reads (the engine's bitmap slice; default 64 KiB, which covers 256 MiB of a
    * 512-byte-sector disk): small enough that reading a few scattered extents of a huge, mostly
    * empty COW does not read megabytes of bitmap holes per extent.
    */
