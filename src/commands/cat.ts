@@ -1,20 +1,12 @@
 import { checkByteRange } from '../errors.js';
-import type { FileSystem } from '../io/file.js';
+import type { ReadOptions } from './engine-io.js';
 import { openVirtualDisk } from '../io/virtual-disk.js';
 import { type OptionKeys, checkOptions } from '../options.js';
 
-export interface CatOptions {
-  /** First byte to read; default 0. */
-  offset?: number;
-  /** Bytes to read; default up to the end of the disk. */
-  length?: number;
-  /** Backing file instead of the one the COW header names. */
-  backing?: string;
-  fs?: FileSystem;
+/** `read`'s options (cat reads through the same engine read path), and the chunk size. */
+export interface CatOptions extends ReadOptions {
   /** Bytes per chunk yielded. */
   chunkBytes?: number;
-  /** Told about things worth a word that do not stop reading (e.g. a backing mtime mismatch). */
-  onWarning?: (warning: string) => void;
 }
 
 export const CAT_CHUNK_BYTES = 1 << 20;

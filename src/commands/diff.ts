@@ -1,6 +1,7 @@
 import { notACow, usageError } from '../errors.js';
 import type { FileSystem } from '../io/file.js';
 import { type CowDisk, type VirtualDisk, allocatedByteExtents, openVirtualDisk } from '../io/virtual-disk.js';
+import { ExtentList } from '../io/extent-list.js';
 import { type OptionKeys, checkOptions } from '../options.js';
 
 /** A byte range of the virtual disk: [offset, offset + length). */
@@ -109,17 +110,19 @@ export async function diffImages(a: string, b?: string, options: DiffOptions = {
   }
 }
 
-/** Collects sector-aligned differing ranges, merging each with the previous when they touch. */
+/** Collects differing ranges in order, merging each with the previous when they touch. */
 class RangeCollector {
-  readonly ranges: ByteRange[] = [];
+  private readonly extents = new ExtentList();
   differingBytes = 0;
 
   add(offset: number, length: number): void {
     if (length <= 0) return;
     this.differingBytes += length;
-    const last = this.ranges[this.ranges.length - 1];
-    if (last && last.offset + last.length === offset) last.length += length;
-    else this.ranges.push({ offset, length });
+    this.extents.add(offset, offset + length);
+  }
+
+  get ranges(): ByteRange[] {
+    return this.extents.extents.map((extent) => ({ offset: extent.start, length: extent.end - extent.start }));
   }
 }
 
@@ -132,11 +135,12 @@ function resultOf(
   warnings: string[],
   exact: boolean,
 ): DiffResult {
+  const ranges = collector.ranges;
   return {
-    identical: collector.ranges.length === 0,
-    ranges: collector.ranges,
+    identical: ranges.length === 0,
+    ranges,
     differingBytes: collector.differingBytes,
-    extents: collector.ranges.length,
+    extents: ranges.length,
     mode,
     sectorSize,
     granularity: exact ? 'byte' : 'sector',
@@ -175,7 +179,9 @@ async function diffTwoDisks(a: VirtualDisk, b: VirtualDisk, chunkBytes: number, 
   const sectorSize = Math.max(a.sectorSize, b.sectorSize);
   const comparer = new ChunkComparer(sectorSize, chunkBytes, exact);
   const collector = new RangeCollector();
-  const warnings = [...a.warnings.map((w) => `${a.path}: ${w}`), ...b.warnings.map((w) => `${b.path}: ${w}`)];
+  // Each warning names its image (the backing policy's already do).
+  const named = (disk: VirtualDisk) => disk.warnings.map((w) => (w.startsWith(`${disk.path}: `) ? w : `${disk.path}: ${w}`));
+  const warnings = [...named(a), ...named(b)];
   if (sameBase(a, b)) {
     for await (const extent of unionOfAllocation(a, b, sectorSize)) {
       await comparer.compare(a, b, extent.start, extent.end, collector);
@@ -198,7 +204,7 @@ async function* unionOfAllocation(a: VirtualDisk, b: VirtualDisk, sectorSize: nu
   const right = allocatedByteExtents(b)[Symbol.asyncIterator]();
   let nextLeft = await left.next();
   let nextRight = await right.next();
-  let pending: { start: number; end: number } | undefined;
+  const union = new ExtentList();
   while (!nextLeft.done || !nextRight.done) {
     let extent: { start: number; end: number };
     if (nextRight.done || (!nextLeft.done && nextLeft.value.start <= nextRight.value.start)) {
@@ -210,14 +216,10 @@ async function* unionOfAllocation(a: VirtualDisk, b: VirtualDisk, sectorSize: nu
     }
     const start = Math.floor(extent.start / sectorSize) * sectorSize;
     const end = Math.min(Math.ceil(extent.end / sectorSize) * sectorSize, a.size);
-    if (pending && start <= pending.end) {
-      pending.end = Math.max(pending.end, end);
-      continue;
-    }
-    if (pending) yield pending;
-    pending = { start, end };
+    union.add(start, end);
+    yield* union.takeFinished();
   }
-  if (pending) yield pending;
+  yield* union.takeAll();
 }
 
 /** What the comparer needs of a disk. */

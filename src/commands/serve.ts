@@ -11,6 +11,7 @@ import { UbdcowError, fromSystemError } from '../errors.js';
 import { type CowDevice, openCow } from '../io/engine.js';
 import { nodeFileSystem } from '../io/node-fs.js';
 import { looksLikeCow } from '../io/virtual-disk.js';
+import { ExtentList } from '../io/extent-list.js';
 import { type NbdBlockDevice, type NbdServer, serveNbd } from '../nbd/server.js';
 import { STATE_HOLE, type StatusDescriptor } from '../nbd/protocol.js';
 import { type OptionKeys, checkOptions } from '../options.js';
@@ -139,28 +140,28 @@ export async function cowAllocationFromRuns(
 ): Promise<StatusDescriptor[]> {
   const sectorSize = cow.sectorSize;
   const end = offset + length;
-  const out: StatusDescriptor[] = [];
+  const answer = new ExtentList<number>();
   let at = offset;
   /** Extends the answer to `to` with `flags`; false once a new descriptor would pass maxExtents. */
   const reach = (to: number, flags: number): boolean => {
     if (to <= at) return true;
-    const last = out[out.length - 1];
-    if (last && last.flags === flags) last.length += to - at;
-    else if (out.length >= maxExtents) return false;
-    else out.push({ length: to - at, flags });
+    if (!answer.joinsLast(at, flags) && answer.length >= maxExtents) return false;
+    answer.add(at, to, flags);
     at = to;
     return true;
   };
   const first = Math.floor(offset / sectorSize);
   const covered = Math.min(Math.ceil(end / sectorSize), cow.geometry.coveredSectors);
+  const descriptors = () => answer.extents.map((extent): StatusDescriptor => ({ length: extent.end - extent.start, flags: extent.label }));
   if (first < covered) {
     for await (const run of cow.allocatedRuns(first, covered)) {
-      if (!reach(Math.max(offset, run.start * sectorSize), STATE_HOLE)) return out;
-      if (!reach(Math.min(end, run.end * sectorSize), 0)) return out;
+      // A full answer stops where it is: the client asks again from there.
+      if (!reach(Math.max(offset, run.start * sectorSize), STATE_HOLE)) return descriptors();
+      if (!reach(Math.min(end, run.end * sectorSize), 0)) return descriptors();
     }
   }
   reach(end, STATE_HOLE);
-  return out;
+  return descriptors();
 }
 
 async function rawExport(image: string, options: ServeOptions): Promise<ClosableDevice> {

@@ -1,33 +1,24 @@
-import { CowFormatError } from '../errors.js';
 import { SectorBitmap } from '../format/bitmap.js';
-import { dataExtents } from './extents.js';
+import { lazyBitmapOf } from './bitmap-cache.js';
+import { slicesSkippingHoles } from './bitmap-scan.js';
 import type { CowImage } from './image.js';
-import { readExactly } from './file.js';
+import type { Extent } from './extent-list.js';
 
 /*
- * Reading a COW's allocation from its bitmap on disk: one chunk reader, and the streams built on
- * it (slices, extents in sectors, runs grouped by copy window). Memory stays at one chunk however
- * large the disk. Parts of the bitmap that are holes in the file (a nearly empty multi-TiB COW:
- * gigabytes of them) are skipped with SEEK_DATA instead of read as zeros.
+ * Reading a COW's allocation from its bitmap on disk, as streams (slices, extents in sectors,
+ * runs grouped by copy window) for commands that hold an opened image rather than an engine. They
+ * are views over the one bitmap reader, LazyBitmap, and its SEEK_DATA-skipping scans
+ * (bitmap-scan.ts): parts of the bitmap that are holes in the file (a nearly empty multi-TiB COW:
+ * gigabytes of them) are skipped instead of read as zeros, and memory stays at one chunk however
+ * large the disk (the scan's LazyBitmap keeps nothing cached).
  */
 
 /** 1 MiB of bitmap covers 4 GiB of disk: big enough to be fast, small enough for any image. */
-export const BITMAP_CHUNK_BYTES = 1 << 20;
+export const BITMAP_CHUNK_BYTES = 64 << 10;
 
-/**
- * Reads `length` bitmap bytes from bitmap byte `firstByte` into `buffer` (the one bitmap-chunk
- * reader): the slice's sector numbers are relative to `firstByte * 8`, and only covered sectors
- * (see CowGeometry) are included. A bitmap cut short by the file's end is `truncated-bitmap`.
- */
-export async function readBitmapChunk(image: CowImage, firstByte: number, length: number, buffer: Uint8Array = new Uint8Array(length)): Promise<SectorBitmap> {
-  const { bitmapOffset, bitmapLength, coveredSectors } = image.geometry;
-  const position = bitmapOffset + firstByte;
-  await readExactly(image.handle, image.path, 'read the bitmap of', { buffer, offset: 0, length, position }, (got) =>
-    new CowFormatError('truncated-bitmap', 'bitmap', `${position + got - bitmapOffset} bytes long`, `${bitmapLength} bytes from offset ${bitmapOffset}`, image.path),
-  );
-  const firstSector = firstByte * 8;
-  const bits = Math.max(0, Math.min(length * 8, coveredSectors - firstSector));
-  return new SectorBitmap(buffer.subarray(0, length), bits, firstSector);
+/** A LazyBitmap for one pass over the bitmap: `chunkBytes` slices, none kept once visited. */
+function scanningBitmap(image: CowImage, chunkBytes: number) {
+  return lazyBitmapOf(image, { sliceBytes: Math.max(1, Math.min(chunkBytes, 1 << 24)), maxCachedBytes: 0 });
 }
 
 /**
@@ -36,50 +27,27 @@ export async function readBitmapChunk(image: CowImage, firstByte: number, length
  * order but need not be contiguous. Without SEEK_DATA, every chunk is read.
  */
 export async function* bitmapSlices(image: CowImage, chunkBytes = BITMAP_CHUNK_BYTES): AsyncGenerator<SectorBitmap> {
-  const { bitmapOffset, bitmapLength } = image.geometry;
-  const buffer = new Uint8Array(Math.min(chunkBytes, Math.max(bitmapLength, 1)));
-  for await (const extent of dataExtents(image.handle, bitmapOffset, bitmapOffset + bitmapLength)) {
-    const end = extent.end - bitmapOffset;
-    for (let byte = extent.start - bitmapOffset; byte < end; byte += buffer.length) {
-      yield await readBitmapChunk(image, byte, Math.min(buffer.length, end - byte), buffer);
-    }
-  }
+  yield* slicesSkippingHoles(scanningBitmap(image, chunkBytes));
 }
 
-/** Reads the whole bitmap into memory (the engine keeps it live, as the kernel does). */
+/** Reads the whole bitmap into memory (tests compare the lazy reader with it). */
 export async function readWholeBitmap(image: CowImage): Promise<SectorBitmap> {
-  return readBitmapChunk(image, 0, image.geometry.bitmapLength);
+  const { bitmapLength, coveredSectors } = image.geometry;
+  const bytes = new Uint8Array(bitmapLength);
+  for await (const slice of bitmapSlices(image)) bytes.set(slice.bytes, slice.firstSector / 8);
+  return new SectorBitmap(bytes, coveredSectors, 0);
 }
 
 /** An allocated extent in sectors: [start, end) of the virtual disk. */
-export interface SectorExtent {
-  start: number;
-  end: number;
-}
+export type SectorExtent = Extent;
 
 /** Allocated extents of the whole disk, merged across chunk boundaries. */
 export async function* allocatedExtents(image: CowImage, chunkBytes = BITMAP_CHUNK_BYTES): AsyncGenerator<SectorExtent> {
-  let pending: SectorExtent | undefined;
-  for await (const slice of bitmapSlices(image, chunkBytes)) {
-    for (const run of slice.allocatedRuns()) {
-      const start = slice.firstSector + run.start;
-      const end = slice.firstSector + run.end;
-      if (pending && pending.end === start) {
-        pending.end = end;
-        continue;
-      }
-      if (pending) yield pending;
-      pending = { start, end };
-    }
-  }
-  if (pending) yield pending;
+  for await (const run of scanningBitmap(image, chunkBytes).allocatedRuns()) yield { start: run.start, end: run.end };
 }
 
 /** A byte range of the virtual disk: [start, end). */
-export interface ByteRun {
-  start: number;
-  end: number;
-}
+export type ByteRun = Extent;
 
 /** A sector extent in bytes of the virtual disk, clipped to its size (the last sector may be partial). */
 export function extentBytes(extent: SectorExtent, image: Pick<CowImage, 'header'>): ByteRun {

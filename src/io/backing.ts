@@ -93,6 +93,26 @@ export function mtimeMismatchFix(cowPath: string, backingPath: string): string {
 }
 
 /**
+ * The one backing policy for opening a COW's disk, decided here for every command: a backing
+ * file that is missing or not a file refuses everything. A size or mtime that differs from the
+ * header's refuses writing, as the kernel does, but reading goes on with one warning per
+ * difference (the bytes are most likely right: a copy, a touch, a grown image); a read that needs
+ * bytes past the backing file's end then fails as `truncated`, never reads zeros. So `cat`,
+ * `read`, `diff`, `ls`, `get`, `serve -r` agree. Returns the warnings.
+ */
+export function backingPolicy(cowPath: string, report: BackingReport, access: 'read' | 'write'): string[] {
+  if (report.state === 'ok') return [];
+  if ((report.state !== 'size-mismatch' && report.state !== 'mtime-mismatch') || !report.actual) throw backingError(cowPath, report);
+  const fix = mtimeMismatchFix(cowPath, report.path);
+  if (access === 'write') {
+    throw backingError(cowPath, report, report.state === 'mtime-mismatch' ? `refusing to write (${fix})` : undefined);
+  }
+  return backingMismatches(report.path, report.expected, report.actual).map(
+    (mismatch) => `${cowPath}: ${mismatch.problem} (the kernel would refuse it${mismatch.state === 'mtime-mismatch' ? `; ${fix}` : ''})`,
+  );
+}
+
+/**
  * The error for a backing file that is not usable as is. `cowPath` is the COW it backs;
  * `advice` is appended to a size or mtime mismatch (e.g. "use --force to commit anyway").
  */

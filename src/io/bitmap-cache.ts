@@ -302,6 +302,15 @@ export class LazyBitmap {
     return { start, end: start + this.sliceBytes, known: this.slices.has(index) || this.loading.has(index) };
   }
 
+  /** The first slice from index `from` on that is in memory or on its way there, if any. */
+  nextKnownSlice(from: number): number | undefined {
+    let found: number | undefined;
+    for (const index of [...this.slices.keys(), ...this.loading.keys()]) {
+      if (index >= from && (found === undefined || index < found)) found = index;
+    }
+    return found;
+  }
+
   /** The file the bitmap lives in, and its bytes there (for scans that look for holes). */
   get region(): { file: FileHandleLike; offset: number; length: number } {
     return { file: this.options.file, offset: this.options.bitmapOffset, length: this.options.bitmapLength };

@@ -3,10 +3,11 @@
  * empty 10 TiB COW costs what its allocated part costs. Each slice is visited through a view
  * pinned only while it is visited, so a scan never holds more than one slice in memory of its own.
  */
-import type { SectorRun } from '../format/bitmap.js';
+import type { SectorBitmap, SectorRun } from '../format/bitmap.js';
 import type { LazyBitmap } from './bitmap-cache.js';
 import type { BitmapView } from './bitmap-view.js';
 import { dataExtents } from './extents.js';
+import { ExtentList } from './extent-list.js';
 
 /** Sectors set in [start, end) (a range the caller checked). */
 export async function countSetSkippingHoles(bitmap: LazyBitmap, start: number, end: number): Promise<number> {
@@ -21,27 +22,33 @@ export async function countSetSkippingHoles(bitmap: LazyBitmap, start: number, e
 
 /** Runs of set sectors in [start, end), joined across slices (a range the caller checked). */
 export async function* allocatedRunsSkippingHoles(bitmap: LazyBitmap, start: number, end: number): AsyncGenerator<SectorRun> {
-  const found: SectorRun[] = [];
-  let pending: SectorRun | undefined;
-  const flushTo = (run: SectorRun) => {
-    if (pending && pending.end === run.start) pending.end = run.end;
-    else {
-      if (pending) found.push(pending);
-      pending = { ...run };
-    }
-  };
+  const runs = new ExtentList();
   // Runs are gathered slice by slice and handed out between slices.
   for await (const _ of scanSlices(bitmap, start, end, (view, from, to) => {
     let sector = view.nextSet(from, to);
     while (sector < to) {
       const runEnd = view.nextClear(sector, to);
-      flushTo({ start: sector, end: runEnd, allocated: true });
+      runs.add(sector, runEnd);
       sector = view.nextSet(runEnd, to);
     }
   })) {
-    while (found.length > 0) yield found.shift()!;
+    for (const run of runs.takeFinished()) yield { start: run.start, end: run.end, allocated: true };
   }
-  if (pending) yield pending;
+  for (const run of runs.takeAll()) yield { start: run.start, end: run.end, allocated: true };
+}
+
+/**
+ * The slices of the whole bitmap that the file holds data for, in order (a slice wholly in a hole
+ * of the file has no bit set and is skipped). Each is yielded after its view is released; it stays
+ * valid as long as the caller keeps it, since an evicted slice's bytes are never reused.
+ */
+export async function* slicesSkippingHoles(bitmap: LazyBitmap): AsyncGenerator<SectorBitmap> {
+  let visited: SectorBitmap | undefined;
+  for await (const _ of scanSlices(bitmap, 0, bitmap.coveredSectors, (view, from) => {
+    visited = view.sliceBits(from);
+  })) {
+    yield visited!;
+  }
 }
 
 /**
@@ -62,12 +69,17 @@ async function* scanSlices(
   const extents = dataExtents(file, offset + first * sliceBytes, offset + Math.min(length, (last + 1) * sliceBytes));
   let extent = await extents.next();
   try {
-    for (let index = first; index <= last; index++) {
+    for (let index = first; index <= last; ) {
       const slice = bitmap.sliceInFile(index);
       while (!extent.done && extent.value.end <= slice.start) extent = await extents.next();
       const holds = !extent.done && extent.value.start < slice.end;
       if (!holds && !slice.known) {
-        bitmap.stats.holesSkipped++;
+        // Jump over the hole at once: to the slice of the next data, or the next one in memory
+        // (whose bits may not be written yet), whichever comes first.
+        const dataIndex = extent.done ? last + 1 : Math.floor((extent.value.start - offset) / sliceBytes);
+        const next = Math.max(index + 1, Math.min(dataIndex, bitmap.nextKnownSlice(index + 1) ?? last + 1, last + 1));
+        bitmap.stats.holesSkipped += next - index;
+        index = next;
         continue;
       }
       const from = Math.max(start, index * sliceSectors);
@@ -78,6 +90,7 @@ async function* scanSlices(
       } finally {
         view.release();
       }
+      index++;
       yield;
     }
   } finally {

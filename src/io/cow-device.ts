@@ -5,6 +5,7 @@
 import type { CowGeometry } from '../format/geometry.js';
 import type { CowHeader } from '../format/header.js';
 import type { FileSystem } from './file.js';
+import type { Extent } from './extent-list.js';
 
 export interface OpenCowOptions {
   /** Backing file to use instead of the header's path (like UML's `ubdN=cow,backing`). */
@@ -38,10 +39,7 @@ export interface OpenCowOptions {
 }
 
 /** A run of sectors [start, end) that live in the COW file. */
-export interface AllocatedRun {
-  start: number;
-  end: number;
-}
+export type AllocatedRun = Extent;
 
 /** A run of bytes of an open file: `length` bytes at `position` of descriptor `fd`. */
 export interface FileRange {

@@ -9,14 +9,15 @@ import { UbdcowError, checkByteRange, fileEndsEarly, fileTooShort, fromSystemErr
 import { SectorBitmap } from '../format/bitmap.js';
 import type { CowGeometry } from '../format/geometry.js';
 import type { CowHeader } from '../format/header.js';
-import { type OpenedFile, backingError, checkBacking, mtimeMismatchFix, openBacking } from './backing.js';
+import { type OpenedFile, backingPolicy, checkBacking, openBacking } from './backing.js';
 import { type BitmapView, type LazyBitmap, lazyBitmapOf } from './bitmap-cache.js';
 import { BitmapWriter } from './bitmap-writer.js';
 import { type FileHandleLike, type FileSystem, readExactly, readExactlySync } from './file.js';
 import { nodeFileSystem } from './node-fs.js';
 import { GroupSync } from './group-sync.js';
 import { type CowImage, openLockedImage } from './image.js';
-import { type ReadSpan, planRead } from './read-plan.js';
+import { type ReadSpan, planRead, planReadInto, readSpans } from './read-plan.js';
+import { ExtentList } from './extent-list.js';
 import { RangeLock } from './range-lock.js';
 import { type OptionKeys, checkOptions } from '../options.js';
 import type { AllocatedRun, CowDevice, FileRange, OpenCowOptions } from './cow-device.js';
@@ -38,27 +39,53 @@ const NO_BITS = new SectorBitmap(new Uint8Array(0), 0, 0);
 
 export async function openCow(cowPath: string, options: OpenCowOptions = {}): Promise<CowDevice> {
   checkOptions('openCow', options, openCowOptionKeys);
+  return (await openEngine(cowPath, options, true)).device;
+}
+
+/** What the read-only virtual disk needs besides the device: the image and the backing file as opened. */
+export interface CowReader {
+  device: CowDevice;
+  image: CowImage;
+  /** Undefined when it was not opened (`openBacking: false`). */
+  backing: OpenedFile | undefined;
+}
+
+/**
+ * The engine's read-only mode, as the virtual disk (cat, diff, ls, get) uses it: the same read
+ * lock, backing policy, bitmap and read path as `openCow(path, { readOnly: true })`. Without
+ * `openBacking` (map, diff --allocated: only the header and the bitmap are wanted, as inspect
+ * reads them) the backing file is neither checked nor opened, no lock is taken, and a read of a
+ * byte the COW does not hold is `no-backing`.
+ */
+export async function openCowReader(
+  cowPath: string,
+  options: Pick<OpenCowOptions, 'backing' | 'fs' | 'bitmapSliceBytes'> & { openBacking?: boolean },
+): Promise<CowReader> {
+  const withBacking = options.openBacking ?? true;
+  return openEngine(cowPath, { backing: options.backing, fs: options.fs, bitmapSliceBytes: options.bitmapSliceBytes, readOnly: true, lock: withBacking }, withBacking);
+}
+
+async function openEngine(cowPath: string, options: OpenCowOptions, withBacking: boolean): Promise<CowReader> {
   const fs = options.fs ?? nodeFileSystem;
   const readOnly = options.readOnly ?? false;
-  // The lock is held until the COW file is closed (close()), so not withImage's scope.
+  // The lock is held until the COW file is closed (close()), so not withImage's scope. Readers of
+  // the disk's bytes take a read lock: a COW a running UML holds changes under them, so they refuse it.
   const lock = (options.lock ?? true) ? (readOnly ? 'read' : 'write') : 'none';
   const image = await openLockedImage(cowPath, { fs, mode: readOnly ? 'r' : 'r+', lock });
   let backing: OpenedFile | undefined;
   try {
-    const report = await checkBacking(image.header, options.backing, fs);
     const warnings: string[] = [];
-    if (report.state === 'mtime-mismatch') {
-      // One rule for every command: reading goes on (the bytes are most likely right: a copy, a
-      // touch) with a warning; writing refuses, as the kernel does. Both name the way out.
-      const fix = mtimeMismatchFix(cowPath, report.path);
-      if (!readOnly) throw backingError(cowPath, report, `refusing to write (${fix})`);
-      warnings.push(`${cowPath}: ${report.problem} (the kernel would refuse it; ${fix})`);
-    } else if (report.state !== 'ok') {
-      throw backingError(cowPath, report);
+    if (withBacking) {
+      if (options.backing === undefined && image.header.backingFile === '') {
+        throw new UbdcowError('no-backing', `${cowPath}: the header names no backing file (give one with a backing option)`, { file: cowPath });
+      }
+      const report = await checkBacking(image.header, options.backing, fs);
+      warnings.push(...backingPolicy(cowPath, report, readOnly ? 'read' : 'write'));
+      backing = await openBacking(fs, report.path, 'r');
     }
-    backing = await openBacking(fs, report.path, 'r');
     const bitmap = lazyBitmapOf(image, { maxCachedBytes: options.maxBitmapCacheBytes, sliceBytes: options.bitmapSliceBytes });
-    return new Engine(image, backing, bitmap, { readOnly, sync: options.sync ?? false, blockingReads: options.blockingReads ?? false, warnings });
+    const device = new Engine(image, backing, bitmap, { readOnly, sync: options.sync ?? false, blockingReads: options.blockingReads ?? false, warnings });
+    return { device, image, backing };
   } catch (err) {
     await image.handle.close().catch(() => undefined);
     await backing?.handle.close().catch(() => undefined);
@@ -87,7 +114,8 @@ class Engine implements CowDevice {
   readonly warnings: string[];
   private readonly cow: FileHandleLike;
   private readonly path: string;
-  private readonly backing: FileHandleLike;
+  /** Undefined in the reader mode without a backing file (reading an unallocated byte is then `no-backing`). */
+  private readonly backing: FileHandleLike | undefined;
   /** The backing file as opened (an override, or the header's path resolved), named in its errors. */
   private readonly backingPath: string;
   private readonly writeLocks = new RangeLock();
@@ -100,14 +128,14 @@ class Engine implements CowDevice {
 
   constructor(
     image: CowImage,
-    backing: OpenedFile,
+    backing: OpenedFile | undefined,
     private readonly bitmap: LazyBitmap,
     private readonly options: EngineOptions,
   ) {
     this.cow = image.handle;
     this.path = image.path;
-    this.backing = backing.handle;
-    this.backingPath = backing.path;
+    this.backing = backing?.handle;
+    this.backingPath = backing?.path ?? '';
     this.header = image.header;
     this.geometry = image.geometry;
     this.size = image.header.size;
@@ -149,7 +177,7 @@ class Engine implements CowDevice {
   }
 
   withFileRanges<T>(offset: number, length: number, use: (ranges: FileRange[]) => Promise<T>): Promise<T> | undefined {
-    if (this.cow.fd === undefined || this.backing.fd === undefined) return undefined;
+    if (this.cow.fd === undefined || this.backing?.fd === undefined) return undefined;
     return this.track(async () => {
       checkByteRange(this.path, 'read', offset, length, this.size);
       await this.waitForStaleBits(Math.floor(offset / this.sectorSize), Math.ceil((offset + length) / this.sectorSize));
@@ -199,7 +227,7 @@ class Engine implements CowDevice {
     let failure: unknown;
     if (!this.readOnly) await this.syncCow().catch((err) => (failure = err));
     await this.cow.close().catch((err) => (failure ??= err));
-    await this.backing.close().catch((err) => (failure ??= err));
+    await this.backing?.close().catch((err) => (failure ??= err));
     if (failure) throw failure;
   }
 
@@ -230,22 +258,13 @@ class Engine implements CowDevice {
   private plan(view: BitmapView | undefined, offset: number, end: number): ReadSpan[] {
     const { sectorSize } = this;
     const covered = this.geometry.coveredSectors;
-    let spans: ReadSpan[] | undefined;
+    const plan = new ExtentList<boolean>();
     for (let position = offset; position < end; ) {
       const sector = Math.floor(position / sectorSize);
       const bits = sector < covered ? view!.sliceBits(sector) : NO_BITS;
-      const part = planRead(bits, sectorSize, covered, position, end);
-      if (!spans) spans = part.spans;
-      else {
-        for (const span of part.spans) {
-          const last = spans[spans.length - 1];
-          if (last && last.fromCow === span.fromCow && last.diskOffset + last.length === span.diskOffset) last.length += span.length;
-          else spans.push(span);
-        }
-      }
-      position = part.end;
+      position = planReadInto(plan, bits, sectorSize, covered, position, end);
     }
-    return spans ?? [];
+    return readSpans(plan);
   }
 
   /** Covered sectors of [first, end), or undefined when none are. */
@@ -334,9 +353,11 @@ class Engine implements CowDevice {
 
   /** The file a span of the read plan lives in: its handle, name, position and what to call it when short. */
   private spanFile({ fromCow, diskOffset }: ReadSpan): { handle: FileHandleLike; name: string; position: number; what: string } {
-    return fromCow
-      ? { handle: this.cow, name: this.path, position: this.geometry.dataOffset + diskOffset, what: 'the data area' }
-      : { handle: this.backing, name: this.backingPath, position: diskOffset, what: 'the backing file' };
+    if (fromCow) return { handle: this.cow, name: this.path, position: this.geometry.dataOffset + diskOffset, what: 'the data area' };
+    if (!this.backing) {
+      throw new UbdcowError('no-backing', `${this.path}: byte ${diskOffset} is not in the COW and the backing file was not opened`, { file: this.path });
+    }
+    return { handle: this.backing, name: this.backingPath, position: diskOffset, what: `the backing file of ${this.path}` };
   }
 
   /** Reads one span into `buffer`, which holds the disk's bytes from `bufferStart`. */
@@ -354,7 +375,8 @@ class Engine implements CowDevice {
       if (done === span.length) return;
     }
     const target = { buffer, offset: at + done, length: span.length - done, position: position + done };
-    const short = (got: number) => fileEndsEarly(name, target.position, got, position + span.length, what);
+    // Bytes from the page cache count: the file's end is where the whole span's bytes stopped.
+    const short = (got: number) => fileEndsEarly(name, position, done + got, position + span.length, what);
     if (this.options.blockingReads && handle.readSync && target.length <= BLOCKING_READ_MAX) {
       readExactlySync(handle as Required<Pick<FileHandleLike, 'readSync'>>, name, 'read', target, short);
       return;

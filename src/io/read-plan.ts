@@ -1,10 +1,11 @@
 import type { SectorBitmap } from '../format/bitmap.js';
+import { ExtentList } from './extent-list.js';
 
 /*
  * The one read rule of a COW disk, as a pure function: a byte comes from the COW's data area where
  * its sector's bit is set, and from the backing file everywhere else (including the sectors a V1/V2
- * bitmap has no bit for). The engine (whole bitmap in memory) and the virtual disk (a window of it)
- * both plan with this and only do the I/O themselves; QEMU's block/cow.c has the same one path.
+ * bitmap has no bit for). The engine plans every read with this (slice by slice of its LazyBitmap)
+ * and only does the I/O itself; QEMU's block/cow.c has the same one path.
  */
 
 /** One piece of a read: `length` bytes of the disk from `diskOffset`, from the COW or the backing file. */
@@ -36,13 +37,21 @@ export function planRead(bits: SectorBitmap, sectorSize: number, coveredSectors:
     const fromCow = bits.get(from);
     if ((fromCow ? bits.nextClear(from, to) : bits.nextSet(from, to)) === to) return { spans: [{ fromCow, diskOffset: offset, length: end - offset }], end };
   }
-  const spans: ReadSpan[] = [];
+  const plan = new ExtentList<boolean>();
+  const planned = planReadInto(plan, bits, sectorSize, coveredSectors, offset, end);
+  return { spans: readSpans(plan), end: planned };
+}
+
+/**
+ * planRead's general case, adding to `plan` (labelled "from the COW"): callers planning window
+ * after window add to one list, so spans merge across windows. Returns where the plan stops.
+ */
+export function planReadInto(plan: ExtentList<boolean>, bits: SectorBitmap, sectorSize: number, coveredSectors: number, offset: number, end: number): number {
+  const first = Math.floor(offset / sectorSize);
   let position = offset;
   const add = (fromCow: boolean, to: number) => {
     if (to <= position) return;
-    const last = spans[spans.length - 1];
-    if (last && last.fromCow === fromCow) last.length += to - position;
-    else spans.push({ fromCow, diskOffset: position, length: to - position });
+    plan.add(position, to, fromCow);
     position = to;
   };
   if (first < coveredSectors && offset < end) {
@@ -57,5 +66,10 @@ export function planRead(bits: SectorBitmap, sectorSize: number, coveredSectors:
   }
   // Past the last covered sector: always the backing file.
   if (position < end && position >= coveredSectors * sectorSize) add(false, end);
-  return { spans, end: position };
+  return position;
+}
+
+/** A plan's extents as read spans. */
+export function readSpans(plan: ExtentList<boolean>): ReadSpan[] {
+  return plan.extents.map((extent) => ({ fromCow: extent.label, diskOffset: extent.start, length: extent.end - extent.start }));
 }

@@ -1,17 +1,17 @@
 import { UbdcowError, checkByteRange, fileEndsEarly, fileTooShort, fromSystemError, notACow } from '../errors.js';
-import { SectorBitmap } from '../format/bitmap.js';
-import { type SectorExtent, allocatedExtents, readBitmapChunk } from './allocation.js';
-import { backingMismatches, mtimeMismatchFix, openBacking, resolveBackingPath } from './backing.js';
+import type { SectorExtent } from './allocation.js';
+import { type OpenedFile, openBacking, resolveBackingPath } from './backing.js';
+import { openCowReader } from './engine.js';
 import { type FileHandleLike, type FileSystem, readExactly } from './file.js';
 import { nodeFileSystem } from './node-fs.js';
-import { type CowImage, openImage, openImageFile, probeHeader } from './image.js';
-import { planRead } from './read-plan.js';
+import { type CowImage, openImageFile, probeHeader } from './image.js';
 import { type OptionKeys, checkOptions } from '../options.js';
 
 /*
  * A read-only view of the disk a guest would see: a raw image file as it is (RawDisk), or a COW
- * file seen through its backing file (CowDisk: allocated sectors from the COW's data area, the rest
- * from the backing, as planRead says). Only a window of the bitmap is in memory at a time.
+ * file seen through its backing file (CowDisk). A CowDisk is a thin shape over the engine's
+ * read-only mode (`openCowReader` in engine.ts): the same read lock, backing policy, LazyBitmap and
+ * read plan as `ubdcow read`, so `cat`, `diff`, `map`, `ls` and `get` read exactly what it reads.
  */
 
 /** Which file a virtual disk's unwritten sectors come from, for telling "same base" apart. */
@@ -70,11 +70,12 @@ export interface OpenVirtualDiskOptions {
   fs?: FileSystem;
   /**
    * Set to false when only the COW's own contents are needed (e.g. mapping): the backing file is
-   * then not opened, and reading an unallocated sector is an error.
+   * then neither checked nor opened, reading an unallocated sector is an error, and the COW is not
+   * locked (otherwise a COW opens with a read lock, refusing one another process holds).
    */
   openBacking?: boolean;
   /**
-   * Bytes of bitmap read at a time to plan reads (default 64 KiB, which covers 256 MiB of a
+   * Bytes of bitmap read at a time to plan reads (the engine's bitmap slice; default 64 KiB, which covers 256 MiB of a
    * 512-byte-sector disk): small enough that reading a few scattered extents of a huge, mostly
    * empty COW does not read megabytes of bitmap holes per extent.
    */
@@ -82,10 +83,10 @@ export interface OpenVirtualDiskOptions {
 }
 
 const READ_PLAN_WINDOW_BYTES = 64 << 10;
+/** The largest bitmap slice the engine's LazyBitmap takes. */
+const MAX_WINDOW_BYTES = 1 << 24;
 
 export const RAW_SECTOR_SIZE = 512;
-
-const NO_BITS = SectorBitmap.empty(0);
 
 const openVirtualDiskOptionKeys: OptionKeys<OpenVirtualDiskOptions> = { backing: true, fs: true, openBacking: true, bitmapWindowBytes: true };
 
@@ -124,143 +125,83 @@ function checkRead(disk: DiskBase, offset: number, length: number, into?: Uint8A
 
 async function openRawDisk(file: string, fs: FileSystem, what: string): Promise<RawDisk> {
   const opened = await openBacking(fs, file, 'r', what);
-  const { handle, size, mtime } = opened;
   try {
-    const realPath = await fs.realpath(file).catch((err) => {
-      throw fromSystemError(err, file, 'resolve the path of');
-    });
-    const disk: RawDisk = {
-      path: file,
-      kind: 'raw',
-      size,
-      sectorSize: RAW_SECTOR_SIZE,
-      base: { realPath, size, mtime },
-      warnings: [],
-      async read(offset, length, into) {
-        checkRead(disk, offset, length, into);
-        const buffer = into ?? new Uint8Array(length);
-        await readDiskBytes(handle, file, what, buffer, 0, length, offset);
-        return buffer.subarray(0, length);
-      },
-      close: () => handle.close(),
-    };
-    return disk;
+    return await rawDiskOver(opened, fs, what, () => opened.handle.close());
   } catch (err) {
-    await handle.close().catch(() => undefined);
+    await opened.handle.close().catch(() => undefined);
     throw err;
   }
 }
 
-/** The part of the bitmap in memory: bits for sectors [firstSector, firstSector + bitCount). */
-class BitmapWindow {
-  private slice: SectorBitmap | undefined;
-  private readonly buffer: Uint8Array;
-
-  constructor(
-    private readonly image: CowImage,
-    windowBytes: number,
-  ) {
-    // A multiple of 4 keeps every window's words aligned for SectorBitmap's word scans.
-    const bytes = Math.max(4, Math.ceil(windowBytes / 4) * 4);
-    this.buffer = new Uint8Array(Math.min(bytes, Math.max(4, Math.ceil(image.geometry.bitmapLength / 4) * 4)));
-  }
-
-  /** The window holding `sector`'s bit, loading it if needed (sector must be covered). */
-  async at(sector: number): Promise<SectorBitmap> {
-    const current = this.slice;
-    if (current && sector >= current.firstSector && sector < current.firstSector + current.bitCount) return current;
-    const windowBits = this.buffer.length * 8;
-    const firstByte = Math.floor(sector / windowBits) * (windowBits / 8);
-    const length = Math.min(this.buffer.length, this.image.geometry.bitmapLength - firstByte);
-    this.slice = undefined;
-    this.slice = await readBitmapChunk(this.image, firstByte, length, this.buffer);
-    return this.slice;
-  }
+/** A raw disk reading an opened file; `close` says what closing it does. */
+async function rawDiskOver(opened: OpenedFile, fs: FileSystem, what: string, close: () => Promise<void>): Promise<RawDisk> {
+  const { path: file, handle, size, mtime } = opened;
+  const realPath = await fs.realpath(file).catch((err) => {
+    throw fromSystemError(err, file, 'resolve the path of');
+  });
+  const disk: RawDisk = {
+    path: file,
+    kind: 'raw',
+    size,
+    sectorSize: RAW_SECTOR_SIZE,
+    base: { realPath, size, mtime },
+    warnings: [],
+    async read(offset, length, into) {
+      checkRead(disk, offset, length, into);
+      const buffer = into ?? new Uint8Array(length);
+      await readDiskBytes(handle, file, what, buffer, 0, length, offset);
+      return buffer.subarray(0, length);
+    },
+    close,
+  };
+  return disk;
 }
 
 async function openCowDisk(file: string, options: OpenVirtualDiskOptions, fs: FileSystem): Promise<CowDisk> {
-  const image = await openImage(file, { fs });
-  let backing: RawDisk | undefined;
+  const windowBytes = options.bitmapWindowBytes ?? READ_PLAN_WINDOW_BYTES;
+  // A multiple of 4 keeps every slice's words aligned for SectorBitmap's word scans.
+  const bitmapSliceBytes = Math.min(MAX_WINDOW_BYTES, Math.max(4, Math.ceil(windowBytes / 4) * 4));
+  const { device, image, backing } = await openCowReader(file, { fs, backing: options.backing, openBacking: options.openBacking, bitmapSliceBytes });
   try {
-    const { header, geometry } = image;
-    const warnings = [...image.warnings];
-    const backingPath = resolveBackingPath(header, options.backing);
-    let base: FileIdentity;
-    if (options.openBacking === false) {
-      base = { realPath: backingPath, size: header.size, mtime: header.mtime };
-    } else {
-      if (options.backing === undefined && header.backingFile === '') {
-        throw new UbdcowError('no-backing', `${file}: the header names no backing file (give one with a backing option)`, { file });
-      }
-      backing = await openRawDisk(backingPath, fs, 'backing file');
-      base = backing.base;
-      // Reading goes on (the user may want to see the disk anyway); the kernel would refuse it.
-      for (const mismatch of backingMismatches(backingPath, header, backing.base)) {
-        const fix = mismatch.state === 'mtime-mismatch' ? `; ${mtimeMismatchFix(file, backingPath)}` : '';
-        warnings.push(`${mismatch.problem} (the kernel would refuse it${fix})`);
-      }
+    const { header } = image;
+    let base: FileIdentity = { realPath: resolveBackingPath(header, options.backing), size: header.size, mtime: header.mtime };
+    let backingDisk: RawDisk | undefined;
+    if (backing) {
+      // The engine owns the backing file's handle: this view of it is closed with the COW.
+      backingDisk = await rawDiskOver(backing, fs, 'backing file', async () => undefined);
+      base = backingDisk.base;
     }
-    const { sectorSize, size } = header;
-    const window = new BitmapWindow(image, options.bitmapWindowBytes ?? READ_PLAN_WINDOW_BYTES);
-    const backingDisk = backing;
-
-    const readAllocated = (buffer: Uint8Array, at: number, length: number, offset: number) =>
-      readDiskBytes(image.handle, file, 'the data area', buffer, at, length, geometry.dataOffset + offset);
-
-    const readFromBacking = async (buffer: Uint8Array, at: number, length: number, offset: number): Promise<void> => {
-      if (!backingDisk) {
-        throw new UbdcowError('no-backing', `${file}: byte ${offset} is not in the COW and the backing file was not opened`, { file });
-      }
-      if (offset + length > backingDisk.size) {
-        throw fileTooShort(backingDisk.path, backingDisk.size, offset + length, `the backing file of ${file}`);
-      }
-      await backingDisk.read(offset, length, buffer.subarray(at, at + length));
-    };
-
     const disk: CowDisk = {
       path: file,
       kind: 'cow',
-      size,
-      sectorSize,
+      size: header.size,
+      sectorSize: header.sectorSize,
       base,
-      warnings,
+      warnings: [...image.warnings, ...device.warnings],
       cow: image,
-      backing,
+      backing: backingDisk,
       async read(offset, length, into) {
         checkRead(disk, offset, length, into);
-        const buffer = into ?? new Uint8Array(length);
-        const end = offset + length;
-        let position = offset;
-        while (position < end) {
-          const sector = Math.floor(position / sectorSize);
-          // Past the covered sectors (V1/V2's historic rounding) planRead needs no bits.
-          const bits = sector < geometry.coveredSectors ? await window.at(sector) : NO_BITS;
-          const plan = planRead(bits, sectorSize, geometry.coveredSectors, position, end);
-          for (const span of plan.spans) {
-            const at = span.diskOffset - offset;
-            if (span.fromCow) await readAllocated(buffer, at, span.length, span.diskOffset);
-            else await readFromBacking(buffer, at, span.length, span.diskOffset);
-          }
-          position = plan.end;
-        }
-        return buffer.subarray(0, length);
+        return into ? device.readInto(offset, into.subarray(0, length)) : device.read(offset, length);
       },
       async readBacking(offset, length, into) {
         checkRead(disk, offset, length, into);
-        const buffer = into ?? new Uint8Array(length);
-        await readFromBacking(buffer, 0, length, offset);
-        return buffer.subarray(0, length);
+        if (!backingDisk) {
+          throw new UbdcowError('no-backing', `${file}: byte ${offset} is not in the COW and the backing file was not opened`, { file });
+        }
+        if (offset + length > backingDisk.size) {
+          throw fileTooShort(backingDisk.path, backingDisk.size, offset + length, `the backing file of ${file}`);
+        }
+        return backingDisk.read(offset, length, into);
       },
-      allocatedExtents: () => allocatedExtents(image),
-      async close() {
-        await image.handle.close();
-        if (backingDisk) await backingDisk.close();
+      async *allocatedExtents() {
+        for await (const run of device.allocatedRuns()) yield { start: run.start, end: run.end };
       },
+      close: () => device.close(),
     };
     return disk;
   } catch (err) {
-    await image.handle.close().catch(() => undefined);
-    if (backing) await backing.close().catch(() => undefined);
+    await device.close().catch(() => undefined);
     throw err;
   }
 }

@@ -9,7 +9,6 @@ import {
   REPLY_FLAG_DONE,
   REPLY_TYPE_NONE,
   REPLY_TYPE_OFFSET_DATA,
-  REPLY_TYPE_OFFSET_HOLE,
   REPLY_TYPE_BLOCK_STATUS,
   REPLY_TYPE_ERROR,
   NBD_EPERM,
@@ -92,14 +91,6 @@ export const OFFSET_DATA_PREFIX_BYTES = STRUCTURED_HEADER_BYTES + 8;
 export function writeOffsetDataPrefix(into: Buffer, flags: number, handle: Uint8Array, offset: number, dataLength: number): void {
   writeStructuredHeader(into, flags, REPLY_TYPE_OFFSET_DATA, handle, 8 + dataLength);
   into.writeBigUInt64BE(BigInt(offset), STRUCTURED_HEADER_BYTES);
-}
-
-export function encodeOffsetHole(flags: number, handle: Uint8Array, offset: number, size: number): Buffer {
-  const b = Buffer.alloc(STRUCTURED_HEADER_BYTES + 12);
-  writeStructuredHeader(b, flags, REPLY_TYPE_OFFSET_HOLE, handle, 12);
-  b.writeBigUInt64BE(BigInt(offset), STRUCTURED_HEADER_BYTES);
-  b.writeUInt32BE(size, STRUCTURED_HEADER_BYTES + 8);
-  return b;
 }
 
 /** An NBD_REPLY_TYPE_ERROR chunk (always the final one here). */

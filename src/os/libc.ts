@@ -345,9 +345,3 @@ export function overrideOsCalls(calls: OsCalls | undefined, reason = 'disabled f
     },
   };
 }
-
-/** The real bindings even under an override (for tests that wrap them). */
-export function realOsCalls(): OsCalls | undefined {
-  loaded ??= bind();
-  return 'calls' in loaded ? loaded.calls : undefined;
-}

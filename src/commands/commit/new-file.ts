@@ -5,6 +5,7 @@ import { existsError, writeNewFile } from '../../io/atomic.js';
 import { type OpenedFile, checkBacking, openBacking } from '../../io/backing.js';
 import { interruptedCommitError, readCommitJournal } from '../../io/commit-journal.js';
 import { dataExtents } from '../../io/extents.js';
+import { ExtentList } from '../../io/extent-list.js';
 import { cloneFile, copyRange, syncRange } from '../../io/file-ops.js';
 import { type FileHandleLike, type FileSystem, readExactly, writeAll, writeAllSync } from '../../io/file.js';
 import { nodeFileSystem } from '../../io/node-fs.js';
@@ -295,16 +296,11 @@ interface Span {
  */
 export function liveSpans(a: Span[], b: Span[], length: number): Span[] {
   const all = [...a, ...b].sort((x, y) => x.start - y.start);
-  const out: Span[] = [];
+  const out = new ExtentList();
   for (const span of all) {
-    const start = Math.floor(span.start / HOLE_BLOCK_BYTES) * HOLE_BLOCK_BYTES;
-    const end = Math.min(length, Math.ceil(span.end / HOLE_BLOCK_BYTES) * HOLE_BLOCK_BYTES);
-    if (end <= start) continue;
-    const last = out[out.length - 1];
-    if (last && start <= last.end) last.end = Math.max(last.end, end);
-    else out.push({ start, end });
+    out.add(Math.floor(span.start / HOLE_BLOCK_BYTES) * HOLE_BLOCK_BYTES, Math.min(length, Math.ceil(span.end / HOLE_BLOCK_BYTES) * HOLE_BLOCK_BYTES));
   }
-  return out;
+  return out.extents.map(({ start, end }) => ({ start, end }));
 }
 
 interface WrittenBytes {
