@@ -106,7 +106,7 @@ describe('ubdcow cat and ubdcow read agree over a changed backing file', () => {
       for (const result of [cat, read]) {
         expect(result.status).toBe(1);
         expect(result.stdout.length).toBe(0);
-        expect(result.stderr).toMatch(/^ubdcow X: .*vm\.cow: in use by another process \(a running UML holds a lock on it; see \/proc\/locks\)\n$/);
+        expect(result.stderr).toMatch(/^ubdcow X: .*vm\.cow: in use by another process: held by python3 \(pid \d+\); .*see \/proc\/locks\n$/);
       }
       expect(cat.stderr).toBe(read.stderr);
       const map = spawnSync('node', [cli, 'map', cowFile, '--json'], { encoding: 'utf8' });
