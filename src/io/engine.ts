@@ -18,6 +18,7 @@ import { GroupSync } from './group-sync.js';
 import { type CowImage, openLockedImage } from './image.js';
 import { type ReadSpan, planRead } from './read-plan.js';
 import { RangeLock } from './range-lock.js';
+import { sectorsPerUnit, unitRange } from './allocation-unit.js';
 import { type OptionKeys, checkOptions } from '../options.js';
 import type { AllocatedRun, CowDevice, FileRange, OpenCowOptions } from './cow-device.js';
 
@@ -32,6 +33,7 @@ const openCowOptionKeys: OptionKeys<OpenCowOptions> = {
   blockingReads: true,
   maxBitmapCacheBytes: true,
   bitmapSliceBytes: true,
+  allocationUnit: true,
 };
 /** No bits: plans the sectors past the bitmap's cover, which always read from the backing file. */
 const NO_BITS = new SectorBitmap(new Uint8Array(0), 0, 0);
@@ -56,9 +58,10 @@ export async function openCow(cowPath: string, options: OpenCowOptions = {}): Pr
     } else if (report.state !== 'ok') {
       throw backingError(cowPath, report);
     }
+    const unitSectors = sectorsPerUnit(cowPath, options.allocationUnit, image.header.sectorSize);
     backing = await openBacking(fs, report.path, 'r');
     const bitmap = lazyBitmapOf(image, { maxCachedBytes: options.maxBitmapCacheBytes, sliceBytes: options.bitmapSliceBytes });
-    return new Engine(image, backing, bitmap, { readOnly, sync: options.sync ?? false, blockingReads: options.blockingReads ?? false, warnings });
+    return new Engine(image, backing, bitmap, { readOnly, sync: options.sync ?? false, blockingReads: options.blockingReads ?? false, warnings, unitSectors });
   } catch (err) {
     await image.handle.close().catch(() => undefined);
     await backing?.handle.close().catch(() => undefined);
@@ -76,6 +79,8 @@ interface EngineOptions {
   sync: boolean;
   blockingReads: boolean;
   warnings: string[];
+  /** Sectors per allocation unit (allocation-unit.ts). */
+  unitSectors: number;
 }
 
 class Engine implements CowDevice {
@@ -378,15 +383,25 @@ class Engine implements CowDevice {
         { file: this.path },
       );
     }
-    // Whole sectors, serialized against other writes to them, so a copy-up cannot lose a write.
-    const release = await this.writeLocks.acquire(first, end);
+    // Whole units, serialized against other writes to them, so a copy-up cannot lose a write.
+    const [unitFirst, unitEnd] = unitRange(first, end, this.options.unitSectors, this.geometry.coveredSectors);
+    const release = await this.writeLocks.acquire(unitFirst, unitEnd);
     let view: BitmapView | undefined;
     try {
       // The bitmap slices of these sectors stay in memory until their bits are written.
-      view = this.bitmap.tryAcquire(first, end) ?? (await this.bitmap.acquire(first, end));
-      const spanStart = first * sectorSize;
-      const spanEnd = Math.min(end * sectorSize, this.size);
-      const sectors = await this.wholeSectors(offset, data, spanStart, spanEnd);
+      view = this.bitmap.tryAcquire(unitFirst, unitEnd) ?? (await this.bitmap.acquire(unitFirst, unitEnd));
+      // An edge unit with sectors still in the backing is allocated whole (allocation-unit.ts); one
+      // already whole in the COW is only widened to whole sectors.
+      const widenHead = unitFirst < first && !view.allSet(unitFirst, first);
+      const widenTail = end < unitEnd && !view.allSet(end, unitEnd);
+      const spanFirst = widenHead ? unitFirst : first;
+      const spanLast = widenTail ? unitEnd : end;
+      const spanStart = spanFirst * sectorSize;
+      const spanEnd = Math.min(spanLast * sectorSize, this.size);
+      const unitBytes = this.options.unitSectors * sectorSize;
+      const headBytes = widenHead ? unitBytes : sectorSize;
+      const tailStart = widenTail ? Math.max(spanStart, (unitEnd - 1 - ((unitEnd - 1) % this.options.unitSectors)) * sectorSize) : (end - 1) * sectorSize;
+      const sectors = await this.wholeSpan(offset, data, spanStart, spanEnd, headBytes, tailStart);
       try {
         await this.cow.write(sectors, 0, sectors.length, this.geometry.dataOffset + spanStart);
         if (this.options.sync) await this.cowSync.request();
@@ -394,7 +409,7 @@ class Engine implements CowDevice {
         throw fromSystemError(err, this.path, 'write data to');
       }
       try {
-        await this.bitmapWriter.commit(first, end, view);
+        await this.bitmapWriter.commit(spanFirst, spanLast, view);
       } catch (err) {
         throw fromSystemError(err, this.path, 'write the bitmap of');
       }
@@ -404,18 +419,23 @@ class Engine implements CowDevice {
     }
   }
 
-  /** The data widened to whole sectors: edges copied up from the disk's current contents. */
-  private async wholeSectors(offset: number, data: Uint8Array, spanStart: number, spanEnd: number): Promise<Uint8Array> {
+  /**
+   * The data widened to [spanStart, spanEnd), the rest copied up from the disk's current contents:
+   * the head from one read of its first `headBytes` (a sector, or a whole unit), the tail from one
+   * read from `tailStart` (its last sector or unit), skipping what the head's read already holds.
+   */
+  private async wholeSpan(offset: number, data: Uint8Array, spanStart: number, spanEnd: number, headBytes: number, tailStart: number): Promise<Uint8Array> {
     if (offset === spanStart && offset + data.length === spanEnd) return data;
     const span = new Uint8Array(spanEnd - spanStart);
-    const sectorSize = this.sectorSize;
     const edges: Promise<void>[] = [];
+    let headEnd = spanStart;
     if (offset > spanStart) {
-      edges.push(this.fill(span.subarray(0, Math.min(sectorSize, span.length)), spanStart));
+      headEnd = Math.min(spanStart + headBytes, spanEnd);
+      edges.push(this.fill(span.subarray(0, headEnd - spanStart), spanStart));
     }
-    const tailStart = Math.max(spanStart, spanEnd - (spanEnd % sectorSize || sectorSize));
-    if (offset + data.length < spanEnd && (tailStart > spanStart || offset === spanStart)) {
-      edges.push(this.fill(span.subarray(tailStart - spanStart), tailStart));
+    const tailFrom = Math.max(headEnd, tailStart);
+    if (offset + data.length < spanEnd && tailFrom < spanEnd) {
+      edges.push(this.fill(span.subarray(tailFrom - spanStart), tailFrom));
     }
     await Promise.all(edges);
     span.set(data, offset - spanStart);
