@@ -27,7 +27,54 @@ export function sectorsPerUnit(cowPath: string, requested: number | undefined, s
   return sectors;
 }
 
+export interface UnitLayout {
+  sectorSize: number;
+  unitSectors: number;
+  /** Sectors with a bitmap bit; units end there. */
+  coveredSectors: number;
+  /** The disk's size in bytes (its last sector may be partial). */
+  size: number;
+}
+
 /** The whole units holding sectors [first, end), as sectors, clipped to the bitmap's cover. */
-export function unitRange(first: number, end: number, unitSectors: number, coveredSectors: number): [number, number] {
+export function unitRange(first: number, end: number, { unitSectors, coveredSectors }: UnitLayout): [number, number] {
   return [first - (first % unitSectors), Math.min(Math.ceil(end / unitSectors) * unitSectors, coveredSectors)];
+}
+
+/**
+ * What a write stores: sectors [first, end) at bytes [start, stop) of the disk; the bytes around
+ * the new ones are copied up from one read of the first `headBytes` (a sector, or a whole unit)
+ * and one read from `tailStart` (the last sector or unit).
+ */
+export interface WriteSpan {
+  first: number;
+  end: number;
+  start: number;
+  stop: number;
+  headBytes: number;
+  tailStart: number;
+}
+
+/**
+ * The span a write of sectors [first, end) stores: an edge unit with
+ * sectors still in the backing is widened to the whole unit; one wholly in the COW (already whole)
+ * only to whole sectors, so rewrites of allocated pages copy nothing up.
+ */
+export function writeSpan(first: number, end: number, layout: UnitLayout, bits: { allSet(start: number, end: number): boolean }): WriteSpan {
+  const { sectorSize, unitSectors, size } = layout;
+  const [unitFirst, unitEnd] = unitRange(first, end, layout);
+  const widenHead = unitFirst < first && !bits.allSet(unitFirst, first);
+  const widenTail = end < unitEnd && !bits.allSet(end, unitEnd);
+  const spanFirst = widenHead ? unitFirst : first;
+  const spanEnd = widenTail ? unitEnd : end;
+  const start = spanFirst * sectorSize;
+  const lastUnit = unitEnd - 1 - ((unitEnd - 1) % unitSectors);
+  return {
+    first: spanFirst,
+    end: spanEnd,
+    start,
+    stop: Math.min(spanEnd * sectorSize, size),
+    headBytes: widenHead ? unitSectors * sectorSize : sectorSize,
+    tailStart: widenTail ? Math.max(start, lastUnit * sectorSize) : (end - 1) * sectorSize,
+  };
 }

@@ -18,7 +18,7 @@ import { GroupSync } from './group-sync.js';
 import { type CowImage, openLockedImage } from './image.js';
 import { type ReadSpan, planRead } from './read-plan.js';
 import { RangeLock } from './range-lock.js';
-import { sectorsPerUnit, unitRange } from './allocation-unit.js';
+import { type UnitLayout, type WriteSpan, sectorsPerUnit, unitRange, writeSpan } from './allocation-unit.js';
 import { type OptionKeys, checkOptions } from '../options.js';
 import type { AllocatedRun, CowDevice, FileRange, OpenCowOptions } from './cow-device.js';
 
@@ -98,6 +98,7 @@ class Engine implements CowDevice {
   private readonly writeLocks = new RangeLock();
   private readonly bitmapWriter: BitmapWriter;
   private readonly cowSync: GroupSync;
+  private readonly unitLayout: UnitLayout;
   /** Requests not yet settled; close() waits for them. */
   private active = 0;
   private drained: (() => void) | undefined;
@@ -120,6 +121,7 @@ class Engine implements CowDevice {
     this.warnings = options.warnings;
     this.readOnly = options.readOnly;
     this.cowSync = new GroupSync(() => this.cow.datasync());
+    this.unitLayout = { sectorSize: this.sectorSize, unitSectors: options.unitSectors, coveredSectors: image.geometry.coveredSectors, size: this.size };
     this.bitmapWriter = new BitmapWriter({
       bitmap,
       file: this.cow,
@@ -384,32 +386,22 @@ class Engine implements CowDevice {
       );
     }
     // Whole units, serialized against other writes to them, so a copy-up cannot lose a write.
-    const [unitFirst, unitEnd] = unitRange(first, end, this.options.unitSectors, this.geometry.coveredSectors);
+    const [unitFirst, unitEnd] = unitRange(first, end, this.unitLayout);
     const release = await this.writeLocks.acquire(unitFirst, unitEnd);
     let view: BitmapView | undefined;
     try {
       // The bitmap slices of these sectors stay in memory until their bits are written.
       view = this.bitmap.tryAcquire(unitFirst, unitEnd) ?? (await this.bitmap.acquire(unitFirst, unitEnd));
-      // An edge unit with sectors still in the backing is allocated whole (allocation-unit.ts); one
-      // already whole in the COW is only widened to whole sectors.
-      const widenHead = unitFirst < first && !view.allSet(unitFirst, first);
-      const widenTail = end < unitEnd && !view.allSet(end, unitEnd);
-      const spanFirst = widenHead ? unitFirst : first;
-      const spanLast = widenTail ? unitEnd : end;
-      const spanStart = spanFirst * sectorSize;
-      const spanEnd = Math.min(spanLast * sectorSize, this.size);
-      const unitBytes = this.options.unitSectors * sectorSize;
-      const headBytes = widenHead ? unitBytes : sectorSize;
-      const tailStart = widenTail ? Math.max(spanStart, (unitEnd - 1 - ((unitEnd - 1) % this.options.unitSectors)) * sectorSize) : (end - 1) * sectorSize;
-      const sectors = await this.wholeSpan(offset, data, spanStart, spanEnd, headBytes, tailStart);
+      const span = writeSpan(first, end, this.unitLayout, view);
+      const sectors = await this.wholeSpan(offset, data, span);
       try {
-        await this.cow.write(sectors, 0, sectors.length, this.geometry.dataOffset + spanStart);
+        await this.cow.write(sectors, 0, sectors.length, this.geometry.dataOffset + span.start);
         if (this.options.sync) await this.cowSync.request();
       } catch (err) {
         throw fromSystemError(err, this.path, 'write data to');
       }
       try {
-        await this.bitmapWriter.commit(spanFirst, spanLast, view);
+        await this.bitmapWriter.commit(span.first, span.end, view);
       } catch (err) {
         throw fromSystemError(err, this.path, 'write the bitmap of');
       }
@@ -419,26 +411,20 @@ class Engine implements CowDevice {
     }
   }
 
-  /**
-   * The data widened to [spanStart, spanEnd), the rest copied up from the disk's current contents:
-   * the head from one read of its first `headBytes` (a sector, or a whole unit), the tail from one
-   * read from `tailStart` (its last sector or unit), skipping what the head's read already holds.
-   */
-  private async wholeSpan(offset: number, data: Uint8Array, spanStart: number, spanEnd: number, headBytes: number, tailStart: number): Promise<Uint8Array> {
-    if (offset === spanStart && offset + data.length === spanEnd) return data;
-    const span = new Uint8Array(spanEnd - spanStart);
+  /** The data widened to `span`, the rest copied up from the disk's current contents (see WriteSpan). */
+  private async wholeSpan(offset: number, data: Uint8Array, { start, stop, headBytes, tailStart }: WriteSpan): Promise<Uint8Array> {
+    if (offset === start && offset + data.length === stop) return data;
+    const span = new Uint8Array(stop - start);
     const edges: Promise<void>[] = [];
-    let headEnd = spanStart;
-    if (offset > spanStart) {
-      headEnd = Math.min(spanStart + headBytes, spanEnd);
-      edges.push(this.fill(span.subarray(0, headEnd - spanStart), spanStart));
+    let headEnd = start;
+    if (offset > start) {
+      headEnd = Math.min(start + headBytes, stop);
+      edges.push(this.fill(span.subarray(0, headEnd - start), start));
     }
     const tailFrom = Math.max(headEnd, tailStart);
-    if (offset + data.length < spanEnd && tailFrom < spanEnd) {
-      edges.push(this.fill(span.subarray(tailFrom - spanStart), tailFrom));
-    }
+    if (offset + data.length < stop && tailFrom < stop) edges.push(this.fill(span.subarray(tailFrom - start), tailFrom));
     await Promise.all(edges);
-    span.set(data, offset - spanStart);
+    span.set(data, offset - start);
     return span;
   }
 }
