@@ -69,12 +69,14 @@ export function writeSpan(first: number, end: number, layout: UnitLayout, bits: 
   const spanEnd = widenTail ? unitEnd : end;
   const start = spanFirst * sectorSize;
   const lastUnit = unitEnd - 1 - ((unitEnd - 1) % unitSectors);
+  // A write within one unit widened at its tail only still reads that unit once, from its start.
+  const wholeHeadUnit = widenHead || (widenTail && lastUnit === unitFirst);
   return {
     first: spanFirst,
     end: spanEnd,
     start,
     stop: Math.min(spanEnd * sectorSize, size),
-    headBytes: widenHead ? unitSectors * sectorSize : sectorSize,
+    headBytes: wholeHeadUnit ? unitSectors * sectorSize : sectorSize,
     tailStart: widenTail ? Math.max(start, lastUnit * sectorSize) : (end - 1) * sectorSize,
   };
 }

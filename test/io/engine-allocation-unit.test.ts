@@ -49,6 +49,22 @@ describe('allocationUnit: a write allocates whole units (4 KiB pages by default)
     await dev.close();
   });
 
+  it('a write inside the first sector of a page, or ending in its last, still reads the page once', async () => {
+    const { fs } = await memoryImage(64 * 1024, seededRandom(15));
+    const dev = await openMemoryCow(fs);
+    for (const [offset, length] of [
+      [100, 50],
+      [4096 + 3000, 1096 - 7],
+      [8192, 10],
+    ]) {
+      const page = offset - (offset % 4096);
+      const io = await ioOf(fs, () => dev.write(offset, randomBytes(seededRandom(offset), length)));
+      expect(io.backingReads, `write at ${offset}`).toEqual([{ position: page, length: 4096 }]);
+      expect(io.dataWrites, `write at ${offset}`).toEqual([{ position: page, length: 4096 }]);
+    }
+    await dev.close();
+  });
+
   it('a write within a page already whole in the COW copies nothing up (sector granularity there)', async () => {
     const { fs } = await memoryImage(64 * 1024, seededRandom(3));
     const dev = await openMemoryCow(fs);
