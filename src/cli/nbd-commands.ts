@@ -2,12 +2,13 @@
 import type { CommandModule } from 'yargs';
 import { UbdcowError } from '../errors.js';
 import { JSON_SCHEMA_VERSION, formatBytes, note, out, toJson, warn } from './format.js';
+import { allocationUnitOf, withAllocationUnitOption } from './allocation-unit-option.js';
 
 const serve: CommandModule = {
   command: 'serve <image>',
   describe: 'Serve a COW (or raw image) over NBD to qemu, qemu-img, nbdinfo, nbdcopy, nbd-client',
   builder: (y) =>
-    y
+    withAllocationUnitOption(y)
       .positional('image', { type: 'string', describe: 'COW file (or raw image)', demandOption: true })
       .option('backing', { alias: 'b', type: 'string', describe: 'Backing file instead of the one in the header' })
       .option('socket', { alias: 'k', type: 'string', describe: 'Listen on this Unix socket' })
@@ -43,6 +44,7 @@ const serve: CommandModule = {
   handler: async (argv) => {
     const { serveImage } = await import('../commands/serve.js');
     const verbose = Boolean(argv.verbose);
+    const allocationUnit = allocationUnitOf(argv);
     // Signals are caught from the start: a script may send one as soon as the pid file or the
     // "listening" line appears, and the lock must still be released cleanly.
     let early: string | undefined;
@@ -61,6 +63,7 @@ const serve: CommandModule = {
       queue: argv.queue as number,
       pidFile: argv['pid-file'] as string | undefined,
       allocation: argv.allocation as 'cow' | 'merged',
+      allocationUnit,
       log: verbose ? (line) => process.stderr.write(`ubdcow serve: ${line}\n`) : undefined,
     });
     const stopped = new Promise<void>((resolve, reject) => {
@@ -114,9 +117,9 @@ const convert: CommandModule = {
 
 const importCommand: CommandModule = {
   command: 'import <source> <cow> <backing>',
-  describe: 'Make a COW over BACKING holding only the sectors where SOURCE (any qemu-readable image) differs',
+  describe: 'Make a COW over BACKING holding only the 4 KiB pages where SOURCE (any qemu-readable image) differs',
   builder: (y) =>
-    y
+    withAllocationUnitOption(y)
       .positional('source', { type: 'string', describe: 'Image to import (qcow2, raw, vmdk, ... anything qemu-img reads)', demandOption: true })
       .positional('cow', { type: 'string', describe: 'COW file to create', demandOption: true })
       .positional('backing', { type: 'string', describe: 'Backing file of the new COW (same size as SOURCE\'s disk)', demandOption: true })
@@ -126,9 +129,11 @@ const importCommand: CommandModule = {
       .example('$0 import vm.qcow2 vm.cow base.img', 'then: linux.uml ubd0=vm.cow,base.img ...'),
   handler: async (argv) => {
     const { importImage } = await import('../commands/import.js');
+    const allocationUnit = allocationUnitOf(argv);
     const result = await importImage(String(argv.source), String(argv.cow), String(argv.backing), {
       force: Boolean(argv.force),
       progress: Boolean(argv.p),
+      allocationUnit,
     });
     warn('import', result.warnings);
     if (argv.json) out(toJson(result));

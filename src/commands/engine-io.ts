@@ -44,6 +44,8 @@ export interface WriteOptions {
   fs?: FileSystem;
   /** Known length of the input, checked against the disk before anything is written. */
   expectedLength?: number;
+  /** See OpenCowOptions.allocationUnit (default 4096). */
+  allocationUnit?: number;
 }
 
 export interface WriteResult {
@@ -52,12 +54,12 @@ export interface WriteResult {
   flushed: boolean;
 }
 
-const writeThroughEngineOptionKeys: OptionKeys<WriteOptions> = { offset: true, backing: true, sync: true, fs: true, expectedLength: true };
+const writeThroughEngineOptionKeys: OptionKeys<WriteOptions> = { offset: true, backing: true, sync: true, fs: true, expectedLength: true, allocationUnit: true };
 
 /** Writes a stream into the virtual disk at `offset` through the engine, then flushes. */
 export async function writeThroughEngine(cowPath: string, input: AsyncIterable<Uint8Array>, options: WriteOptions): Promise<WriteResult> {
   checkOptions('writeThroughEngine', options, writeThroughEngineOptionKeys);
-  const dev = await openCow(cowPath, { backing: options.backing, sync: options.sync, fs: options.fs });
+  const dev = await openCow(cowPath, { backing: options.backing, sync: options.sync, fs: options.fs, allocationUnit: options.allocationUnit });
   const inFlight = new Set<Promise<void>>();
   let firstError: unknown;
   let written = 0;

@@ -17,6 +17,7 @@ import { nodeFileSystem } from '../io/node-fs.js';
 import { removeOnSignal } from '../io/signal-cleanup.js';
 import { planCow, writeCowHeader } from './create.js';
 import { qemuImageInfo, qemuSizeFits, runToolOk } from './qemu-img.js';
+import { sectorsPerUnit } from '../io/allocation-unit.js';
 import { type OptionKeys, checkOptions } from '../options.js';
 
 export interface ImportOptions {
@@ -24,6 +25,8 @@ export interface ImportOptions {
   force?: boolean;
   /** qemu-img's progress (-p) while reading SRC. */
   progress?: boolean;
+  /** Bytes compared and stored at once (default 4096; see OpenCowOptions.allocationUnit). */
+  allocationUnit?: number;
 }
 
 export interface ImportResult {
@@ -41,7 +44,7 @@ export interface ImportResult {
 
 const CHUNK = 4 << 20;
 
-const importImageOptionKeys: OptionKeys<ImportOptions> = { force: true, progress: true };
+const importImageOptionKeys: OptionKeys<ImportOptions> = { force: true, progress: true, allocationUnit: true };
 
 export async function importImage(source: string, cowPath: string, backing: string, options: ImportOptions = {}): Promise<ImportResult> {
   checkOptions('importImage', options, importImageOptionKeys);
@@ -55,6 +58,7 @@ export async function importImage(source: string, cowPath: string, backing: stri
   // The backing file's checks and the header, as `create` makes them.
   const plan = await planCow(cowPath, backing, { force: options.force, fs: fileSystem });
   const size = plan.header.size;
+  sectorsPerUnit(cowPath, options.allocationUnit, plan.header.sectorSize); // refused before qemu-img runs
   const info = await qemuImageInfo(source, 'import');
   if (!qemuSizeFits(info.virtualSize, size)) {
     throw new UbdcowError('size-mismatch', `${source}: its disk is ${info.virtualSize} bytes but ${backing} is ${size}; a COW has its backing file's size: import over a backing file of the disk's size`, { file: source });
@@ -76,7 +80,7 @@ export async function importImage(source: string, cowPath: string, backing: stri
     let written = { sectors: 0, bytes: 0 };
     await writeNewFile(fileSystem, cowPath, options.force ?? false, async (file, temporary) => {
       await writeCowHeader(file, plan);
-      written = await copyDifferences(rawCopy, backing, temporary, plan.header.sectorSize);
+      written = await copyDifferences(rawCopy, backing, temporary, plan.header.sectorSize, options.allocationUnit);
     });
     return { source, sourceFormat: info.format, cow: cowPath, backing, size, sectors: written.sectors, bytes: written.bytes, warnings: plan.warnings };
   } finally {
@@ -106,30 +110,40 @@ async function checkTailIsZero(fileSystem: FileSystem, rawCopy: string, source: 
   }
 }
 
-/** Writes into the COW every run of sectors where `raw` differs from `backing`. */
-async function copyDifferences(raw: string, backing: string, cowPath: string, sectorSize: number): Promise<{ sectors: number; bytes: number }> {
+/**
+ * Writes into the COW every run of allocation units (4 KiB pages by default) where `raw` differs
+ * from `backing`: a page differing in any sector is stored whole, as UML 6.1 needs (docs/nbd.md).
+ */
+async function copyDifferences(
+  raw: string,
+  backing: string,
+  cowPath: string,
+  sectorSize: number,
+  allocationUnit: number | undefined,
+): Promise<{ sectors: number; bytes: number }> {
+  const unit = sectorsPerUnit(cowPath, allocationUnit, sectorSize) * sectorSize;
   const [rawFile, backingFile] = await Promise.all([fs.promises.open(raw, 'r'), fs.promises.open(backing, 'r')]);
-  const cow = await openCow(cowPath, { backing });
-  let sectors = 0;
+  const cow = await openCow(cowPath, { backing, allocationUnit: unit });
   let bytes = 0;
   try {
     const size = cow.size;
-    const a = Buffer.alloc(CHUNK);
-    const b = Buffer.alloc(CHUNK);
-    for (let position = 0; position < size; position += CHUNK) {
-      const length = Math.min(CHUNK, size - position);
+    // Chunks of whole units, so no unit is split between two comparisons.
+    const chunk = Math.ceil(CHUNK / unit) * unit;
+    const a = Buffer.alloc(chunk);
+    const b = Buffer.alloc(chunk);
+    for (let position = 0; position < size; position += chunk) {
+      const length = Math.min(chunk, size - position);
       await Promise.all([readFully(rawFile, a, length, position, raw), readFully(backingFile, b, length, position, backing)]);
       if (a.subarray(0, length).equals(b.subarray(0, length))) continue;
       let runStart = -1;
-      for (let at = 0; ; at += sectorSize) {
+      for (let at = 0; ; at += unit) {
         const finished = at >= length;
-        const differs = !finished && !a.subarray(at, Math.min(at + sectorSize, length)).equals(b.subarray(at, Math.min(at + sectorSize, length)));
+        const differs = !finished && !a.subarray(at, Math.min(at + unit, length)).equals(b.subarray(at, Math.min(at + unit, length)));
         if (differs && runStart < 0) runStart = at;
         if (!differs && runStart >= 0) {
           const runEnd = Math.min(at, length);
           // The engine may keep the buffer until the write resolves: give it its own copy.
           await cow.write(position + runStart, Buffer.from(a.subarray(runStart, runEnd)));
-          sectors += Math.ceil((runEnd - runStart) / sectorSize);
           bytes += runEnd - runStart;
           runStart = -1;
         }
@@ -142,7 +156,7 @@ async function copyDifferences(raw: string, backing: string, cowPath: string, se
     await rawFile.close();
     await backingFile.close();
   }
-  return { sectors, bytes };
+  return { sectors: Math.ceil(bytes / sectorSize), bytes };
 }
 
 async function readFully(file: fs.promises.FileHandle, into: Buffer, length: number, position: number, name: string): Promise<void> {

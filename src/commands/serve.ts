@@ -38,6 +38,8 @@ export interface ServeOptions {
    */
   allocation?: 'cow' | 'merged';
   log?: (line: string) => void;
+  /** Bytes a write allocates in a COW at once (default 4096; see OpenCowOptions.allocationUnit). */
+  allocationUnit?: number;
 }
 
 export interface ServeHandle {
@@ -51,7 +53,7 @@ export interface ServeHandle {
   close(): Promise<void>;
 }
 
-const serveImageOptionKeys: OptionKeys<ServeOptions> = { backing: true, socket: true, port: true, bind: true, readOnly: true, name: true, sync: true, shared: true, queue: true, pidFile: true, allocation: true, log: true };
+const serveImageOptionKeys: OptionKeys<ServeOptions> = { backing: true, socket: true, port: true, bind: true, readOnly: true, name: true, sync: true, shared: true, queue: true, pidFile: true, allocation: true, log: true, allocationUnit: true };
 
 export async function serveImage(image: string, options: ServeOptions = {}): Promise<ServeHandle> {
   checkOptions('serveImage', options, serveImageOptionKeys);
@@ -111,7 +113,7 @@ export async function serveImage(image: string, options: ServeOptions = {}): Pro
 type ClosableDevice = NbdBlockDevice & { close(): Promise<void>; warnings?: string[] };
 
 async function cowExport(image: string, options: ServeOptions): Promise<ClosableDevice> {
-  const cow = await openCow(image, { backing: options.backing, readOnly: options.readOnly, sync: options.sync, blockingReads: true });
+  const cow = await openCow(image, { backing: options.backing, readOnly: options.readOnly, sync: options.sync, blockingReads: true, allocationUnit: options.allocationUnit });
   return {
     size: cow.size,
     readOnly: cow.readOnly,

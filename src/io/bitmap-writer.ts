@@ -29,6 +29,15 @@ export interface BitmapWriterOptions {
   afterSliceWrite?: () => Promise<void>;
 }
 
+/**
+ * The largest slice written with a blocking pwrite on the calling thread. A slice is a few bytes
+ * of a bitmap page the engine has just read or written, so the page is in the page cache and the
+ * call copies bytes: a few microseconds, against a thread-pool round trip of tens (the engine's
+ * second per write; docs/engine.md). Files without writeSync (the in-memory test file system) use
+ * the async write.
+ */
+const BLOCKING_SLICE_MAX = 4096;
+
 function overlaps(aStart: number, aEnd: number, bStart: number, bEnd: number): boolean {
   return aStart < bEnd && bStart < aEnd;
 }
@@ -157,9 +166,7 @@ export class BitmapWriter {
     this.pending.add(slice);
     // A copy: bits set later (by writes not overlapping this one) never change it mid-write.
     const bytes = bitmap.copyBytes(slice.byteStart, slice.byteEnd);
-    const written = file
-      .write(bytes, 0, bytes.length, bitmapOffset + slice.byteStart)
-      .then(() => afterSliceWrite?.());
+    const written = this.writeSlice(file, bytes, bitmapOffset + slice.byteStart).then(() => afterSliceWrite?.());
     written.then(
       () => {
         for (const update of slice.updates) bitmap.markWritten(update.sectorStart, update.sectorEnd);
@@ -170,6 +177,16 @@ export class BitmapWriter {
         this.finish(slice, err);
       },
     );
+  }
+
+  private writeSlice(file: FileHandleLike, bytes: Uint8Array, position: number): Promise<void> {
+    if (!file.writeSync || bytes.length > BLOCKING_SLICE_MAX) return file.write(bytes, 0, bytes.length, position);
+    try {
+      file.writeSync(bytes, 0, bytes.length, position);
+      return Promise.resolve();
+    } catch (err) {
+      return Promise.reject(err);
+    }
   }
 
   /** Clears the bits this slice set, leaving bits that were set before it. */

@@ -36,6 +36,14 @@ export interface OpenCowOptions {
   maxBitmapCacheBytes?: number;
   /** Bytes per bitmap slice (default 64 KiB; small values exercise eviction in tests). */
   bitmapSliceBytes?: number;
+  /**
+   * Bytes a write allocates at once (default max(4096, sector size)): a write allocating any
+   * sector of a unit copies the unit's other unallocated sectors up from the backing, so every
+   * allocated unit is whole. Debian's UML 6.1 kernel misreads a 4 KiB page mixing backing and COW
+   * sectors (docs/nbd.md); the sector size keeps sector granularity. A power of two and a
+   * multiple of the sector size.
+   */
+  allocationUnit?: number;
 }
 
 /** A run of sectors [start, end) that live in the COW file. */

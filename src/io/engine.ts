@@ -19,6 +19,7 @@ import { type CowImage, openLockedImage } from './image.js';
 import { type ReadSpan, planRead, planReadInto, readSpans } from './read-plan.js';
 import { ExtentList } from './extent-list.js';
 import { RangeLock } from './range-lock.js';
+import { type UnitLayout, type WriteSpan, sectorsPerUnit, unitRange, writeSpan } from './allocation-unit.js';
 import { type OptionKeys, checkOptions } from '../options.js';
 import type { AllocatedRun, CowDevice, FileRange, OpenCowOptions } from './cow-device.js';
 
@@ -33,6 +34,7 @@ const openCowOptionKeys: OptionKeys<OpenCowOptions> = {
   blockingReads: true,
   maxBitmapCacheBytes: true,
   bitmapSliceBytes: true,
+  allocationUnit: true,
 };
 /** No bits: plans the sectors past the bitmap's cover, which always read from the backing file. */
 const NO_BITS = new SectorBitmap(new Uint8Array(0), 0, 0);
@@ -83,8 +85,9 @@ async function openEngine(cowPath: string, options: OpenCowOptions, withBacking:
       warnings.push(...backingPolicy(cowPath, report, readOnly ? 'read' : 'write'));
       backing = await openBacking(fs, report.path, 'r');
     }
+    const unitSectors = sectorsPerUnit(cowPath, options.allocationUnit, image.header.sectorSize);
     const bitmap = lazyBitmapOf(image, { maxCachedBytes: options.maxBitmapCacheBytes, sliceBytes: options.bitmapSliceBytes });
-    const device = new Engine(image, backing, bitmap, { readOnly, sync: options.sync ?? false, blockingReads: options.blockingReads ?? false, warnings });
+    const device = new Engine(image, backing, bitmap, { readOnly, sync: options.sync ?? false, blockingReads: options.blockingReads ?? false, warnings, unitSectors });
     return { device, image, backing };
   } catch (err) {
     await image.handle.close().catch(() => undefined);
@@ -103,6 +106,8 @@ interface EngineOptions {
   sync: boolean;
   blockingReads: boolean;
   warnings: string[];
+  /** Sectors per allocation unit (allocation-unit.ts). */
+  unitSectors: number;
 }
 
 class Engine implements CowDevice {
@@ -121,6 +126,7 @@ class Engine implements CowDevice {
   private readonly writeLocks = new RangeLock();
   private readonly bitmapWriter: BitmapWriter;
   private readonly cowSync: GroupSync;
+  private readonly unitLayout: UnitLayout;
   /** Requests not yet settled; close() waits for them. */
   private active = 0;
   private drained: (() => void) | undefined;
@@ -143,6 +149,7 @@ class Engine implements CowDevice {
     this.warnings = options.warnings;
     this.readOnly = options.readOnly;
     this.cowSync = new GroupSync(() => this.cow.datasync());
+    this.unitLayout = { sectorSize: this.sectorSize, unitSectors: options.unitSectors, coveredSectors: image.geometry.coveredSectors, size: this.size };
     this.bitmapWriter = new BitmapWriter({
       bitmap,
       file: this.cow,
@@ -400,23 +407,23 @@ class Engine implements CowDevice {
         { file: this.path },
       );
     }
-    // Whole sectors, serialized against other writes to them, so a copy-up cannot lose a write.
-    const release = await this.writeLocks.acquire(first, end);
+    // Whole units, serialized against other writes to them, so a copy-up cannot lose a write.
+    const [unitFirst, unitEnd] = unitRange(first, end, this.unitLayout);
+    const release = await this.writeLocks.acquire(unitFirst, unitEnd);
     let view: BitmapView | undefined;
     try {
       // The bitmap slices of these sectors stay in memory until their bits are written.
-      view = this.bitmap.tryAcquire(first, end) ?? (await this.bitmap.acquire(first, end));
-      const spanStart = first * sectorSize;
-      const spanEnd = Math.min(end * sectorSize, this.size);
-      const sectors = await this.wholeSectors(offset, data, spanStart, spanEnd);
+      view = this.bitmap.tryAcquire(unitFirst, unitEnd) ?? (await this.bitmap.acquire(unitFirst, unitEnd));
+      const span = writeSpan(first, end, this.unitLayout, view);
+      const sectors = await this.wholeSpan(offset, data, span);
       try {
-        await this.cow.write(sectors, 0, sectors.length, this.geometry.dataOffset + spanStart);
+        await this.cow.write(sectors, 0, sectors.length, this.geometry.dataOffset + span.start);
         if (this.options.sync) await this.cowSync.request();
       } catch (err) {
         throw fromSystemError(err, this.path, 'write data to');
       }
       try {
-        await this.bitmapWriter.commit(first, end, view);
+        await this.bitmapWriter.commit(span.first, span.end, view);
       } catch (err) {
         throw fromSystemError(err, this.path, 'write the bitmap of');
       }
@@ -426,21 +433,20 @@ class Engine implements CowDevice {
     }
   }
 
-  /** The data widened to whole sectors: edges copied up from the disk's current contents. */
-  private async wholeSectors(offset: number, data: Uint8Array, spanStart: number, spanEnd: number): Promise<Uint8Array> {
-    if (offset === spanStart && offset + data.length === spanEnd) return data;
-    const span = new Uint8Array(spanEnd - spanStart);
-    const sectorSize = this.sectorSize;
+  /** The data widened to `span`, the rest copied up from the disk's current contents (see WriteSpan). */
+  private async wholeSpan(offset: number, data: Uint8Array, { start, stop, headBytes, tailStart }: WriteSpan): Promise<Uint8Array> {
+    if (offset === start && offset + data.length === stop) return data;
+    const span = new Uint8Array(stop - start);
     const edges: Promise<void>[] = [];
-    if (offset > spanStart) {
-      edges.push(this.fill(span.subarray(0, Math.min(sectorSize, span.length)), spanStart));
+    let headEnd = start;
+    if (offset > start) {
+      headEnd = Math.min(start + headBytes, stop);
+      edges.push(this.fill(span.subarray(0, headEnd - start), start));
     }
-    const tailStart = Math.max(spanStart, spanEnd - (spanEnd % sectorSize || sectorSize));
-    if (offset + data.length < spanEnd && (tailStart > spanStart || offset === spanStart)) {
-      edges.push(this.fill(span.subarray(tailStart - spanStart), tailStart));
-    }
+    const tailFrom = Math.max(headEnd, tailStart);
+    if (offset + data.length < stop && tailFrom < stop) edges.push(this.fill(span.subarray(tailFrom - start), tailFrom));
     await Promise.all(edges);
-    span.set(data, offset - spanStart);
+    span.set(data, offset - start);
     return span;
   }
 }

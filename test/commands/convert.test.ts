@@ -124,8 +124,8 @@ describe.skipIf(missing.length > 0)(titleWithSkipReason('ubdcow convert and impo
     expect(r.status, r.stderr).toBe(0);
     const result = JSON.parse(r.stdout);
     expect(result.sourceFormat).toBe('qcow2');
-    // 8192 bytes = 16 sectors; 1000 bytes at 5000001 touch 3 sectors; 4096 zeros = 8 sectors.
-    expect(result.sectors).toBe(16 + 3 + 8);
+    // Whole 4 KiB pages: 8192 bytes = 16 sectors; 1000 bytes at 5000001 lie in one page (8 sectors); 4096 zeros = 8 sectors.
+    expect(result.sectors).toBe(16 + 8 + 8);
     const mergedImport = path.join(dir, 'imported.raw');
     expect(run('sh', ['-c', `"${process.execPath}" "${cli}" cat "${imported}" > "${mergedImport}"`]).status).toBe(0);
     const same = run('qemu-img', ['compare', '-f', 'raw', '-F', 'qcow2', mergedImport, src]);

@@ -18,16 +18,17 @@ import type { MemoryFileSystem } from '../io/memory-fs.js';
 import { mentionsErrno } from './faulty-fs.js';
 import { HEAVY, Tally, recordFigures } from './figures.js';
 
-/** 64 whole sectors and a partial one. */
-const SIZE = 32 * 1024 + 100;
-const SLOT_SECTORS = 4;
+/** 128 whole sectors and a partial one. */
+const SIZE = 64 * 1024 + 100;
+/** One 4 KiB page: the engine allocates whole pages, so requests on disjoint pages are independent. */
+const SLOT_SECTORS = 8;
 const SEEDS = HEAVY ? 24 : 3;
 
 type Request =
   | { kind: 'write'; offset: number; data: Uint8Array; firstSector: number; endSector: number }
   | { kind: 'read'; offset: number; length: number; firstSector: number; endSector: number };
 
-/** Requests on disjoint groups of sectors, unaligned on purpose; some groups share a bitmap byte. */
+/** Requests on disjoint 4 KiB pages, unaligned on purpose; neighbours' bitmap bytes touch, so their slice writes coalesce. */
 function plannedRequests(random: () => number): Request[] {
   const slots = Array.from({ length: Math.ceil(SIZE / 512 / SLOT_SECTORS) }, (_, i) => i).sort(() => random() - 0.5);
   return slots.slice(0, 13).map((slot, index) => {
@@ -195,7 +196,8 @@ async function runWorkload(seed: number, sync: boolean, mode: FaultMode, at: num
   // On disk: bits only over sectors whose data was written.
   const { bits, sectors } = bitmapOnDisk(fs.contents(COW));
   const mayBeSet = new Uint8Array(sectors);
-  for (const [i, r] of requests.entries()) if (r.kind === 'write' && (!failed.has(i) || sync)) mayBeSet.fill(1, r.firstSector, r.endSector);
+  // A write allocates its whole 4 KiB pages.
+  for (const [i, r] of requests.entries()) if (r.kind === 'write' && (!failed.has(i) || sync)) mayBeSet.fill(1, r.firstSector - (r.firstSector % 8), Math.ceil(r.endSector / 8) * 8);
   for (let s = 0; s < sectors; s++) if (bitSet(bits, s) && !mayBeSet[s]) problems.push(`bit ${s} set on disk without a completed write`);
   problems.push(...violations);
   return { problems, hit: injection.hit, failedRequests: failed.size, steps: injection.steps };

@@ -154,9 +154,12 @@ describe('openCow API contract', () => {
     const again = await openCow(cow, { readOnly: true });
     expect(Buffer.from(await again.read(10, 5)).toString()).toBe('first');
     expect(Buffer.from(await again.read(5000, 6)).toString()).toBe('second');
+    // Whole 4 KiB pages (allocationUnit): sectors 0-7 and 8-15, nothing after.
     expect(again.isAllocated(0)).toBe(true);
     expect(again.isAllocated(9)).toBe(true);
-    expect(again.isAllocated(1)).toBe(false);
+    expect(again.isAllocated(1)).toBe(true);
+    expect(again.isAllocated(15)).toBe(true);
+    expect(again.isAllocated(16)).toBe(false);
     await again.close();
   });
 });

@@ -28,11 +28,11 @@ function plannedWrites(random: () => number, count: number): Array<{ offset: num
   });
 }
 
-async function runRecorded(seed: number, sync: boolean) {
+async function runRecorded(seed: number, sync: boolean, allocationUnit?: number) {
   const random = seededRandom(seed);
   const { fs, base } = await memoryImage(SIZE, random);
   const initial = new Map<string, Uint8Array>([[COW, fs.contents(COW)], [BASE, fs.contents(BASE)]]);
-  const dev = await openMemoryCow(fs, { sync });
+  const dev = await openMemoryCow(fs, { sync, allocationUnit });
   fs.mode = 'random';
   fs.random = random;
   const acked: AckedWrite[] = [];
@@ -71,6 +71,31 @@ function unbackedBits(state: Map<string, Uint8Array>, includedDataWrites: Logged
   return bad;
 }
 
+/** Units of `unitSectors` sectors partly allocated in the bitmap of `state` (the last one ends with the disk). */
+function partialUnits(state: Map<string, Uint8Array>, unitSectors: number): number[] {
+  const { bits, sectors } = bitmapOnDisk(state.get(COW)!);
+  const bad: number[] = [];
+  for (let unit = 0; unit < sectors; unit += unitSectors) {
+    const set = bitSet(bits, unit);
+    for (let s = unit + 1; s < Math.min(unit + unitSectors, sectors); s++) {
+      if (bitSet(bits, s) !== set) {
+        bad.push(unit);
+        break;
+      }
+    }
+  }
+  return bad;
+}
+
+/** Bytes of the disk that are neither the backing's nor those of the (non-overlapping) write covering them. */
+function neitherOldNorNew(disk: Uint8Array, base: Uint8Array, writes: Array<{ offset: number; data: Uint8Array }>): number[] {
+  const expectedNew = base.slice();
+  for (const w of writes) expectedNew.set(w.data, w.offset);
+  const bad: number[] = [];
+  for (let i = 0; i < disk.length && bad.length < 5; i++) if (disk[i] !== base[i] && disk[i] !== expectedNew[i]) bad.push(i);
+  return bad;
+}
+
 async function readBack(state: Map<string, Uint8Array>, mtime: number, offset: number, length: number): Promise<Uint8Array> {
   const files = new Map([...state].map(([p, data]) => [p, { data, mtime }] as const));
   const fs = MemoryFileSystem.fromContents(files);
@@ -83,16 +108,22 @@ async function readBack(state: Map<string, Uint8Array>, mtime: number, offset: n
 }
 
 describe('crash consistency: the recorded I/O cut at every point', () => {
-  it('a process crash (page cache survives) never leaves a set bit over unwritten data, nor loses an acknowledged write', async () => {
+  it.each([
+    ['4 KiB pages (the default)', undefined],
+    ['sectors (allocationUnit 512)', 512],
+  ])('a process crash (page cache survives) never leaves a set bit over unwritten data, nor loses an acknowledged write, allocating %s; every sector reads old or new, every unit is whole', async (_name, allocationUnit) => {
+    const unitSectors = (allocationUnit ?? 4096) / 512;
     let cuts = 0;
     for (let seed = 1; seed <= 6; seed++) {
-      const { fs, initial, acked, end } = await runRecorded(seed, false);
+      const { fs, initial, acked, end, base, writes } = await runRecorded(seed, false, allocationUnit);
       const mtime = fs.files.get(BASE)!.mtime;
       const { dataOffset } = bitmapOnDisk(initial.get(COW)!);
       for (let cut = 0; cut <= end; cut++) {
         const included = (w: LoggedWrite) => w.completed < cut;
         const state = stateAt(initial, fs.log, included);
         expect(unbackedBits(state, fs.log.filter((op): op is LoggedWrite => op.kind === 'write' && included(op)), dataOffset), `seed ${seed} cut ${cut}`).toEqual([]);
+        expect(partialUnits(state, unitSectors), `seed ${seed} cut ${cut}: partly allocated units`).toEqual([]);
+        expect(neitherOldNorNew(await readBack(state, mtime, 0, SIZE), base, writes), `seed ${seed} cut ${cut}: bytes neither old nor new`).toEqual([]);
         for (const write of acked.filter((a) => a.acked < cut)) {
           const got = await readBack(state, mtime, write.offset, write.data.length);
           expect(Buffer.from(got).equals(Buffer.from(write.data)), `seed ${seed} cut ${cut}: acknowledged write at ${write.offset} lost`).toBe(true);
@@ -118,6 +149,7 @@ describe('crash consistency: the recorded I/O cut at every point', () => {
         const included = (w: LoggedWrite) => w.completed < cut && (durable(w) || isBitmap(w));
         const state = stateAt(initial, fs.log, included);
         expect(unbackedBits(state, fs.log.filter((op): op is LoggedWrite => op.kind === 'write' && included(op)), dataOffset), `seed ${seed} cut ${cut}`).toEqual([]);
+        expect(partialUnits(state, 8), `seed ${seed} cut ${cut}: partly allocated pages`).toEqual([]);
         const durableOnly = stateAt(initial, fs.log, (w) => w.completed < cut && durable(w));
         for (const write of acked.filter((a) => a.acked < cut)) {
           const got = await readBack(durableOnly, mtime, write.offset, write.data.length);
@@ -134,7 +166,8 @@ describe('crash consistency: the recorded I/O cut at every point', () => {
       for (let round = 0; round < 5; round++) {
         const base = path.join(dir, `base${round}.img`);
         const cow = path.join(dir, `disk${round}.cow`);
-        await fsp.writeFile(base, Buffer.alloc(4 * 1024 * 1024));
+        // Not zeros: a sector copied up with its page holds the backing's 0xee, never zeros.
+        await fsp.writeFile(base, Buffer.alloc(4 * 1024 * 1024, 0xee));
         await createCow(cow, base);
         // Each write fills whole sectors with a tag (never zero) naming the write; acked ids go to stdout.
         const script = `
@@ -181,6 +214,7 @@ describe('crash consistency: the recorded I/O cut at every point', () => {
         const contents = await fsp.readFile(cow);
         const { bits, dataOffset, sectors } = bitmapOnDisk(contents);
         for (let s = 0; s < sectors; s++) {
+          expect(bitSet(bits, s), `sector ${s}: its 4 KiB page is partly allocated`).toBe(bitSet(bits, s - (s % 8)));
           if (!bitSet(bits, s)) continue;
           const sector = contents.subarray(dataOffset + s * 512, dataOffset + s * 512 + 512);
           expect(sector.some((b) => b !== 0), `sector ${s} has its bit set but no data`).toBe(true);

@@ -25,7 +25,11 @@ class Model {
   readonly outstandingReads = new Set<ReadRecord>();
   readonly errors: string[] = [];
 
-  constructor(base: Uint8Array) {
+  /**
+   * `unitSectors`: sectors per allocation unit; each unit a write touches must be allocated whole
+   * once it resolves (checked in memory, so only when the bitmap is never evicted).
+   */
+  constructor(base: Uint8Array, private readonly unitSectors = 0) {
     this.bytes = base.slice();
   }
 
@@ -36,6 +40,12 @@ class Model {
     return dev.write(offset, data).then(() => {
       this.outstandingWrites.delete(record);
       this.bytes.set(data, offset);
+      const first = Math.floor(offset / 512);
+      const end = Math.ceil((offset + data.length) / 512);
+      const coveredEnd = this.unitSectors ? Math.ceil(dev.size / 512) : 0;
+      for (let sector = first - (first % this.unitSectors); sector < Math.min(coveredEnd, Math.ceil(end / this.unitSectors) * this.unitSectors); sector++) {
+        if (!dev.isAllocated(sector)) this.errors.push(`write at ${offset}+${data.length} resolved with sector ${sector} of its unit not allocated`);
+      }
     });
   }
 
@@ -102,7 +112,8 @@ function layoutOf(fs: MemoryFileSystem) {
 async function runWorkload(seed: number, size: number, total: number, depth: number, sync = false, options: OpenCowOptions = {}) {
   const random = seededRandom(seed);
   const { fs, base } = await memoryImage(size, random);
-  const layout = layoutOf(fs);
+  const unitSectors = (options.allocationUnit ?? 4096) / 512;
+  const layout = { ...layoutOf(fs), unitSectors };
   const violations = watchInvariants(fs, layout);
   let bitmapLoads = 0;
   fs.failRule = (op) => {
@@ -112,7 +123,7 @@ async function runWorkload(seed: number, size: number, total: number, depth: num
   const dev = await openMemoryCow(fs, { sync, ...options });
   fs.mode = 'random';
   fs.random = random;
-  const model = new Model(base);
+  const model = new Model(base, options.maxBitmapCacheBytes === undefined ? unitSectors : 0);
   const outstanding = new Set<Promise<void>>();
   const failures: unknown[] = [];
   let issued = 0;
@@ -143,11 +154,16 @@ async function runWorkload(seed: number, size: number, total: number, depth: num
 describe('engine against an in-memory model, I/O completing in random order', () => {
   const size = 64 * 1024 + 300; // a partial last sector on purpose
 
-  it('thousands of random concurrent reads and writes leave the exact image', async () => {
-    for (let seed = 1; seed <= 30; seed++) {
-      const { fs, model, base } = await runWorkload(seed, size, 400, 32);
+  it.each([
+    ['4 KiB pages (the default)', {}, 30],
+    ['sectors (allocationUnit 512)', { allocationUnit: 512 }, 12],
+    ['1 KiB units', { allocationUnit: 1024 }, 6],
+    ['16 KiB units', { allocationUnit: 16384 }, 6],
+  ] as Array<[string, OpenCowOptions, number]>)('thousands of random concurrent reads and writes leave the exact image, allocating %s', async (_name, options, seeds) => {
+    for (let seed = 1; seed <= seeds; seed++) {
+      const { fs, model, base } = await runWorkload(seed, size, 400, 32, false, options);
       // Reopened from the bytes on "disk", the device reads the same.
-      const again = await openMemoryCow(fs);
+      const again = await openMemoryCow(fs, options);
       expect(Buffer.from(await again.read(0, size)).equals(Buffer.from(model.bytes)), `seed ${seed}: after reopen`).toBe(true);
       // Every sector whose contents differ from the backing has its bit set on disk.
       const { bits } = bitmapOnDisk(fs.contents(COW));
@@ -189,6 +205,7 @@ describe('engine against an in-memory model, I/O completing in random order', ()
   it('holds at queue depth 1 and with sync', async () => {
     for (let seed = 100; seed < 104; seed++) await runWorkload(seed, size, 200, 1);
     for (let seed = 200; seed < 204; seed++) await runWorkload(seed, size, 200, 16, true);
+    for (let seed = 204; seed < 206; seed++) await runWorkload(seed, size, 200, 16, true, { allocationUnit: 512 });
   });
 
   it('a read racing the write that sets its bits sees old or new data, never garbage', async () => {
@@ -247,7 +264,8 @@ describe('engine against an in-memory model, I/O completing in random order', ()
       const random = seededRandom(seed);
       const { fs } = await memoryImage(8192, random);
       const violations = watchInvariants(fs, layoutOf(fs));
-      const dev = await openMemoryCow(fs);
+      // Sector granularity: three writes into one 4 KiB page, each with its own bitmap update.
+      const dev = await openMemoryCow(fs, { allocationUnit: 512 });
       fs.mode = 'random';
       fs.random = random;
       const a = randomBytes(random, 512);
@@ -287,7 +305,8 @@ describe('engine against an in-memory model, I/O completing in random order', ()
   it('defers a read whose clear bit is stale (data written, bitmap update waiting) until the update lands', async () => {
     const random = seededRandom(700);
     const { fs, base } = await memoryImage(8192, random);
-    const dev = await openMemoryCow(fs);
+    // Sector granularity, so the two writes of one page do not wait for each other.
+    const dev = await openMemoryCow(fs, { allocationUnit: 512 });
     fs.mode = 'random';
     fs.random = () => 0; // complete the oldest operation first
     const a = randomBytes(random, 512);

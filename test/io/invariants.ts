@@ -7,13 +7,17 @@ export interface CowLayout {
   dataOffset: number;
   sectorSize: number;
   size: number;
+  /** Sectors per allocation unit: when given, every bitmap state on disk must hold only whole units. */
+  unitSectors?: number;
 }
 
 /**
  * Watches the COW file's I/O and records violations of the engine's rules:
  * - never two overlapping bitmap writes in flight;
  * - never a bit written to disk before its sector's data write completed;
- * - never a bitmap slice modified while its write is in flight.
+ * - never a bitmap slice modified while its write is in flight;
+ * - with `unitSectors`, never a bitmap on disk (after any completed write, so in every crash state)
+ *   with a unit partly allocated.
  */
 export function watchInvariants(fs: MemoryFileSystem, layout: CowLayout): string[] {
   const violations: string[] = [];
@@ -25,6 +29,26 @@ export function watchInvariants(fs: MemoryFileSystem, layout: CowLayout): string
     const byte = new Uint8Array(1);
     fs.readAt(COW, byte, 0, 1, layout.bitmapOffset + (sector >> 3));
     return (byte[0] & (1 << (sector & 7))) !== 0;
+  };
+  /** The bitmap as it is once `bytes` land at `position`: each unit they touch wholly set or clear. */
+  const checkWholeUnits = (position: number, bytes: Uint8Array, unitSectors: number) => {
+    const byteOf = (sector: number) => {
+      const at = layout.bitmapOffset + (sector >> 3) - position;
+      return at >= 0 && at < bytes.length ? bytes[at] : (onDiskBit(sector) ? 0xff : 0) & (1 << (sector & 7));
+    };
+    const bit = (sector: number) => (byteOf(sector) & (1 << (sector & 7))) !== 0;
+    const firstSector = (position - layout.bitmapOffset) * 8;
+    const endSector = Math.min(sectors, firstSector + bytes.length * 8);
+    for (let unit = firstSector - (firstSector % unitSectors); unit < endSector; unit += unitSectors) {
+      const unitEnd = Math.min(unit + unitSectors, sectors);
+      const set = bit(unit);
+      for (let sector = unit + 1; sector < unitEnd; sector++) {
+        if (bit(sector) !== set) {
+          violations.push(`bitmap write at ${position} leaves unit [${unit}, ${unitEnd}) partly allocated`);
+          return;
+        }
+      }
+    }
   };
   fs.observer = {
     onWriteIssued(path, position, bytes, inFlight) {
@@ -47,6 +71,7 @@ export function watchInvariants(fs: MemoryFileSystem, layout: CowLayout): string
       if (path !== COW) return;
       if (inBitmap(position)) {
         if (atIssue.some((value, i) => value !== now[i])) violations.push(`bitmap bytes at ${position} modified while their write was in flight`);
+        if (layout.unitSectors) checkWholeUnits(position, atIssue, layout.unitSectors);
         return;
       }
       if (position >= layout.dataOffset) {

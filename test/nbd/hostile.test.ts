@@ -40,7 +40,8 @@ describe('hostile NBD clients', () => {
     await createCow(path.join(dir, 'ro.cow'), base);
     sock = path.join(dir, 'rw.sock');
     roSock = path.join(dir, 'ro.sock');
-    served = await serveImage(path.join(dir, 'vm.cow'), { socket: sock, shared: 4 });
+    // Sector granularity: the block-status replies below are checked sector by sector.
+    served = await serveImage(path.join(dir, 'vm.cow'), { socket: sock, shared: 4, allocationUnit: 512 });
     readOnly = await serveImage(path.join(dir, 'ro.cow'), { socket: roSock, readOnly: true });
   });
 

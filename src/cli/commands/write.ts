@@ -2,6 +2,7 @@ import * as fs from 'node:fs';
 import type { CommandModule } from 'yargs';
 import { fromSystemError, notAFile } from '../../errors.js';
 import { note, out, parseByteCount, toJson } from '../format.js';
+import { allocationUnitOf, withAllocationUnitOption } from '../allocation-unit-option.js';
 
 /* `ubdcow write`: arguments, help and output. The handler imports its library module lazily so `ubdcow --help` stays fast. */
 
@@ -9,7 +10,7 @@ export const writeCommand: CommandModule = {
   command: 'write <cow>',
   describe: 'Write bytes from stdin (or --file) into the virtual disk through the I/O engine',
   builder: (y) =>
-    y
+    withAllocationUnitOption(y)
       .positional('cow', { type: 'string', describe: 'COW file', demandOption: true })
       .option('offset', { type: 'string', demandOption: true, describe: 'Byte offset (need not be sector-aligned)' })
       .option('file', { alias: 'f', type: 'string', describe: 'Read the data from this file instead of stdin' })
@@ -29,11 +30,13 @@ export const writeCommand: CommandModule = {
       if (!stat.isFile()) throw notAFile(file, 'not a regular file', 'the data to write');
       expectedLength = stat.size;
     }
+    const allocationUnit = allocationUnitOf(argv);
     const input = file === undefined ? process.stdin : fs.createReadStream(file);
     const result = await writeThroughEngine(String(argv.cow), input, {
       offset: parseByteCount('offset', String(argv.offset)),
       backing: argv.backing as string | undefined,
       sync: Boolean(argv.sync),
+      allocationUnit,
       expectedLength,
     });
     if (argv.json) out(toJson(result));

@@ -1,0 +1,98 @@
+/**
+ * Bitmap slices go to disk with a blocking pwrite on the calling thread when the file has one
+ * (BitmapWriter: one thread-pool trip per write instead of two). On real files: the data still
+ * goes through the async write first, the bits land, and a failing blocking write fails only its
+ * request, with the file and errno named and the bits cleared again.
+ */
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { createCow } from '../../src/commands/create.js';
+import { openCow } from '../../src/io/engine.js';
+import type { FileHandleLike, FileSystem } from '../../src/io/file.js';
+import { nodeFileSystem } from '../../src/io/node-fs.js';
+import { UbdcowError } from '../../src/errors.js';
+import { useTempDir } from '../helpers/tmp.js';
+import { wrapHandle } from '../helpers/wrap-handle.js';
+
+interface Call {
+  kind: 'write' | 'writeSync';
+  position: number;
+  length: number;
+}
+
+/** nodeFileSystem with the COW's writes recorded, and its blocking writes failing while `fail` says so. */
+function recordingFs(cow: string, calls: Call[], fail: { at?: (position: number) => boolean }): FileSystem {
+  return {
+    ...nodeFileSystem,
+    async open(file, mode) {
+      const handle = await nodeFileSystem.open(file, mode);
+      if (path.resolve(file) !== path.resolve(cow)) return handle;
+      return wrapHandle(handle, {
+        readSync: handle.readSync?.bind(handle),
+        write(buffer, offset, length, position) {
+          calls.push({ kind: 'write', position, length });
+          return handle.write(buffer, offset, length, position);
+        },
+        writeSync(buffer, offset, length, position) {
+          calls.push({ kind: 'writeSync', position, length });
+          if (fail.at?.(position)) throw Object.assign(new Error('EIO: i/o error, write'), { code: 'EIO', errno: -5, syscall: 'write' });
+          handle.writeSync!(buffer, offset, length, position);
+        },
+      } satisfies Partial<FileHandleLike>);
+    },
+  };
+}
+
+describe('bitmap slices written with a blocking pwrite', () => {
+  const tmp = useTempDir();
+
+  async function setup() {
+    const base = path.join(tmp.path, 'base.img');
+    fs.writeFileSync(base, Buffer.alloc(1 << 20, 0x11));
+    const cow = path.join(tmp.path, 'vm.cow');
+    const { geometry } = await createCow(cow, base);
+    return { cow, geometry };
+  }
+
+  it('data through the async write, then the bitmap slice on the calling thread; the bits are on disk', async () => {
+    const { cow, geometry } = await setup();
+    const calls: Call[] = [];
+    const dev = await openCow(cow, { fs: recordingFs(cow, calls, {}) });
+    await dev.write(8192, Buffer.alloc(4096, 0x22));
+    await dev.close();
+    expect(calls.filter((c) => c.position >= geometry.bitmapOffset)).toEqual([
+      { kind: 'write', position: geometry.dataOffset + 8192, length: 4096 },
+      { kind: 'writeSync', position: geometry.bitmapOffset + 2, length: 1 },
+    ]);
+    const again = await openCow(cow, { readOnly: true });
+    expect([again.isAllocated(15), again.isAllocated(16), again.isAllocated(23), again.isAllocated(24)]).toEqual([false, true, true, false]);
+    expect(Buffer.from(await again.read(8192, 4096)).equals(Buffer.alloc(4096, 0x22))).toBe(true);
+    await again.close();
+  });
+
+  it('a failing blocking slice write fails only its request, naming the file and EIO; its bits are cleared, later writes land', async () => {
+    const { cow, geometry } = await setup();
+    const calls: Call[] = [];
+    const fail: { at?: (position: number) => boolean } = { at: (position) => position === geometry.bitmapOffset + 8 };
+    const dev = await openCow(cow, { fs: recordingFs(cow, calls, fail) });
+    const [bad, good] = await Promise.allSettled([dev.write(32768, Buffer.alloc(4096, 0x33)), dev.write(0, Buffer.alloc(4096, 0x44))]);
+    expect(good.status).toBe('fulfilled');
+    expect(bad.status).toBe('rejected');
+    const err = (bad as PromiseRejectedResult).reason;
+    expect(err).toBeInstanceOf(UbdcowError);
+    expect(err.message).toContain(cow);
+    expect(err.message).toMatch(/EIO/);
+    expect(dev.isAllocated(64)).toBe(false);
+    fail.at = undefined;
+    await dev.write(32768 + 512, Buffer.alloc(512, 0x55));
+    await dev.close();
+    const again = await openCow(cow, { readOnly: true });
+    expect(again.isAllocated(0)).toBe(true);
+    expect(again.isAllocated(64)).toBe(true);
+    const page = Buffer.alloc(4096, 0x11);
+    page.fill(0x55, 512, 1024);
+    expect(Buffer.from(await again.read(32768, 4096)).equals(page)).toBe(true);
+    await again.close();
+  });
+});
