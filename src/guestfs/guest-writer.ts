@@ -99,11 +99,17 @@ function describeCode(err: unknown): { code: string; text: string } {
   };
   if (e.code && known[e.code]) return { code: e.code, text: known[e.code] };
   const errno = e.errno ?? 0;
-  // e2fsprogs' error table (lib/ext2fs/ext2_err.et): allocation failures mean the file system is full.
+  // e2fsprogs' error table (lib/ext2fs/ext2_err.et), numbered from EXT2_ET_BASE.
   const base = 2133571328;
-  const ext2: Record<number, string> = { 27: 'ENOSPC', 28: 'ENOSPC', 46: 'ENOSPC', 47: 'ENOSPC' };
-  if (errno > base && ext2[errno - base]) return { code: 'ENOSPC', text: known.ENOSPC! };
-  return { code: e.code ?? 'EIO', text: `libext2fs error ${errno > base ? `EXT2_ET #${errno - base}` : (e.code ?? String(e.message ?? err).split(' args:')[0])}` };
+  const ext2: Record<number, [string, string]> = {
+    72: ['ENOSPC', known.ENOSPC!],
+    73: ['ENOSPC', 'no free inode left in the guest file system'],
+    74: ['ENOTDIR', known.ENOTDIR!],
+    76: ['ENOENT', known.ENOENT!],
+  };
+  const mapped = errno > base ? ext2[errno - base] : undefined;
+  if (mapped) return { code: mapped[0], text: mapped[1] };
+  return { code: e.code && e.code !== 'UNKNOWN' ? e.code : 'EIO', text: `libext2fs error ${errno > base ? `EXT2_ET #${errno - base}` : (e.code ?? String(e.message ?? err).split(' args:')[0])}` };
 }
 
 export class GuestWriter {
