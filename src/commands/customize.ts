@@ -112,7 +112,12 @@ async function stageAndApply(disk: LockedDisk, operations: CustomizeOperation[],
     await journal.finish(entries, slots);
     complete = true;
     // From here on the run is decided: a crash is finished by replaying the journal.
-    await applyPages(disk, entries, (entry, into) => journal.readSlot(entry.slot, into));
+    try {
+      await applyPages(disk, entries, (entry, into) => journal.readSlot(entry.slot, into));
+    } catch (err) {
+      const cause = err instanceof UbdcowError ? err : new UbdcowError('io', String((err as Error)?.message ?? err));
+      throw new UbdcowError(cause.code, `${cause.message}; the run's journal ${journal.path} is complete: run \`ubdcow customize ${disk.path}\` (no operations) to finish applying it`, { file: disk.path, cause: err });
+    }
     await journal.close();
     await removeCustomizeJournal(fs, journal.path);
     return result;

@@ -238,3 +238,14 @@ export async function customizeJournalExists(fs: FileSystem, image: string): Pro
     },
   );
 }
+
+/** Refuses (for writers other than customize) while an interrupted customize's journal is beside `image`. */
+export async function refuseInterruptedCustomize(fs: FileSystem, image: string): Promise<void> {
+  if (await customizeJournalExists(fs, image)) {
+    throw new UbdcowError(
+      'customize-interrupted',
+      `${image}: a customize was interrupted (${customizeJournalPath(image)} exists); run \`ubdcow customize ${image}\` (no operations) to finish or discard it first`,
+      { file: image },
+    );
+  }
+}

@@ -9,6 +9,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { customize } from '../../src/commands/customize.js';
+import { commitCow } from '../../src/commands/commit/index.js';
 import { parseOperation } from '../../src/guestfs/customize-spec.js';
 import { nodeFileSystem } from '../../src/io/node-fs.js';
 import type { FileSystem } from '../../src/io/file.js';
@@ -157,6 +158,9 @@ describe.skipIf(missing.length > 0)(titleWithSkipReason('customize: all or nothi
     await failsWith(customize(cow, [op('upload', `${host}:/payload`), op('hostname', 'replayed')], { fs: failing }), 'EIO');
     expect(writes).toBeGreaterThan(3);
     expect(fs.existsSync(`${cow}.ubdcow-customize`)).toBe(true);
+    // Other writers refuse while the journal is there (commit to a new file, and in place).
+    await failsWith(commitCow(cow, { output: path.join(tmp.path, 'merged.img') }), 'customize-interrupted', /run `ubdcow customize .*` \(no operations\)/);
+    await failsWith(commitCow(cow), 'customize-interrupted');
     const recovered = await customize(cow, []);
     expect(recovered.recovery).toBe('replayed');
     expect(fs.existsSync(`${cow}.ubdcow-customize`)).toBe(false);
