@@ -8,7 +8,8 @@ import * as path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { customize } from '../../src/commands/customize.js';
 import { parseOperation } from '../../src/guestfs/customize-spec.js';
-import { debugfsCat } from '../uml/harness.js';
+import { debugfsCat, runProgram } from '../uml/harness.js';
+import { createCow } from '../../src/commands/create.js';
 import { debugfsListing } from '../helpers/debugfs-listing.js';
 import { missingTools, titleWithSkipReason } from '../helpers/tools.js';
 import { useTempDir } from '../helpers/tmp.js';
@@ -79,4 +80,24 @@ describe.skipIf(missing.length > 0)(titleWithSkipReason('customize: e2fsck clean
       expect([...listing.keys()].filter((p) => p.startsWith('/etc/many/entry-')).length).toBe(400);
     });
   }
+
+  it("--touch sets an existing file's mtime to now; --truncate and --write keep its inode, mode and owner", async () => {
+    const { base, cow } = await baseAndCow(tmp.path, fsConfigs[2]!);
+    fs.rmSync(cow);
+    for (const command of ['sif /etc/motd mtime 20000101000000', 'sif /etc/old.conf uid 4242', 'sif /etc/old.conf mode 0100640']) {
+      expect((await runProgram('debugfs', ['-w', '-R', command, base])).status).toBe(0);
+    }
+    await createCow(cow, base);
+    const inodeOf = async (image: string, p: string) => /Inode: (\d+)/.exec(await debugfsStat(image, p))?.[1];
+    const before = await inodeOf(base, '/etc/old.conf');
+    const started = Math.floor(Date.now() / 1000);
+    await customize(cow, [parseOperation('touch', '/etc/motd'), parseOperation('write', '/etc/old.conf:new'), parseOperation('truncate', '/var/log/big.log')]);
+    const flat = await flatten(cow, path.join(tmp.path, 'flat.img'));
+    await fsckClean(flat);
+    const mtime = /mtime: (0x[0-9a-f]+)/.exec(await debugfsStat(flat, '/etc/motd'))?.[1];
+    expect(Number(mtime)).toBeGreaterThanOrEqual(started);
+    expect((await debugfsCat(flat, '/etc/motd')).toString()).toBe('no newline at the end');
+    expect(await inodeOf(flat, '/etc/old.conf')).toBe(before);
+    expect((await debugfsListing(flat)).get('/etc/old.conf')).toBe('file 640 4242 0 3');
+  });
 });
