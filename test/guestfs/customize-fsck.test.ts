@@ -100,4 +100,19 @@ describe.skipIf(missing.length > 0)(titleWithSkipReason('customize: e2fsck clean
     expect(await inodeOf(flat, '/etc/old.conf')).toBe(before);
     expect((await debugfsListing(flat)).get('/etc/old.conf')).toBe('file 640 4242 0 3');
   });
+
+  it('pages spilled to the journal file (a 1 MiB memory budget) give the same file system', async () => {
+    const { cow } = await baseAndCow(tmp.path, fsConfigs[3]!);
+    const upload = path.join(tmp.path, 'payload.bin');
+    const payload = Buffer.alloc(12 << 20);
+    for (let i = 0; i < payload.length; i += 512) payload.writeUInt32LE(i, i);
+    fs.writeFileSync(upload, payload);
+    const result = await customize(cow, [parseOperation('upload', `${upload}:/payload`), parseOperation('write', '/etc/after:x'), parseOperation('upload', `${upload}:/payload2`)], { memoryBytes: 1 << 20 });
+    expect(result.pagesChanged).toBeGreaterThan(6000);
+    const flat = await flatten(cow, path.join(tmp.path, 'flat.img'));
+    await fsckClean(flat);
+    expect(Buffer.compare(await debugfsCat(flat, '/payload'), payload)).toBe(0);
+    expect(Buffer.compare(await debugfsCat(flat, '/payload2'), payload)).toBe(0);
+    expect((await debugfsCat(flat, '/etc/after')).toString()).toBe('x');
+  });
 });

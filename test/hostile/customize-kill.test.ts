@@ -23,12 +23,24 @@ function hashOf(file: string): string {
   return createHash('sha256').update(fs.readFileSync(file)).digest('hex');
 }
 
-/** Runs customize and kills it with SIGKILL after `delayMs` (or lets it finish first). */
-async function runAndKill(args: string[], delayMs: number): Promise<'killed' | 'finished'> {
+/**
+ * Runs customize and kills it with SIGKILL after `delayMs`, or (with `journal`) `delayMs` after
+ * the journal file has grown past `journalBytes`: the window where it is completed and applied.
+ */
+async function runAndKill(args: string[], delayMs: number, journal?: { path: string; bytes: number }): Promise<'killed' | 'finished'> {
   const child = spawn(process.execPath, [ensureBuiltCli(), ...args], { stdio: 'ignore' });
-  const timer = setTimeout(() => child.kill('SIGKILL'), delayMs);
+  let timer: NodeJS.Timeout | undefined;
+  const poll = journal
+    ? setInterval(() => {
+        const size = fs.statSync(journal.path, { throwIfNoEntry: false })?.size ?? 0;
+        if (size < journal.bytes || timer) return;
+        timer = setTimeout(() => child.kill('SIGKILL'), delayMs);
+      }, 1)
+    : undefined;
+  if (!journal) timer = setTimeout(() => child.kill('SIGKILL'), delayMs);
   const result = await new Promise<'killed' | 'finished'>((resolve) => child.on('exit', (_code, signal) => resolve(signal === 'SIGKILL' ? 'killed' : 'finished')));
   clearTimeout(timer);
+  clearInterval(poll);
   return result;
 }
 
@@ -59,9 +71,11 @@ describe.skipIf(missing.length > 0)(titleWithSkipReason('customize killed with S
     for (let k = 0; k < KILLS; k++) {
       fs.copyFileSync(pristine, cow);
       fs.rmSync(`${cow}.ubdcow-customize`, { force: true });
-      // A few kills while staging; most in the last part of the run, where the journal is synced and applied.
-      const delay = Math.round(duration * (k < 2 ? 0.2 + 0.3 * k : 0.6 + (0.45 * (k - 2)) / (KILLS - 2)));
-      await runAndKill(args, delay);
+      // Half the kills at moments spread over the run; half once the journal holds the upload
+      // (staged pages spilled past memory, then completed, synced and applied), 0-200 ms later.
+      const late = k % 2 === 1;
+      const delay = late ? Math.round((k / KILLS) * 200) : Math.round(duration * (0.1 + (0.9 * k) / KILLS));
+      await runAndKill(args, delay, late ? { path: `${cow}.ubdcow-customize`, bytes: 60 << 20 } : undefined);
       const recovered = await ubdcow(['customize', cow]);
       expect(recovered.status, recovered.stderr).toBe(0);
       if ((recovered.stdout + recovered.stderr).includes('journal was replayed')) outcomes.replayed++;
