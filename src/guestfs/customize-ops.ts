@@ -161,9 +161,10 @@ export class OperationRunner {
     const copied: string[] = [];
     // Hard links within the tree stay hard links: first guest path of each host (dev, ino).
     const linked = new Map<string, string>();
-    const copy = async (host: string, guest: string): Promise<void> => {
+    // `fresh`: the guest directory was made by this copy, so nothing is in it yet (no lookups).
+    const copy = async (host: string, guest: string, fresh: boolean): Promise<void> => {
       const stat = hostStat(host, false);
-      const existing = await this.guest.lstat(guest);
+      const existing = fresh ? undefined : await this.guest.lstat(guest);
       const owned = async (noFollow: boolean) => {
         if ((stat.uid !== 0 || stat.gid !== 0 || existing) && fitsId(stat.uid) && fitsId(stat.gid)) await this.guest.chown(guest, stat.uid, stat.gid, noFollow);
       };
@@ -174,12 +175,12 @@ export class OperationRunner {
         await owned(false);
         copied.push(guest);
         const names = fs.readdirSync(host).sort();
-        for (const name of names) await copy(path.join(host, name), joinGuest(guest, name));
+        for (const name of names) await copy(path.join(host, name), joinGuest(guest, name), !existing);
         return;
       }
       if (existing?.kind === 'dir') throw this.error(`cannot copy ${host} to ${guest}: a directory is there`);
       const key = `${stat.dev}:${stat.ino}`;
-      const first = stat.nlink > 1 && !stat.isDirectory() ? linked.get(key) : undefined;
+      const first = stat.nlink > 1 ? linked.get(key) : undefined;
       if (existing) await this.guest.unlink(guest);
       copied.push(guest);
       if (first) {
@@ -190,14 +191,14 @@ export class OperationRunner {
         await this.guest.symlink(fs.readlinkSync(host), guest);
         await owned(true);
       } else if (stat.isFile()) {
-        await this.guest.writeFile(guest, hostChunks(host), { mode: stat.mode & 0o7777 });
+        await this.guest.writeFile(guest, hostChunks(host), { mode: stat.mode & 0o7777, fresh: true });
         await owned(false);
       } else {
         throw new UbdcowError('usage', `--copy-in: ${host} is a device, FIFO or socket, which ubdcow customize cannot create`, { file: host });
       }
       if (stat.nlink > 1) linked.set(key, guest);
     };
-    await copy(from, joinGuest(toDir, path.basename(path.resolve(from))));
+    await copy(from, joinGuest(toDir, path.basename(path.resolve(from))), false);
     return copied;
   }
 

@@ -178,11 +178,12 @@ export class GuestWriter {
    * Writes a regular file from chunks: replaced in place (same inode, owner and mode) when it
    * exists, else created with `mode` (owned by root). `append` adds to its end instead.
    */
-  async writeFile(path: string, chunks: Iterable<Uint8Array> | AsyncIterable<Uint8Array>, options: { mode?: number; append?: boolean } = {}): Promise<void> {
-    const existing = await this.stat(path);
+  async writeFile(path: string, chunks: Iterable<Uint8Array> | AsyncIterable<Uint8Array>, options: { mode?: number; append?: boolean; fresh?: boolean } = {}): Promise<void> {
+    // `fresh`: the caller knows nothing is there (a directory it just made): no lookup, and O_EXCL says so if wrong.
+    const existing = options.fresh ? undefined : await this.stat(path);
     if (existing && existing.kind !== 'file') throw new UbdcowError('guest-op-failed', `${this.label}: cannot write ${path}: it is a ${existing.kind === 'dir' ? 'directory' : 'special file'} in the guest`, { file: this.file });
     // O_CREAT on every open: the package updates mtime/ctime after a write only then.
-    const flags = O.WRONLY | O.CREAT | (options.append ? O.APPEND : O.TRUNC);
+    const flags = O.WRONLY | O.CREAT | (options.fresh ? O.EXCL : options.append ? O.APPEND : O.TRUNC);
     try {
       const handle = await this.p.open(path, flags, options.mode ?? 0o644);
       try {

@@ -17,27 +17,31 @@ import { useTempDir } from '../helpers/tmp.js';
 import { baseAndCow, fsConfigs, fsckClean } from '../helpers/customize-fixtures.js';
 
 const missing = missingTools('mke2fs', 'debugfs', 'e2fsck');
-const KILLS = process.env.UBDCOW_HEAVY ? 30 : 8;
+const KILLS = process.env.UBDCOW_HEAVY ? 30 : 9;
 
 function hashOf(file: string): string {
   return createHash('sha256').update(fs.readFileSync(file)).digest('hex');
 }
 
+type Trigger = { journal: string; bytes: number } | { cow: string; mtimeMs: number };
+
 /**
- * Runs customize and kills it with SIGKILL after `delayMs`, or (with `journal`) `delayMs` after
- * the journal file has grown past `journalBytes`: the window where it is completed and applied.
+ * Runs customize and kills it with SIGKILL `delayMs` after it starts, or `delayMs` after a
+ * trigger: the journal file grew past `bytes` (it is being completed), or the COW's mtime changed
+ * (the journal is complete and being applied).
  */
-async function runAndKill(args: string[], delayMs: number, journal?: { path: string; bytes: number }): Promise<'killed' | 'finished'> {
+async function runAndKill(args: string[], delayMs: number, trigger?: Trigger): Promise<'killed' | 'finished'> {
   const child = spawn(process.execPath, [ensureBuiltCli(), ...args], { stdio: 'ignore' });
   let timer: NodeJS.Timeout | undefined;
-  const poll = journal
-    ? setInterval(() => {
-        const size = fs.statSync(journal.path, { throwIfNoEntry: false })?.size ?? 0;
-        if (size < journal.bytes || timer) return;
-        timer = setTimeout(() => child.kill('SIGKILL'), delayMs);
-      }, 1)
-    : undefined;
-  if (!journal) timer = setTimeout(() => child.kill('SIGKILL'), delayMs);
+  const fired = (): boolean => {
+    if (!trigger) return true;
+    if ('journal' in trigger) return (fs.statSync(trigger.journal, { throwIfNoEntry: false })?.size ?? 0) >= trigger.bytes;
+    return fs.statSync(trigger.cow).mtimeMs !== trigger.mtimeMs;
+  };
+  const poll = setInterval(() => {
+    if (!timer && fired()) timer = setTimeout(() => child.kill('SIGKILL'), delayMs);
+  }, 1);
+  if (!trigger) timer = setTimeout(() => child.kill('SIGKILL'), delayMs);
   const result = await new Promise<'killed' | 'finished'>((resolve) => child.on('exit', (_code, signal) => resolve(signal === 'SIGKILL' ? 'killed' : 'finished')));
   clearTimeout(timer);
   clearInterval(poll);
@@ -71,11 +75,13 @@ describe.skipIf(missing.length > 0)(titleWithSkipReason('customize killed with S
     for (let k = 0; k < KILLS; k++) {
       fs.copyFileSync(pristine, cow);
       fs.rmSync(`${cow}.ubdcow-customize`, { force: true });
-      // Half the kills at moments spread over the run; half once the journal holds the upload
-      // (staged pages spilled past memory, then completed, synced and applied), 0-200 ms later.
-      const late = k % 2 === 1;
-      const delay = late ? Math.round((k / KILLS) * 200) : Math.round(duration * (0.1 + (0.9 * k) / KILLS));
-      await runAndKill(args, delay, late ? { path: `${cow}.ubdcow-customize`, bytes: 60 << 20 } : undefined);
+      // A third of the kills at moments spread over the run; a third once the journal holds the
+      // upload (it is being completed and synced); a third once the COW changes (applying).
+      const mode = k % 3;
+      const share = Math.floor(k / 3) / Math.max(1, Math.ceil(KILLS / 3) - 1);
+      const delay = mode === 0 ? Math.round(duration * (0.1 + 0.8 * share)) : Math.round(share * 150);
+      const trigger: Trigger | undefined = mode === 1 ? { journal: `${cow}.ubdcow-customize`, bytes: 60 << 20 } : mode === 2 ? { cow, mtimeMs: fs.statSync(cow).mtimeMs } : undefined;
+      await runAndKill(args, delay, trigger);
       const recovered = await ubdcow(['customize', cow]);
       expect(recovered.status, recovered.stderr).toBe(0);
       if ((recovered.stdout + recovered.stderr).includes('journal was replayed')) outcomes.replayed++;
