@@ -64,6 +64,13 @@ function declareOperations<T>(y: Argv<T>): Argv<T> {
   return result.option('commands-from-file', { type: 'string', array: true, requiresArg: true, describe: 'FILE  more operations, one a line ("upload /a:/b"; # comments)', group: 'Operations (applied in the order given):' });
 }
 
+/** The paths a step changed, for a terminal: a tree copy is summarised (--json has them all). */
+function changedPaths(paths: string[]): string {
+  if (paths.length === 0) return '(nothing to do)';
+  if (paths.length <= 8) return `-> ${paths.join(' ')}`;
+  return `-> ${paths.slice(0, 3).join(' ')} ... (${paths.length} paths)`;
+}
+
 function partition(argv: ArgumentsCamelCase): number | undefined {
   if (argv.partition === undefined) return undefined;
   const n = Number(argv.partition);
@@ -110,7 +117,7 @@ export const customizeCommand: CommandModule = {
     if (result.recovery === 'replayed') note(`${result.image}: finished an interrupted customize (its journal was replayed)`);
     if (result.recovery === 'discarded') note(`${result.image}: discarded the journal of a customize that died before changing anything`);
     if (operations.length === 0) return;
-    for (const step of result.steps) out(`${result.dryRun ? 'would ' : ''}${step.operation}${step.paths.length > 0 ? `  -> ${step.paths.join(' ')}` : '  (nothing to do)'}`);
+    for (const step of result.steps) out(`${result.dryRun ? 'would ' : ''}${step.operation}  ${changedPaths(step.paths)}`);
     const pages = plural(result.pagesChanged, '4 KiB page');
     note(result.dryRun ? `dry run: ${result.image} not changed (${pages} would change)` : `customized ${result.image} (${result.location}): ${plural(result.steps.length, 'operation')}, ${pages} changed`);
   },
