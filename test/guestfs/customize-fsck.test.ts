@@ -10,6 +10,7 @@ import { customize } from '../../src/commands/customize.js';
 import { parseOperation } from '../../src/guestfs/customize-spec.js';
 import { debugfsCat, runProgram } from '../uml/harness.js';
 import { createCow } from '../../src/commands/create.js';
+import { mapCow } from '../../src/commands/map.js';
 import { debugfsListing } from '../helpers/debugfs-listing.js';
 import { missingTools, titleWithSkipReason } from '../helpers/tools.js';
 import { useTempDir } from '../helpers/tmp.js';
@@ -114,5 +115,45 @@ describe.skipIf(missing.length > 0)(titleWithSkipReason('customize: e2fsck clean
     expect(Buffer.compare(await debugfsCat(flat, '/payload'), payload)).toBe(0);
     expect(Buffer.compare(await debugfsCat(flat, '/payload2'), payload)).toBe(0);
     expect((await debugfsCat(flat, '/etc/after')).toString()).toBe('x');
+  });
+
+  it('--partition 2 of an MBR disk whose partition starts off a 4 KiB boundary: only that partition changes', async () => {
+    const tree = path.join(tmp.path, 'tree');
+    fs.mkdirSync(path.join(tree, 'etc'), { recursive: true });
+    fs.writeFileSync(path.join(tree, 'etc', 'hostname'), 'base\n');
+    const one = path.join(tmp.path, 'one.img');
+    const two = path.join(tmp.path, 'two.img');
+    for (const image of [one, two]) {
+      expect((await runProgram('mke2fs', ['-q', '-F', '-t', 'ext4', '-b', '1024', '-O', 'metadata_csum,64bit', '-d', tree, image, '8M'])).status).toBe(0);
+    }
+    const disk = path.join(tmp.path, 'mbr.img');
+    const sectors = 20 * 2048;
+    const bytes = Buffer.alloc(sectors * 512);
+    const parts = [{ first: 2048, count: 8 * 2048 }, { first: 10 * 2048 + 1, count: 8 * 2048 }];
+    parts.forEach((part, i) => {
+      bytes[446 + i * 16 + 4] = 0x83;
+      bytes.writeUInt32LE(part.first, 446 + i * 16 + 8);
+      bytes.writeUInt32LE(part.count, 446 + i * 16 + 12);
+    });
+    bytes[510] = 0x55;
+    bytes[511] = 0xaa;
+    fs.readFileSync(one).copy(bytes, parts[0]!.first * 512);
+    fs.readFileSync(two).copy(bytes, parts[1]!.first * 512);
+    fs.writeFileSync(disk, bytes);
+    const cow = path.join(tmp.path, 'disk.cow');
+    await createCow(cow, disk);
+    const result = await customize(cow, [parseOperation('hostname', 'second'), parseOperation('mkdir', '/srv/x')], { partition: 2 });
+    expect(result.location).toBe('partition 2');
+    // Whole 4 KiB pages of the virtual disk only, although the partition starts 512 bytes past a page boundary.
+    const { extents } = await mapCow(cow);
+    expect(extents.length).toBeGreaterThan(0);
+    for (const extent of extents) expect([extent.offset % 4096, extent.length % 4096]).toEqual([0, 0]);
+    const flat = fs.readFileSync(await flatten(cow, path.join(tmp.path, 'flat.img')));
+    expect(Buffer.compare(flat.subarray(0, parts[1]!.first * 512), bytes.subarray(0, parts[1]!.first * 512))).toBe(0);
+    const partition = path.join(tmp.path, 'p2.img');
+    fs.writeFileSync(partition, flat.subarray(parts[1]!.first * 512, (parts[1]!.first + parts[1]!.count) * 512));
+    await fsckClean(partition);
+    expect((await debugfsCat(partition, '/etc/hostname')).toString()).toBe('second\n');
+    expect((await debugfsListing(partition)).get('/srv/x')).toBe('dir 755 0 0 ');
   });
 });
