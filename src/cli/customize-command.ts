@@ -60,8 +60,10 @@ export function orderedOperations(args: string[]): CustomizeOperation[] {
 
 function declareOperations<T>(y: Argv<T>): Argv<T> {
   let result = y;
-  for (const name of OPERATION_NAMES) result = result.option(name, { type: 'string', array: true, requiresArg: true, describe: help[name], group: 'Operations (applied in the order given):' });
-  return result.option('commands-from-file', { type: 'string', array: true, requiresArg: true, describe: 'FILE  more operations, one a line ("upload /a:/b"; # comments)', group: 'Operations (applied in the order given):' });
+  // Not `array`: yargs would then swallow the words after an option (the image name too); a
+  // repeated option still collects its values in an array.
+  for (const name of OPERATION_NAMES) result = result.option(name, { type: 'string', describe: help[name], group: 'Operations (applied in the order given):' });
+  return result.option('commands-from-file', { type: 'string', describe: 'FILE  more operations, one a line ("upload /a:/b"; # comments)', group: 'Operations (applied in the order given):' });
 }
 
 /** The paths a step changed, for a terminal: a tree copy is summarised (--json has them all). */
@@ -99,9 +101,9 @@ export const customizeCommand: CommandModule = {
       ),
   handler: async (argv) => {
     const operations = orderedOperations(process.argv.slice(2));
-    const declared = [...OPERATION_NAMES, 'commands-from-file'].reduce((sum, name) => sum + ((argv[name] as string[] | undefined)?.length ?? 0), 0);
-    const fromFiles = ((argv['commands-from-file'] as string[] | undefined) ?? []).length;
-    if (operations.length < declared - fromFiles) throw new UbdcowError('usage', 'could not tell the order of the operations; give each as --name VALUE or --name=VALUE');
+    const count = (name: string) => [argv[name] ?? []].flat().length;
+    const declared = OPERATION_NAMES.reduce((sum, name) => sum + count(name), 0);
+    if (operations.length < declared) throw new UbdcowError('usage', 'could not tell the order of the operations; give each as --name VALUE or --name=VALUE');
     const { customize } = await import('../commands/customize.js');
     const result = await customize(String(argv.image), operations, {
       backing: argv.backing as string | undefined,
