@@ -14,7 +14,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { createCow } from '../src/commands/create.js';
-import { type Measurement, describeMachine, ensureBuilt, hasTool, measure, measureCli, mebibytes, seconds, table } from './util.js';
+import { type Measurement, describeMachine, ensureBuilt, hasTool, measure, mebibytes, repoRoot, seconds, table } from './util.js';
 
 const args = process.argv.slice(2);
 const quick = args.includes('--quick');
@@ -34,6 +34,17 @@ function buildTree(dir: string): void {
     if (i % 100 === 0) fs.mkdirSync(sub, { recursive: true });
     fs.writeFileSync(path.join(sub, `f${i}.dat`), Buffer.alloc(perFile, i & 0xff));
   }
+}
+
+/** User + system CPU seconds a child reported through an inner `/usr/bin/time -f 'cpu %U %S'`. */
+function cpuSeconds(m: Measurement): string {
+  const match = /cpu (\d+\.\d+) (\d+\.\d+)/.exec(m.stderr);
+  return match ? `${(Number(match[1]) + Number(match[2])).toFixed(2)} s` : 'n/a';
+}
+
+/** Runs `program` under `/usr/bin/time -f 'cpu %U %S'` (for cpuSeconds) when GNU time is there. */
+function timed(program: string, argv: string[]): Promise<Measurement> {
+  return fs.existsSync('/usr/bin/time') ? measure('/usr/bin/time', ['-f', 'cpu %U %S', program, ...argv]) : measure(program, argv);
 }
 
 async function best(label: string, prepare: () => Promise<void> | void, run: () => Promise<Measurement>): Promise<Measurement> {
@@ -59,7 +70,12 @@ async function main(): Promise<void> {
   console.log(`${machine.cpu} (${machine.cores} cores), Node ${process.version}, load average ${os.loadavg().map((l) => l.toFixed(1)).join(' ')}${quick ? ', --quick' : ''}`);
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ubdcow-bench-customize-'));
   try {
-    fs.mkdirSync(path.join(dir, 'root/etc'), { recursive: true });
+    // Enough of a Debian for virt-customize's inspection to accept the image as a guest.
+    for (const sub of ['root/etc', 'root/bin', 'root/usr/bin', 'root/lib', 'root/tmp']) fs.mkdirSync(path.join(dir, sub), { recursive: true });
+    fs.writeFileSync(path.join(dir, 'root/etc/os-release'), 'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nNAME="Debian GNU/Linux"\nVERSION_ID="12"\nID=debian\n');
+    fs.writeFileSync(path.join(dir, 'root/etc/debian_version'), '12.0\n');
+    fs.writeFileSync(path.join(dir, 'root/etc/fstab'), '/dev/sda / ext4 defaults 0 1\n');
+    fs.writeFileSync(path.join(dir, 'root/etc/hosts'), '127.0.0.1 localhost\n');
     fs.writeFileSync(path.join(dir, 'root/etc/motd'), 'hello\n');
     fs.writeFileSync(path.join(dir, 'root/etc/old.conf'), 'old\n');
     fs.writeFileSync(path.join(dir, 'root/etc/gone'), 'gone\n');
@@ -77,23 +93,24 @@ async function main(): Promise<void> {
       fs.rmSync(cow, { force: true });
       await createCow(cow, base);
     };
-    const rows: string[][] = [['what', 'time', 'peak RSS', 'target']];
-    const a = await best('workflow', fresh(small), () => measureCli(['customize', cow, '-q', ...ops]));
-    rows.push(['(a) 8 operations incl. a 3 MB upload, 256 MiB COW', seconds(a.seconds), mebibytes(a.maxRssKiB), `≤ 1 s: ${a.seconds <= 1 ? 'met' : 'NOT met'}`]);
+    const rows: string[][] = [['what', 'time', 'CPU (user+sys)', 'peak RSS', 'target']];
+    const cli = path.join(repoRoot, 'bin', 'ubdcow');
+    const a = await best('workflow', fresh(small), () => timed(process.execPath, [cli, 'customize', cow, '-q', ...ops]));
+    rows.push(['(a) 8 operations incl. a 3 MB upload, 256 MiB COW', seconds(a.seconds), cpuSeconds(a), mebibytes(a.maxRssKiB), `≤ 1 s: ${a.seconds <= 1 ? 'met' : 'NOT met'}`]);
     console.log(rows.at(-1)!.join('  '));
-    const b = await best('copy-in', fresh(large), () => measureCli(['customize', cow, '-q', '--copy-in', `${tree}:/`]));
-    rows.push([`(b) --copy-in of ${TREE_FILES} files, ${TREE_BYTES >> 20} MB`, seconds(b.seconds), mebibytes(b.maxRssKiB), `≤ 5 s: ${b.seconds <= 5 ? 'met' : 'NOT met'}`]);
+    const b = await best('copy-in', fresh(large), () => timed(process.execPath, [cli, 'customize', cow, '-q', '--copy-in', `${tree}:/`]));
+    rows.push([`(b) --copy-in of ${TREE_FILES} files, ${TREE_BYTES >> 20} MB`, seconds(b.seconds), cpuSeconds(b), mebibytes(b.maxRssKiB), `≤ 5 s: ${b.seconds <= 5 ? 'met' : 'NOT met'}`]);
     console.log(rows.at(-1)!.join('  '));
     if (hasTool('virt-customize')) {
       const env = { ...process.env, LIBGUESTFS_BACKEND: 'direct', LIBGUESTFS_BACKEND_SETTINGS: 'force_tcg' };
       const raw = path.join(dir, 'raw.img');
-      const virt = (extra: string[]) => () => withEnv(env, () => measure('virt-customize', ['-q', '--format', 'raw', '-a', raw, '--no-network', ...extra]));
+      const virt = (extra: string[]) => () => withEnv(env, () => timed('virt-customize', ['-q', '--format', 'raw', '-a', raw, '--no-network', ...extra]));
       const v1 = await best('virt-customize workflow', () => fs.copyFileSync(small, raw), virt(ops));
-      rows.push(['virt-customize, the same 8 operations (raw copy, TCG)', seconds(v1.seconds), mebibytes(v1.maxRssKiB), `ubdcow ${(v1.seconds / a.seconds).toFixed(1)}x faster`]);
+      rows.push(['virt-customize, the same 8 operations (raw copy, TCG)', seconds(v1.seconds), cpuSeconds(v1), mebibytes(v1.maxRssKiB), `ubdcow ${(v1.seconds / a.seconds).toFixed(1)}x faster`]);
       const v2 = await best('virt-customize copy-in', () => fs.copyFileSync(large, raw), virt(['--copy-in', `${tree}:/`]));
-      rows.push([`virt-customize --copy-in of the same tree`, seconds(v2.seconds), mebibytes(v2.maxRssKiB), `ubdcow ${(v2.seconds / b.seconds).toFixed(1)}x faster`]);
+      rows.push([`virt-customize --copy-in of the same tree`, seconds(v2.seconds), cpuSeconds(v2), mebibytes(v2.maxRssKiB), `ubdcow ${(v2.seconds / b.seconds).toFixed(1)}x faster`]);
     } else {
-      rows.push(['virt-customize', 'not installed', '', '']);
+      rows.push(['virt-customize', 'not installed', '', '', '']);
     }
     console.log(`best of ${runs}\n\n${table(rows)}`);
   } finally {
