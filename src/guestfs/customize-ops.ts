@@ -15,12 +15,13 @@ import { type GuestWriter, baseName, joinGuest } from './guest-writer.js';
 const HOST_CHUNK = 1 << 20;
 
 /** A host file's bytes, a chunk at a time (uploads of any size without holding them in memory). */
-function* hostChunks(file: string): Generator<Uint8Array> {
+function* hostChunks(file: string, size: number): Generator<Uint8Array> {
   const fd = fs.openSync(file, 'r');
   try {
-    const buffer = Buffer.allocUnsafe(HOST_CHUNK);
+    // Sized to the file (plus one byte to see its end): a megabyte per small file of a tree is what the GC would spend its time on.
+    const buffer = Buffer.allocUnsafe(Math.min(HOST_CHUNK, size + 1));
     for (;;) {
-      const got = fs.readSync(fd, buffer, 0, HOST_CHUNK, null);
+      const got = fs.readSync(fd, buffer, 0, buffer.length, null);
       if (got === 0) return;
       yield buffer.subarray(0, got);
     }
@@ -108,7 +109,7 @@ export class OperationRunner {
     const stat = hostStat(from);
     if (!stat.isFile()) throw new UbdcowError('usage', `--upload ${from}: not a regular file on the host`, { file: from });
     const target = (await this.guest.stat(to))?.kind === 'dir' ? joinGuest(to, path.basename(from)) : to;
-    await this.guest.writeFile(target, hostChunks(from), { mode: stat.mode & 0o7777 });
+    await this.guest.writeFile(target, hostChunks(from, stat.size), { mode: stat.mode & 0o7777 });
     await this.guest.chmod(target, stat.mode & 0o7777);
     if (fitsId(stat.uid) && fitsId(stat.gid)) await this.guest.chown(target, stat.uid, stat.gid);
     return target;
@@ -191,7 +192,7 @@ export class OperationRunner {
         await this.guest.symlink(fs.readlinkSync(host), guest);
         await owned(true);
       } else if (stat.isFile()) {
-        await this.guest.writeFile(guest, hostChunks(host), { mode: stat.mode & 0o7777, fresh: true });
+        await this.guest.writeFile(guest, hostChunks(host, stat.size), { mode: stat.mode & 0o7777, fresh: true });
         await owned(false);
       } else {
         throw new UbdcowError('usage', `--copy-in: ${host} is a device, FIFO or socket, which ubdcow customize cannot create`, { file: host });
