@@ -12,7 +12,7 @@ import { note, out, plural, toJson, warn } from './format.js';
 
 const help: Record<string, string> = {
   upload: 'HOSTFILE:GUESTPATH  copy a host file in (into GUESTPATH when it is a directory), with its mode and owner',
-  'copy-in': 'HOSTPATH:GUESTDIR  copy a host file or tree into an existing guest directory (modes, owners, symlinks, hard links)',
+  'copy-in': 'HOSTPATH:GUESTDIR  copy a host file or tree into an existing guest directory (modes, owners, times, symlinks, hard links)',
   write: 'GUESTFILE:CONTENT  write CONTENT to a guest file (created 0644, or replaced in place)',
   'append-line': 'GUESTFILE:LINE  append LINE and a newline (a missing final newline is added first)',
   mkdir: 'DIR  create a guest directory and its missing parents (0755)',

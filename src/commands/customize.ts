@@ -22,6 +22,8 @@ import { openVolume } from '../guestfs/guest-fs.js';
 import { type Ext2fsPromises, GuestWriter } from '../guestfs/guest-writer.js';
 import { StagedExt2fsDisk, stagedGuestDisk } from '../guestfs/staged-disk.js';
 import { checkWritable } from '../guestfs/write-safety.js';
+import { setInodeTimes } from '../guestfs/inode-times.js';
+import type { FsSource } from '../guestfs/disk-adapter.js';
 import { type OptionKeys, checkOptions } from '../options.js';
 
 export type { CustomizeOperation } from '../guestfs/customize-spec.js';
@@ -105,7 +107,7 @@ async function stageAndApply(disk: LockedDisk, operations: CustomizeOperation[],
     const { source, location, label } = await openVolume(stagedGuestDisk(disk.path, disk.kind, pages, []), options.partition);
     result.location = location;
     checkWritable(await source.read(SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE), label, disk.path);
-    await runOperations(pages, source.offset, label, disk.path, operations, result);
+    await runOperations(pages, source, label, disk.path, operations, result);
     result.pagesChanged = pages.pageCount;
     if (!journal) return result;
     const { entries, slots } = await pages.settle();
@@ -130,17 +132,18 @@ async function stageAndApply(disk: LockedDisk, operations: CustomizeOperation[],
 }
 
 /** Mounts libext2fs over the staged pages, runs the operations in order, and closes it cleanly (or throws). */
-async function runOperations(pages: StagedPages, offset: number, label: string, file: string, operations: CustomizeOperation[], result: CustomizeResult): Promise<void> {
+async function runOperations(pages: StagedPages, source: FsSource, label: string, file: string, operations: CustomizeOperation[], result: CustomizeResult): Promise<void> {
   const ext2fs = loadExt2fs();
   let mounted: { promises: Ext2fsPromises };
   try {
-    mounted = await ext2fs.mount(new StagedExt2fsDisk(pages), offset);
+    mounted = await ext2fs.mount(new StagedExt2fsDisk(pages), source.offset);
   } catch (err) {
     throw new UbdcowError('corrupt-fs', `${label}: libext2fs cannot open the file system for writing (${(err as { code?: string }).code ?? String(err)}); corrupt file system?`, { file });
   }
   let closed = false;
+  let runner: OperationRunner | undefined;
   try {
-    const runner = new OperationRunner(new GuestWriter(mounted.promises, label, file));
+    runner = new OperationRunner(new GuestWriter(mounted.promises, label, file));
     for (const [index, operation] of operations.entries()) {
       try {
         result.steps.push({ operation: describeOperation(operation), paths: await runner.run(operation) });
@@ -157,6 +160,8 @@ async function runOperations(pages: StagedPages, offset: number, label: string, 
     } catch (err) {
       throw new UbdcowError('guest-op-failed', `${label}: libext2fs could not close the file system (${(err as { code?: string }).code ?? String(err)}); nothing was changed`, { file });
     }
+    // Times libext2fs cannot set (--copy-in keeps the host's): edited into the staged inodes now that it is closed.
+    await setInodeTimes(source, (offset, data) => pages.write(source.offset + offset, data), label, runner.times);
   } finally {
     // A failed run's staged pages are dropped; the mount only needs its memory back.
     if (!closed) await ext2fs.umount(mounted).catch(() => undefined);

@@ -11,6 +11,7 @@ import * as path from 'node:path';
 import { UbdcowError, fromSystemError } from '../errors.js';
 import type { CustomizeOperation, SshKeySource } from './customize-spec.js';
 import { type GuestWriter, baseName, joinGuest } from './guest-writer.js';
+import type { InodeTimes } from './inode-times.js';
 
 const HOST_CHUNK = 1 << 20;
 
@@ -42,7 +43,15 @@ function fitsId(id: number): boolean {
   return id >= 0 && id <= 0xffff;
 }
 
+/** A time to set after libext2fs has closed the file system (inode-times.ts), for the guest path `path`. */
+export interface PendingTimes extends InodeTimes {
+  path: string;
+}
+
 export class OperationRunner {
+  /** Host times of what --copy-in made, still to be set (dropped when a later operation changes the path). */
+  readonly times: PendingTimes[] = [];
+
   constructor(private readonly guest: GuestWriter) {}
 
   private error(message: string): UbdcowError {
@@ -51,6 +60,16 @@ export class OperationRunner {
 
   /** Applies one operation; returns the guest paths it changed. */
   async run(operation: CustomizeOperation): Promise<string[]> {
+    const pending = this.times.length;
+    const changed = await this.apply(operation);
+    // Times copied by an earlier operation no longer hold where a later one changed the path (or below or above it).
+    const touched = (p: string) => changed.some((c) => c === p || p.startsWith(`${c}/`) || c.startsWith(`${p}/`));
+    const kept = this.times.filter((entry, index) => index >= pending || !touched(entry.path));
+    this.times.splice(0, this.times.length, ...kept);
+    return changed;
+  }
+
+  private async apply(operation: CustomizeOperation): Promise<string[]> {
     const g = this.guest;
     switch (operation.op) {
       case 'upload':
@@ -163,8 +182,9 @@ export class OperationRunner {
     // Hard links within the tree stay hard links: first guest path of each host (dev, ino).
     const linked = new Map<string, string>();
     // `fresh`: the guest directory was made by this copy, so nothing is in it yet (no lookups).
-    const copy = async (host: string, guest: string, fresh: boolean): Promise<void> => {
+    const copy = async (host: string, guest: string, fresh: boolean, names: string[]): Promise<void> => {
       const stat = hostStat(host, false);
+      const keepTimes = () => this.times.push({ path: guest, baseIno: dir.ino, names, atime: stat.atimeMs / 1000, mtime: stat.mtimeMs / 1000 });
       const existing = fresh ? undefined : await this.guest.lstat(guest);
       const owned = async (noFollow: boolean) => {
         if ((stat.uid !== 0 || stat.gid !== 0 || existing) && fitsId(stat.uid) && fitsId(stat.gid)) await this.guest.chown(guest, stat.uid, stat.gid, noFollow);
@@ -175,8 +195,8 @@ export class OperationRunner {
         else await this.guest.chmod(guest, stat.mode & 0o7777);
         await owned(false);
         copied.push(guest);
-        const names = fs.readdirSync(host).sort();
-        for (const name of names) await copy(path.join(host, name), joinGuest(guest, name), !existing);
+        for (const name of fs.readdirSync(host).sort()) await copy(path.join(host, name), joinGuest(guest, name), !existing, [...names, name]);
+        keepTimes();
         return;
       }
       if (existing?.kind === 'dir') throw this.error(`cannot copy ${host} to ${guest}: a directory is there`);
@@ -197,9 +217,11 @@ export class OperationRunner {
       } else {
         throw new UbdcowError('usage', `--copy-in: ${host} is a device, FIFO or socket, which ubdcow customize cannot create`, { file: host });
       }
+      keepTimes();
       if (stat.nlink > 1) linked.set(key, guest);
     };
-    await copy(from, joinGuest(toDir, path.basename(path.resolve(from))), false);
+    const top = path.basename(path.resolve(from));
+    await copy(from, joinGuest(toDir, top), false, [top]);
     return copied;
   }
 

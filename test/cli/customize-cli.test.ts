@@ -52,7 +52,7 @@ describe.skipIf(missing.length > 0)(titleWithSkipReason('ubdcow customize (CLI)'
     expect(unknown.stderr).toMatch(/^ubdcow customize: operation 1 \(--ssh-inject mallory:string:\.\.\.\): .*no such user in the guest's \/etc\/passwd; nothing was changed\n$/);
   });
 
-  it('--copy-in copies a tree with modes, owners, symlinks and hard links', async () => {
+  it('--copy-in copies a tree with modes, owners, times, symlinks and hard links', async () => {
     const { cow } = await baseAndCow(tmp.path, ext4);
     const src = path.join(tmp.path, 'payload');
     fs.mkdirSync(path.join(src, 'bin'), { recursive: true });
@@ -63,6 +63,11 @@ describe.skipIf(missing.length > 0)(titleWithSkipReason('ubdcow customize (CLI)'
     fs.linkSync(path.join(src, 'secret'), path.join(src, 'secret-hardlink'));
     fs.symlinkSync('bin/tool', path.join(src, 'tool-link'));
     fs.chmodSync(path.join(src, 'bin'), 0o750);
+    // Host times, kept in the guest (seconds and nanoseconds), directories and symlinks included.
+    fs.utimesSync(path.join(src, 'bin', 'tool'), 1_500_000_000.25, 1_600_000_000.5);
+    fs.utimesSync(path.join(src, 'bin'), 1_500_000_001, 1_600_000_001);
+    fs.lutimesSync(path.join(src, 'tool-link'), 1_500_000_002, 1_600_000_002);
+    fs.utimesSync(src, 1_500_000_003, 1_600_000_003);
     const result = await ubdcow(['customize', cow, '--mkdir', '/opt/dest', '--copy-in', `${src}:/opt/dest`]);
     expect(result.status, result.stderr).toBe(0);
     const flat = await flatten(cow, path.join(tmp.path, 'flat.img'));
@@ -80,6 +85,26 @@ describe.skipIf(missing.length > 0)(titleWithSkipReason('ubdcow customize (CLI)'
     expect(inode(await debugfsStat(flat, '/opt/dest/payload/secret-hardlink'))).toBe(inode(first));
     expect(first).toContain('Links: 2');
     expect(await debugfsStat(flat, '/opt/dest/payload/tool-link')).toContain('Fast link dest: "bin/tool"');
+    const times = async (p: string) => {
+      const text = await debugfsStat(flat, p);
+      const field = (name: string) => {
+        const match = new RegExp(` ${name}: 0x([0-9a-f]+):([0-9a-f]+)`).exec(text);
+        return match ? Number.parseInt(match[1]!, 16) + (Number.parseInt(match[2]!, 16) >>> 2) / 1e9 : NaN;
+      };
+      return [field('atime'), field('mtime')];
+    };
+    expect(await times('/opt/dest/payload/bin/tool')).toEqual([1_500_000_000.25, 1_600_000_000.5]);
+    expect(await times('/opt/dest/payload/bin')).toEqual([1_500_000_001, 1_600_000_001]);
+    expect(await times('/opt/dest/payload/tool-link')).toEqual([1_500_000_002, 1_600_000_002]);
+    expect(await times('/opt/dest/payload')).toEqual([1_500_000_003, 1_600_000_003]);
+    // A later operation on a copied path gives it the time of the run, as any write does.
+    const later = await ubdcow(['customize', cow, '--copy-in', `${src}:/opt`, '--write', '/opt/payload/secret:new']);
+    expect(later.status, later.stderr).toBe(0);
+    const flat2 = await flatten(cow, path.join(tmp.path, 'flat2.img'));
+    await fsckClean(flat2);
+    const secret = /mtime: 0x([0-9a-f]+)/.exec(await debugfsStat(flat2, '/opt/payload/secret'))?.[1];
+    expect(Number.parseInt(secret!, 16)).toBeGreaterThan(1_700_000_000);
+    expect(/mtime: 0x([0-9a-f]+)/.exec(await debugfsStat(flat2, '/opt/payload/bin/tool'))?.[1]).toBe((1_600_000_000).toString(16));
   });
 
   it('diff --files reports exactly the paths the operations changed (and their parent directories)', async () => {
