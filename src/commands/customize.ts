@@ -13,7 +13,7 @@ import { nodeFileSystem } from '../io/node-fs.js';
 import type { FileSystem } from '../io/file.js';
 import { type LockedDisk, openLockedDisk } from '../io/locked-disk.js';
 import { type Recovery, applyPages, recoverCustomizeJournal } from '../io/redo-apply.js';
-import { RedoJournalWriter, customizeJournalPath, removeCustomizeJournal } from '../io/redo-journal.js';
+import { RedoJournalWriter, customizeJournalExists, customizeJournalPath, removeCustomizeJournal } from '../io/redo-journal.js';
 import { StagedPages, anonymousSpill } from '../io/staged-pages.js';
 import { type CustomizeOperation, describeOperation } from '../guestfs/customize-spec.js';
 import { OperationRunner } from '../guestfs/customize-ops.js';
@@ -84,7 +84,7 @@ export async function customize(image: string, operations: CustomizeOperation[],
     // A dry run changes nothing, so it leaves an earlier run's journal alone (and refuses over it).
     let recovery: Recovery = 'none';
     if (dryRun) {
-      if (await fs.stat(customizeJournalPath(image)).then(() => true, () => false)) {
+      if (await customizeJournalExists(fs, image)) {
         throw new UbdcowError('customize-interrupted', `${image}: an earlier customize was interrupted (${customizeJournalPath(image)} exists); run \`ubdcow customize ${image}\` without --dry-run to finish it first`, { file: image });
       }
     } else {
