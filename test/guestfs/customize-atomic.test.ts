@@ -10,6 +10,7 @@ import * as path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { customize } from '../../src/commands/customize.js';
 import { commitCow } from '../../src/commands/commit/index.js';
+import { writeThroughEngine } from '../../src/commands/engine-io.js';
 import { parseOperation } from '../../src/guestfs/customize-spec.js';
 import { nodeFileSystem } from '../../src/io/node-fs.js';
 import type { FileSystem } from '../../src/io/file.js';
@@ -161,6 +162,7 @@ describe.skipIf(missing.length > 0)(titleWithSkipReason('customize: all or nothi
     // Other writers refuse while the journal is there (commit to a new file, and in place).
     await failsWith(commitCow(cow, { output: path.join(tmp.path, 'merged.img') }), 'customize-interrupted', /run `ubdcow customize .*` \(no operations\)/);
     await failsWith(commitCow(cow), 'customize-interrupted');
+    await failsWith(writeThroughEngine(cow, (async function* () { yield new Uint8Array(512); })(), { offset: 0 }), 'customize-interrupted');
     const recovered = await customize(cow, []);
     expect(recovered.recovery).toBe('replayed');
     expect(fs.existsSync(`${cow}.ubdcow-customize`)).toBe(false);
