@@ -111,6 +111,10 @@ async function stageAndApply(disk: LockedDisk, operations: CustomizeOperation[],
     result.pagesChanged = pages.pageCount;
     if (!journal) return result;
     const { entries, slots } = await pages.settle();
+    const last = entries.at(-1);
+    if (last && Math.min((last.page + 1) * 4096, disk.size) > disk.writableBytes) {
+      throw new UbdcowError('uncovered', `${disk.path}: the file system changed bytes past ${disk.writableBytes}, which this old-version COW cannot hold (its last sectors have no bitmap bit); nothing was changed`, { file: disk.path });
+    }
     await journal.finish(entries, slots);
     complete = true;
     // From here on the run is decided: a crash is finished by replaying the journal.

@@ -17,6 +17,8 @@ export interface LockedDisk {
   path: string;
   kind: 'cow' | 'raw';
   size: number;
+  /** Bytes from the start that can be written: less than `size` only in V1/V2 COWs (the last sectors have no bitmap bit). */
+  writableBytes: number;
   warnings: string[];
   read(offset: number, into: Uint8Array): Promise<void>;
   write(offset: number, data: Uint8Array): Promise<void>;
@@ -39,6 +41,7 @@ export async function openLockedDisk(image: string, options: OpenLockedDiskOptio
       path: image,
       kind: 'cow',
       size: device.size,
+      writableBytes: Math.min(device.size, device.geometry.coveredSectors * device.sectorSize),
       warnings: device.warnings,
       read: async (offset, into) => {
         await device.readInto(offset, into);
@@ -65,6 +68,7 @@ export async function openLockedDisk(image: string, options: OpenLockedDiskOptio
       path: image,
       kind: 'raw',
       size,
+      writableBytes: size,
       warnings: [],
       read: (offset, into) =>
         readExactly(handle, image, 'read', { buffer: into, offset: 0, length: into.length, position: offset }, (got) =>
