@@ -19,6 +19,7 @@ mount -t ext4 /dev/ubdb /mnt
 for f in srv/app/payload.bin etc/app.conf etc/hostname etc/motd root/.ssh/authorized_keys srv/app/link; do sumfile /mnt $f; done
 for f in srv/app srv/app/payload.bin etc/app.conf root/.ssh root/.ssh/authorized_keys; do mark meta $f $(stat -c '%a %u %g' /mnt/$f); done
 mark target $(readlink /mnt/srv/app/link)
+mark copied $(stat -c '%Y %a' /mnt/opt/bundle/tool) $(cat /mnt/opt/bundle/tool)
 test ! -e /mnt/etc/gone.txt && mark gone etc/gone.txt
 put /mnt srv/app/guest-new.bin 4096 300
 put /mnt srv/app/sub/small 100 1
@@ -47,6 +48,12 @@ describe.skipIf(missing.length > 0)(umlSuiteTitle('a UML guest boots a customize
     for (let i = 0; i < payload.length; i++) payload[i] = (i * 2654435761) >>> 24;
     fs.writeFileSync(path.join(dir, 'payload.bin'), payload);
     fs.chmodSync(path.join(dir, 'payload.bin'), 0o640);
+    // A copied tree whose times customize writes into the inodes itself (checksums recomputed): the kernel must accept them.
+    const bundle = path.join(dir, 'bundle');
+    fs.mkdirSync(bundle);
+    fs.writeFileSync(path.join(bundle, 'tool'), 'copied');
+    fs.chmodSync(path.join(bundle, 'tool'), 0o751);
+    fs.utimesSync(path.join(bundle, 'tool'), 1_500_000_000, 1_600_000_000);
     const customized = await ubdcow([
       'customize', cow,
       '--mkdir', '/srv/app',
@@ -59,6 +66,8 @@ describe.skipIf(missing.length > 0)(umlSuiteTitle('a UML guest boots a customize
       '--append-line', '/etc/motd:welcome',
       '--delete', '/etc/gone.txt',
       '--ssh-inject', 'root:string:ssh-ed25519 AAAAkey root@host',
+      '--mkdir', '/opt',
+      '--copy-in', `${bundle}:/opt`,
     ]);
     expect(customized.status, customized.stderr).toBe(0);
     result = expectGuestOk(await lab.run(guestBody, { disks: { b: `${cow},${made.base}` } }));
@@ -84,6 +93,7 @@ describe.skipIf(missing.length > 0)(umlSuiteTitle('a UML guest boots a customize
     });
     expect(markersNamed(result, 'target')).toEqual([['payload.bin']]);
     expect(markersNamed(result, 'gone')).toEqual([['etc/gone.txt']]);
+    expect(markersNamed(result, 'copied')).toEqual([['1600000000', '751', 'copied']]);
   });
 
   it('after the guest wrote more files, e2fsck is clean and they read back on the host; the base is untouched', async () => {
