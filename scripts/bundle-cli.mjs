@@ -42,7 +42,7 @@ await build({
   platform: 'node',
   format: 'esm',
   target: 'node20',
-  external: ['koffi', 'cli-progress'],
+  external: ['koffi', 'ext2fs', 'cli-progress'],
   plugins: [yargsShimLocation],
   logLevel: 'warning',
 });

@@ -70,7 +70,10 @@ export type UbdcowErrorCode =
   | 'not-a-symlink'
   | 'symlink-loop'
   | 'which-partition'
-  | 'kernel-bitmap-overlap';
+  | 'kernel-bitmap-overlap'
+  | 'unclean-fs'
+  | 'guest-op-failed'
+  | 'customize-interrupted';
 
 /**
  * Errors that reach users. Every failure the CLI reports is one of these, so it can print one line

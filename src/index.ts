@@ -37,3 +37,6 @@ export { diffFiles, type DiffFilesOptions, type DiffFilesResult, type FileChange
 export { listGuest, type LsOptions, type LsEntry, type LsProblem, type LsResult } from './commands/ls.js';
 export { getGuestFile, getGuestFileTo, type GetOptions } from './commands/get.js';
 export type { AllocatedRun } from './io/engine.js';
+export { customize, type CustomizeOptions, type CustomizeResult, type CustomizeStep, type CustomizeOperation } from './commands/customize.js';
+export { parseOperation, parseCommandsFile, type SshKeySource } from './guestfs/customize-spec.js';
+export { customizeJournalPath } from './io/redo-journal.js';

@@ -12,6 +12,7 @@ import { rebaseCommand } from './commands/rebase.js';
 import { writeCommand } from './commands/write.js';
 import { nbdCommands } from './nbd-commands.js';
 import { guestCommands } from './guest-commands.js';
+import { customizeCommand } from './customize-command.js';
 
 /*
  * Every CLI command, in the order `ubdcow --help` lists them: one module per command under
@@ -33,4 +34,5 @@ export const commands: CommandModule[] = [
   demoCommand,
   ...nbdCommands,
   ...guestCommands,
+  customizeCommand,
 ];

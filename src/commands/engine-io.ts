@@ -1,6 +1,8 @@
 import type { Writable } from 'node:stream';
 import { checkByteRange } from '../errors.js';
 import { openCow } from '../io/engine.js';
+import { refuseInterruptedCustomize } from '../io/redo-journal.js';
+import { nodeFileSystem } from '../io/node-fs.js';
 import type { FileSystem } from '../io/file.js';
 import { type OptionKeys, checkOptions } from '../options.js';
 
@@ -59,6 +61,8 @@ const writeThroughEngineOptionKeys: OptionKeys<WriteOptions> = { offset: true, b
 /** Writes a stream into the virtual disk at `offset` through the engine, then flushes. */
 export async function writeThroughEngine(cowPath: string, input: AsyncIterable<Uint8Array>, options: WriteOptions): Promise<WriteResult> {
   checkOptions('writeThroughEngine', options, writeThroughEngineOptionKeys);
+  // A write under an interrupted customize's journal would be undone by its replay.
+  await refuseInterruptedCustomize(options.fs ?? nodeFileSystem, cowPath);
   const dev = await openCow(cowPath, { backing: options.backing, sync: options.sync, fs: options.fs, allocationUnit: options.allocationUnit });
   const inFlight = new Set<Promise<void>>();
   let firstError: unknown;

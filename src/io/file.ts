@@ -147,12 +147,12 @@ export interface FileStat {
 }
 
 /**
- * 'r' read-only, 'r+' read-write, 'wx' create a new file (fails if it exists), 'w-direct' write
+ * 'r' read-only, 'r+' read-write, 'wx' create a new file (fails if it exists; 'wx+' also readable), 'w-direct' write
  * an existing file bypassing the page cache (O_DIRECT): buffers from alignedBuffer(), positions
  * and lengths multiples of DIRECT_IO_ALIGNMENT. File systems without direct I/O refuse it with
  * EINVAL, at open or at the first write.
  */
-export type OpenMode = 'r' | 'r+' | 'wx' | 'w-direct';
+export type OpenMode = 'r' | 'r+' | 'wx' | 'wx+' | 'w-direct';
 
 /** Alignment (memory, file position, length) that direct I/O needs on any Linux block device. */
 export const DIRECT_IO_ALIGNMENT = 4096;

@@ -3,6 +3,8 @@ import { commitInPlace } from './in-place.js';
 import { commitToNewFile } from './new-file.js';
 import type { CommitOptions, CommitResult } from './shared.js';
 import { type OptionKeys, checkOptions } from '../../options.js';
+import { refuseInterruptedCustomize } from '../../io/redo-journal.js';
+import { nodeFileSystem } from '../../io/node-fs.js';
 
 /*
  * `ubdcow commit`: the dispatch between the two merges. new-file.ts writes a new image (what
@@ -25,5 +27,6 @@ export async function commitCow(cowPath: string, options: CommitOptions = {}): P
   if (options.output !== undefined && options.keep) {
     throw usageError(`${options.output}: --keep only applies to an in-place commit (no OUT); a new image never changes the COW`);
   }
+  await refuseInterruptedCustomize(options.fs ?? nodeFileSystem, cowPath);
   return options.output === undefined ? commitInPlace(cowPath, options) : commitToNewFile(cowPath, options.output, options);
 }
