@@ -70,7 +70,8 @@ export type UbdcowErrorCode =
   | 'not-a-symlink'
   | 'symlink-loop'
   | 'which-partition'
-  | 'kernel-bitmap-overlap';
+  | 'kernel-bitmap-overlap'
+  | 'fs-not-clean';
 
 /**
  * Errors that reach users. Every failure the CLI reports is one of these, so it can print one line
