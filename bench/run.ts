@@ -1,7 +1,7 @@
 /*
  * `npm run bench`: the engine benchmark (bench/engine.ts), then the workflow benchmark
  * (bench/workflow.ts), the NBD benchmark (bench/nbd.ts) and the guest-file benchmark
- * (bench/guestfs.ts), each when it exists. Each runs in its own process so one's heap and open
+ * (bench/guestfs.ts) and the fleet benchmark (bench/fleet.ts), each when it exists. Each runs in its own process so one's heap and open
  * files cannot skew another. Arguments are passed to all.
  */
 import { spawnSync } from 'node:child_process';
@@ -26,5 +26,5 @@ function runBench(name: string, args: string[]): number {
 }
 
 const args = process.argv.slice(2);
-const statuses = ['engine.ts', 'workflow.ts', 'nbd.ts', 'guestfs.ts'].map((name) => runBench(name, args));
+const statuses = ['engine.ts', 'workflow.ts', 'nbd.ts', 'guestfs.ts', 'fleet.ts'].map((name) => runBench(name, args));
 process.exitCode = statuses.some((status) => status !== 0) ? 1 : 0;
