@@ -4,6 +4,7 @@
  * differs from the new base in 5 % of its pages, against `qemu-img rebase -b` on the equivalent
  * qcow2 overlay. Targets: sparsify <= 10 s; rebase --rewrite >= 0.8x qemu-img's speed.
  */
+import { spawnSync } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
@@ -23,19 +24,28 @@ function writeIntoCow(fd: number, dataOffset: number, bitmapOffset: number, offs
   fs.writeSync(fd, bits, 0, bits.length, bitmapOffset + offset / 512 / 8);
 }
 
+/** Scale for quick runs: FLEET_SCALE=0.2 makes every size a fifth. */
+const scale = Number(process.env.FLEET_SCALE ?? 1);
+
+/** Writes dirty pages out, so the measured command does not pay for the set-up's write-back. */
+function syncAll(): void {
+  spawnSync('sync');
+}
+
 async function sparsifyBench(dir: string): Promise<string[]> {
   const base = path.join(dir, 'base10g.img');
   const cow = path.join(dir, 'vm10g.cow');
   fs.writeFileSync(base, '');
-  fs.truncateSync(base, 10 * GiB);
+  const diskBytes = Math.round(10 * GiB * scale / MiB) * MiB;
+  fs.truncateSync(base, diskBytes);
   await createCow(cow, base);
   const image = await openImage(cow);
   const { dataOffset, bitmapOffset } = image.geometry;
   await image.handle.close();
   const random = seededRandom(22);
   const runBytes = MiB;
-  const runs = (2 * GiB) / runBytes;
-  const slots = (10 * GiB) / runBytes;
+  const runs = Math.round((2 * GiB * scale) / runBytes);
+  const slots = diskBytes / runBytes;
   const chosen = new Set<number>();
   while (chosen.size < runs) chosen.add(Math.floor(random() * slots));
   const cowFd = fs.openSync(cow, 'r+');
@@ -55,6 +65,8 @@ async function sparsifyBench(dir: string): Promise<string[]> {
   const touch = new Date(1_600_000_000_000);
   fs.utimesSync(base, touch, touch);
   await createCowHeaderMtime(cow, base);
+  syncAll();
+  if (process.env.FLEET_KEEP) fs.copyFileSync(cow, `${cow}.orig`);
   const m = await measureCli(['sparsify', '--no-fs', '--json', cow]);
   if (m.status !== 0) throw new Error(`sparsify failed: ${m.stderr}`);
   const result = JSON.parse(m.stdout);
@@ -73,7 +85,8 @@ async function rebaseBench(dir: string): Promise<string[][]> {
   const random = seededRandom(5);
   const fd = fs.openSync(oldBase, 'w');
   const chunk = new Uint8Array(64 * MiB);
-  for (let at = 0; at < 2 * GiB; at += chunk.length) {
+  const baseBytes = Math.round(2 * GiB * scale / chunk.length) * chunk.length;
+  for (let at = 0; at < baseBytes; at += chunk.length) {
     randomFillSync(chunk);
     fs.writeSync(fd, chunk, 0, chunk.length, at);
   }
@@ -81,10 +94,10 @@ async function rebaseBench(dir: string): Promise<string[][]> {
   fs.copyFileSync(oldBase, newBase);
   const nfd = fs.openSync(newBase, 'r+');
   const piece = new Uint8Array(64 << 10);
-  const pieces = Math.round((0.05 * 2 * GiB) / piece.length);
+  const pieces = Math.round((0.05 * baseBytes) / piece.length);
   for (let i = 0; i < pieces; i++) {
     randomFillSync(piece);
-    fs.writeSync(nfd, piece, 0, piece.length, Math.floor(random() * (2 * GiB / piece.length)) * piece.length);
+    fs.writeSync(nfd, piece, 0, piece.length, Math.floor(random() * (baseBytes / piece.length)) * piece.length);
   }
   fs.closeSync(nfd);
   const when = new Date(1_600_000_000_000);
@@ -92,6 +105,7 @@ async function rebaseBench(dir: string): Promise<string[][]> {
   const rows: string[][] = [];
   const cow = path.join(dir, 'vm2g.cow');
   await createCow(cow, oldBase);
+  syncAll();
   // Both overlays start empty, so both tools compare the whole bases; both read them warm.
   const ours = await measureCli(['rebase', '--rewrite', '--json', cow, newBase]);
   if (ours.status !== 0) throw new Error(`rebase --rewrite failed: ${ours.stderr}`);
@@ -116,7 +130,8 @@ async function main(): Promise<void> {
     const rows = [['what', 'time', 'notes'], await sparsifyBench(dir), ...(await rebaseBench(dir))];
     console.log(table(rows));
   } finally {
-    fs.rmSync(dir, { recursive: true, force: true });
+    if (process.env.FLEET_KEEP) console.log(`kept ${dir}`);
+    else fs.rmSync(dir, { recursive: true, force: true });
   }
 }
 

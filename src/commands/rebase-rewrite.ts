@@ -187,40 +187,54 @@ async function startTarget(job: Job, stored: string, mtime: number): Promise<voi
   await writeAll(target!, targetPath!, 'write', { buffer: header, offset: 0, length: header.length, position: 0 });
 }
 
-/** Goes through the disk a window at a time: each base window read once, applied to every COW over it. */
+/** The bases' bytes of one window: the new base once, each distinct old base once. */
+interface BaseWindow {
+  start: number;
+  end: number;
+  fresh: Uint8Array;
+  old: Map<OpenedFile, Uint8Array>;
+}
+
+/**
+ * Goes through the disk a window at a time: each base window read once (the next one while this
+ * one is worked on), applied to every COW over it.
+ */
 async function rewriteWindows(jobs: Job[], fresh: OpenedFile, size: number, options: RebaseRewriteOptions, differing: { bytes: number }): Promise<void> {
   const pageBytes = Math.max(...jobs.map((job) => sectorsPerPage(job.image.header.sectorSize) * job.image.header.sectorSize));
   const unit = Math.max(pageBytes * 8, ...jobs.map((job) => job.image.header.sectorSize * 8));
   const windowBytes = Math.max(unit, Math.ceil((options.windowBytes ?? DEFAULT_WINDOW_BYTES) / unit) * unit);
-  const freshData = new Uint8Array(windowBytes);
-  const oldData = new Uint8Array(windowBytes);
-  const page = new Uint8Array(pageBytes);
   const groups = new Map<OpenedFile, Job[]>();
   for (const job of jobs) groups.set(job.oldBase!, [...(groups.get(job.oldBase!) ?? []), job]);
-  options.onProgress?.(0, size);
-  for (let start = 0; start < size; start += windowBytes) {
+  const bases = [...groups.keys()];
+  const buffers = [0, 1].map(() => ({ fresh: new Uint8Array(windowBytes), old: new Map(bases.map((base) => [base, new Uint8Array(windowBytes)])) }));
+  const scratch = { page: new Uint8Array(pageBytes), out: new Uint8Array(windowBytes) };
+  const load = async (start: number, into: (typeof buffers)[number]): Promise<BaseWindow> => {
     const end = Math.min(size, start + windowBytes);
-    const length = end - start;
-    let freshRead = false;
-    let first = true;
-    for (const [oldBase, group] of groups) {
-      let differs: number[] = [];
-      const bothHoles = (await isHole(oldBase.handle, start, end)) && (await isHole(fresh.handle, start, end));
-      if (!bothHoles) {
-        if (!freshRead) await readBase(fresh, freshData, 0, length, start);
-        freshRead = true;
-        await readBase(oldBase, oldData, 0, length, start);
-        differs = differingPages(oldData, freshData, length, pageBytes);
-      } else {
-        freshData.fill(0, 0, length);
-        oldData.fill(0, 0, length);
-        freshRead = true;
-      }
-      if (first) differing.bytes += differs.reduce((sum, at) => sum + Math.min(pageBytes, length - at), 0);
-      first = false;
-      for (const job of group) await rewriteWindow(job, start, end, oldData, freshData, differs, page, options.sparse ?? false);
+    const fill = async (file: OpenedFile, buffer: Uint8Array) => {
+      // A hole in the base reads as zeros: no read needed (sparse bases cost what their data costs).
+      if (await isHole(file.handle, start, end)) buffer.fill(0, 0, end - start);
+      else await readBase(file, buffer, 0, end - start, start);
+    };
+    await Promise.all([fill(fresh, into.fresh), ...bases.map((base) => fill(base, into.old.get(base)!))]);
+    return { start, end, fresh: into.fresh, old: into.old };
+  };
+  options.onProgress?.(0, size);
+  let pending = load(0, buffers[0]!);
+  for (let start = 0, turn = 0; start < size; start += windowBytes, turn++) {
+    const window = await pending;
+    if (start + windowBytes < size) {
+      pending = load(start + windowBytes, buffers[(turn + 1) % 2]!);
+      // Awaited next turn; if this turn fails first, its error is the one reported.
+      pending.catch(() => undefined);
     }
-    options.onProgress?.(end, size);
+    const length = window.end - start;
+    for (const [index, base] of bases.entries()) {
+      const oldData = window.old.get(base)!;
+      const differs = differingPages(oldData, window.fresh, length, pageBytes);
+      if (index === 0) differing.bytes += differs.reduce((sum, at) => sum + Math.min(pageBytes, length - at), 0);
+      for (const job of groups.get(base)!) await rewriteWindow(job, start, window.end, oldData, window.fresh, differs, scratch, options.sparse ?? false);
+    }
+    options.onProgress?.(window.end, size);
   }
 }
 
@@ -236,7 +250,8 @@ function differingPages(a: Uint8Array, b: Uint8Array, length: number, pageBytes:
 }
 
 /** One COW's share of a window: copy in the differing pages it does not hold, drop (sparse) the ones equal to the new base. */
-async function rewriteWindow(job: Job, start: number, end: number, oldData: Uint8Array, freshData: Uint8Array, differs: number[], page: Uint8Array, sparse: boolean): Promise<void> {
+async function rewriteWindow(job: Job, start: number, end: number, oldData: Uint8Array, freshData: Uint8Array, differs: number[], scratch: { page: Uint8Array; out: Uint8Array }, sparse: boolean): Promise<void> {
+  const { page, out } = scratch;
   const { image, target, targetPath, result } = job;
   const { sectorSize } = image.header;
   const { coveredSectors, dataOffset } = image.geometry;
@@ -245,6 +260,7 @@ async function rewriteWindow(job: Job, start: number, end: number, oldData: Uint
   const { bits } = window;
   const rel = (sector: number) => sector - bits.firstSector;
   const filled = new Set<number>();
+  const copies: Array<{ start: number; end: number }> = [];
   for (const at of differs) {
     const pageStart = start + at;
     const pageEnd = Math.min(end, pageStart + pageBytes);
@@ -263,11 +279,17 @@ async function rewriteWindow(job: Job, start: number, end: number, oldData: Uint
       needed = Buffer.compare(oldData.subarray(from, to), freshData.subarray(from, to)) !== 0;
     }
     if (!needed) continue;
-    const view = await guestPage(image, window, oldData, start, pageStart, pageEnd, page);
-    await writeAll(target!, targetPath!, 'write', { buffer: view, offset: 0, length: view.length, position: dataOffset + pageStart });
+    await guestPage(image, window, oldData, start, pageStart, pageEnd, out.subarray(pageStart - start));
+    // Neighbouring pages go out in one write.
+    const run = copies[copies.length - 1];
+    if (run && run.end === pageStart) run.end = pageEnd;
+    else copies.push({ start: pageStart, end: pageEnd });
     setWindowBits(window, first, last, true);
     result.copiedBytes += pageEnd - pageStart;
     filled.add(pageStart);
+  }
+  for (const copy of copies) {
+    await writeAll(target!, targetPath!, 'write', { buffer: out, offset: copy.start - start, length: copy.end - copy.start, position: dataOffset + copy.start });
   }
   if (sparse) {
     for (const run of bits.allocatedRuns()) {

@@ -88,6 +88,8 @@ const sparsifyOptionKeys: OptionKeys<SparsifyOptions> = {
 const DEFAULT_WINDOW_BYTES = 8 << 20;
 /** Bit clears are made durable and their pages punched every this many disk bytes. */
 const BATCH_BYTES = 512 << 20;
+/** Hole punches in flight at once. */
+const PUNCHES_IN_FLIGHT = 8;
 /** Neighbouring touched pages closer than this are read in one go (holes read cheaply). */
 const READ_GAP_BYTES = 64 << 10;
 
@@ -211,12 +213,19 @@ async function dropPages(image: CowImage, backing: OpenedFile, free: FreeBlocks 
     await image.handle.datasync().catch((err) => {
       throw fromSystemError(err, image.path, 'sync');
     });
-    for (const punch of punches) {
-      const outcome = await punchHole(image.handle, punch.start, punch.end - punch.start, { fallback: 'skip' }).catch((err) => {
-        throw fromSystemError(err, image.path, 'punch a hole in');
-      });
-      if (outcome === 'skipped') holesPunched = false;
-    }
+    // Several in flight: a punch on a file system mounted with `discard` waits for the device
+    // (0.6 ms each here); four threads at once did five times as many.
+    let next = 0;
+    const worker = async () => {
+      while (next < punches.length) {
+        const punch = punches[next++]!;
+        const outcome = await punchHole(image.handle, punch.start, punch.end - punch.start, { fallback: 'skip' }).catch((err) => {
+          throw fromSystemError(err, image.path, 'punch a hole in');
+        });
+        if (outcome === 'skipped') holesPunched = false;
+      }
+    };
+    await Promise.all(Array.from({ length: PUNCHES_IN_FLIGHT }, worker));
     punches.length = 0;
   };
 
@@ -228,8 +237,10 @@ async function dropPages(image: CowImage, backing: OpenedFile, free: FreeBlocks 
     const windowEnd = Math.min(start + windowBytes, size);
     const window = await readBitmapWindow(image, start / sectorSize, Math.ceil(windowEnd / sectorSize));
     for (const span of pageSpans(runs, pageBytes, windowEnd)) {
-      await readDataArea(image, cowData, span.start - start, span.start, span.end);
-      await readBase(backing, baseData, span.start - start, span.end - span.start, span.start);
+      await Promise.all([
+        readDataArea(image, cowData, span.start - start, span.start, span.end),
+        readBase(backing, baseData, span.start - start, span.end - span.start, span.start),
+      ]);
       for (let page = span.start; page < span.end; page += pageBytes) {
         const verdict = judgePage(image, window, cowData, baseData, start, page, Math.min(page + pageBytes, windowEnd), free);
         if (!verdict) continue;
