@@ -13,7 +13,7 @@ import { createCow } from '../../src/commands/create.js';
 import { rebaseRewrite } from '../../src/commands/rebase-rewrite.js';
 import { sparsifyCow } from '../../src/commands/sparsify.js';
 import { UbdcowError } from '../../src/errors.js';
-import { kernelBitmapRuns } from '../uml/harness.js';
+import { kernelBitmapRuns, ubdcow } from '../uml/harness.js';
 import { snapshot } from '../helpers/cow-fixtures.js';
 import { writeCowSectors } from '../helpers/cow-writes.js';
 import { useTempDir } from '../helpers/tmp.js';
@@ -193,5 +193,25 @@ describe.skipIf(missing.length > 0)(titleWithSkipReason('sparsify and rebase --r
     expect((refused as UbdcowError).code).toBe('backing-mismatch');
     expect((refused as UbdcowError).message).toMatch(/refuses a backing file whose size differs/);
     expect(snapshot(tmp.path, ['vm.cow'])).toEqual(untouched);
+  });
+
+  it('CLI: bad input is one line on stderr and a non-zero exit, nothing changed', async () => {
+    const base = stampedBase(path.join(tmp.path, 'old.img'), random(1 << 20));
+    const cow = path.join(tmp.path, 'vm.cow');
+    await createCow(cow, base);
+    const untouched = snapshot(tmp.path, ['vm.cow', 'old.img']);
+    for (const args of [
+      ['sparsify', path.join(tmp.path, 'missing.cow')],
+      ['rebase', cow, base, base],
+      ['rebase', '--sparse', cow, base],
+      ['rebase', '--rewrite', '--unsafe', cow, base],
+      ['sparsify', '--partition', '0', cow],
+    ]) {
+      const result = await ubdcow(args);
+      expect(result.status, args.join(' ')).not.toBe(0);
+      expect(result.stderr.trim().split('\n'), args.join(' ')).toHaveLength(1);
+      expect(result.stderr).not.toMatch(/\n\s+at /);
+    }
+    expect(snapshot(tmp.path, ['vm.cow', 'old.img'])).toEqual(untouched);
   });
 });

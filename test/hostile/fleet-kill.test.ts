@@ -105,7 +105,7 @@ describe('kill -9 during sparsify and rebase --rewrite', () => {
     let killed = 0;
     for (let round = 0; round < ROUNDS; round++) {
       fs.copyFileSync(pristine, cow);
-      if (await runAndKill(['rebase', '--rewrite', cow, newBase], 250 + Math.floor(random() * 1200))) killed++;
+      if (await runAndKill(['rebase', '--rewrite', cow, newBase], 250 + Math.floor(random() * 4000))) killed++;
       const check = await ubdcow(['check', cow]);
       expect(check.status, check.stdout + check.stderr).toBe(0);
       const header = JSON.parse((await ubdcow(['inspect', '--json', cow])).stdout) as { backingFile: string };
