@@ -35,7 +35,7 @@ export interface RebaseRewriteOptions {
   sparse?: boolean;
   onProgress?: (doneBytes: number, totalBytes: number) => void;
   fs?: FileSystem;
-  /** Disk bytes compared per step (tests make it small). Default 4 MiB. */
+  /** Disk bytes compared per step (tests make it small). Default 1 MiB. */
   windowBytes?: number;
 }
 
@@ -63,7 +63,13 @@ export interface RebaseRewriteResult {
 
 const rebaseRewriteOptionKeys: OptionKeys<RebaseRewriteOptions> = { sparse: true, onProgress: true, fs: true, windowBytes: true };
 
-const DEFAULT_WINDOW_BYTES = 4 << 20;
+/**
+ * 1 MiB windows, four read ahead: the two reads and the compare of a window stay in the CPU's
+ * caches (reading 2 x 400 MiB and comparing took 0.26-0.35 s in 0.5-1 MiB windows here, 0.7 s in
+ * 4 MiB ones and 1.2 s in 16 MiB ones).
+ */
+const DEFAULT_WINDOW_BYTES = 1 << 20;
+const WINDOWS_IN_FLIGHT = 4;
 
 interface Job {
   image: CowImage;
@@ -206,7 +212,8 @@ async function rewriteWindows(jobs: Job[], fresh: OpenedFile, size: number, opti
   const groups = new Map<OpenedFile, Job[]>();
   for (const job of jobs) groups.set(job.oldBase!, [...(groups.get(job.oldBase!) ?? []), job]);
   const bases = [...groups.keys()];
-  const buffers = [0, 1].map(() => ({ fresh: new Uint8Array(windowBytes), old: new Map(bases.map((base) => [base, new Uint8Array(windowBytes)])) }));
+  // Window k is worked on while k+1 .. k+WINDOWS_IN_FLIGHT load (one more is issued first).
+  const buffers = Array.from({ length: WINDOWS_IN_FLIGHT + 2 }, () => ({ fresh: new Uint8Array(windowBytes), old: new Map(bases.map((base) => [base, new Uint8Array(windowBytes)])) }));
   const scratch = { page: new Uint8Array(pageBytes), out: new Uint8Array(windowBytes) };
   const load = async (start: number, into: (typeof buffers)[number]): Promise<BaseWindow> => {
     const end = Math.min(size, start + windowBytes);
@@ -219,14 +226,20 @@ async function rewriteWindows(jobs: Job[], fresh: OpenedFile, size: number, opti
     return { start, end, fresh: into.fresh, old: into.old };
   };
   options.onProgress?.(0, size);
-  let pending = load(0, buffers[0]!);
-  for (let start = 0, turn = 0; start < size; start += windowBytes, turn++) {
-    const window = await pending;
-    if (start + windowBytes < size) {
-      pending = load(start + windowBytes, buffers[(turn + 1) % 2]!);
-      // Awaited next turn; if this turn fails first, its error is the one reported.
-      pending.catch(() => undefined);
-    }
+  const pending: Array<Promise<BaseWindow>> = [];
+  let next = 0;
+  const issue = () => {
+    if (next >= size) return;
+    const loading = load(next, buffers[(next / windowBytes) % buffers.length]!);
+    // Awaited in its turn; if an earlier turn fails first, that error is the one reported.
+    loading.catch(() => undefined);
+    pending.push(loading);
+    next += windowBytes;
+  };
+  for (let i = 0; i < WINDOWS_IN_FLIGHT; i++) issue();
+  for (let start = 0; start < size; start += windowBytes) {
+    const window = await pending.shift()!;
+    issue();
     const length = window.end - start;
     for (const [index, base] of bases.entries()) {
       const oldData = window.old.get(base)!;
@@ -256,6 +269,7 @@ async function rewriteWindow(job: Job, start: number, end: number, oldData: Uint
   const { sectorSize } = image.header;
   const { coveredSectors, dataOffset } = image.geometry;
   const pageBytes = page.length;
+  if (differs.length === 0 && !sparse) return;
   const window = await readBitmapWindow(image, start / sectorSize, Math.ceil(end / sectorSize));
   const { bits } = window;
   const rel = (sector: number) => sector - bits.firstSector;

@@ -2,7 +2,7 @@ import type { CommandModule } from 'yargs';
 import type { ArgumentsCamelCase } from 'yargs';
 import { UbdcowError } from '../../errors.js';
 import { formatBytes, note, out, toJson, warn } from '../format.js';
-import { createByteProgress, progressWanted } from '../progress.js';
+import { withByteProgress } from '../progress.js';
 
 /* `ubdcow rebase`: arguments, help and output. The handler imports its library module lazily so `ubdcow --help` stays fast. */
 
@@ -56,13 +56,9 @@ async function rewriteHandler(argv: ArgumentsCamelCase): Promise<void> {
   const all = [String(argv.cow), String(argv['new-backing']), ...((argv.more as string[] | undefined) ?? []).map(String)];
   const newBase = all.pop()!;
   const { rebaseRewrite } = await import('../../commands/rebase-rewrite.js');
-  const progress = createByteProgress('rebase', progressWanted(argv.progress as boolean | undefined));
-  let result;
-  try {
-    result = await rebaseRewrite(all, newBase, { sparse: Boolean(argv.sparse), onProgress: (done, total) => progress.update(done, total) });
-  } finally {
-    progress.stop();
-  }
+  const result = await withByteProgress('rebase', argv.progress as boolean | undefined, (onProgress) =>
+    rebaseRewrite(all, newBase, { sparse: Boolean(argv.sparse), onProgress }),
+  );
   if (argv.json) {
     out(toJson(result));
     return;

@@ -1,7 +1,7 @@
 import type { CommandModule } from 'yargs';
-import { UbdcowError } from '../../errors.js';
 import { formatBytes, note, out, plural, toJson, warn } from '../format.js';
-import { createByteProgress, progressWanted } from '../progress.js';
+import { partitionOption } from '../guest-commands.js';
+import { withByteProgress } from '../progress.js';
 
 /* `ubdcow sparsify`: arguments, help and output. The handler imports its library module lazily so `ubdcow --help` stays fast. */
 
@@ -29,23 +29,16 @@ export const sparsifyCommand: CommandModule = {
       ),
   handler: async (argv) => {
     const { sparsifyCow } = await import('../../commands/sparsify.js');
-    const partition = argv.partition as number | undefined;
-    if (partition !== undefined && (!Number.isInteger(partition) || partition < 1)) {
-      throw new UbdcowError('usage', `--partition is ${String(partition)}, expected a partition number from 1`);
-    }
-    const progress = createByteProgress('sparsify', progressWanted(argv.progress as boolean | undefined));
-    let result;
-    try {
-      result = await sparsifyCow(String(argv.cow), {
+    const partition = partitionOption(argv);
+    const result = await withByteProgress('sparsify', argv.progress as boolean | undefined, (onProgress) =>
+      sparsifyCow(String(argv.cow), {
         guestFs: argv.fs as boolean | undefined,
         partition,
         backing: argv.backing as string | undefined,
         dryRun: Boolean(argv['dry-run']),
-        onProgress: (done, total) => progress.update(done, total),
-      });
-    } finally {
-      progress.stop();
-    }
+        onProgress,
+      }),
+    );
     if (argv.json) {
       out(toJson(result));
       return;
