@@ -14,7 +14,7 @@ import { rebaseRewrite } from '../../src/commands/rebase-rewrite.js';
 import { sparsifyCow } from '../../src/commands/sparsify.js';
 import { UbdcowError } from '../../src/errors.js';
 import { kernelBitmapRuns, ubdcow } from '../uml/harness.js';
-import { snapshot } from '../helpers/cow-fixtures.js';
+import { holdLockInChild, snapshot } from '../helpers/cow-fixtures.js';
 import { writeCowSectors } from '../helpers/cow-writes.js';
 import { useTempDir } from '../helpers/tmp.js';
 import { missingTools, titleWithSkipReason } from '../helpers/tools.js';
@@ -213,5 +213,26 @@ describe.skipIf(missing.length > 0)(titleWithSkipReason('sparsify and rebase --r
       expect(result.stderr).not.toMatch(/\n\s+at /);
     }
     expect(snapshot(tmp.path, ['vm.cow', 'old.img'])).toEqual(untouched);
+  });
+
+  it('both refuse a COW another process holds locked as a running UML does (nothing changed)', async () => {
+    const base = stampedBase(path.join(tmp.path, 'old.img'), random(1 << 20));
+    const other = path.join(tmp.path, 'other.img');
+    fs.writeFileSync(other, random(1 << 20));
+    const cow = path.join(tmp.path, 'vm.cow');
+    await createCow(cow, base);
+    await writeCowSectors(cow, [{ sector: 0, data: fs.readFileSync(base).subarray(0, 4096) }]);
+    const untouched = snapshot(tmp.path, ['vm.cow']);
+    const holder = await holdLockInChild(cow);
+    try {
+      for (const attempt of [sparsifyCow(cow, { guestFs: false }), sparsifyCow(cow, { guestFs: false, dryRun: true }), rebaseRewrite([cow], other)]) {
+        const refused = await attempt.catch((err: unknown) => err);
+        expect((refused as UbdcowError).code).toBe('locked');
+      }
+    } finally {
+      await holder.release();
+    }
+    expect(snapshot(tmp.path, ['vm.cow'])).toEqual(untouched);
+    expect(fs.readdirSync(tmp.path).filter((name) => name.endsWith('.tmp'))).toEqual([]);
   });
 });
