@@ -167,8 +167,10 @@ async function guestFreeBlocks(image: CowImage, backing: OpenedFile, options: Sp
     close: async () => undefined,
   };
   let opened;
+  let free: FreeBlocks;
   try {
     opened = await openVolume(disk, options.partition);
+    free = await readFreeBlocks(opened.volume);
   } catch (err) {
     if (options.guestFs === undefined && options.partition === undefined && err instanceof UbdcowError && noFileSystem.has(err.code)) {
       if (err.code !== 'no-fs') warnings.push(`${err.message} (free blocks not used; pages equal to the backing file are still dropped)`);
@@ -176,7 +178,6 @@ async function guestFreeBlocks(image: CowImage, backing: OpenedFile, options: Sp
     }
     throw err;
   }
-  const free = await readFreeBlocks(opened.volume);
   const { sb } = opened.volume;
   return { free, info: { location: opened.location, kind: sb.kind, blockSize: sb.blockSize, freeBlocks: free.freeBlocks } };
 }

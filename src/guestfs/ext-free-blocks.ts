@@ -17,6 +17,7 @@ import type { ExtVolume } from './ext-reader.js';
 const STATE_VALID = 0x1;
 const STATE_ERROR = 0x2;
 const BG_BLOCK_UNINIT = 0x2;
+const RO_COMPAT_BIGALLOC = 0x200;
 
 export interface FreeBlocks {
   /** Byte offset of the file system on the disk (its partition's start). */
@@ -50,6 +51,10 @@ export async function readFreeBlocks(volume: ExtVolume): Promise<FreeBlocks> {
     throw new UbdcowError('fs-not-clean', `${label}: ${unclean}, so its free-block bitmaps cannot be trusted; boot the guest and shut it down cleanly, or use --no-fs to drop only pages equal to the backing file`, {
       file: source.disk.path,
     });
+  }
+  if (sb.featureRoCompat & RO_COMPAT_BIGALLOC) {
+    // With bigalloc a bitmap bit is a cluster of blocks; read as one bit per block, used blocks would look free.
+    throw new UbdcowError('unsupported-fs', `${label}: the file system uses bigalloc (clusters of blocks), whose free-space bitmaps ubdcow does not read`, { file: source.disk.path });
   }
   const blocks = descriptorBlocks(sb);
   const table = new Uint8Array(blocks.length * sb.blockSize);
