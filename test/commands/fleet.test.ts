@@ -17,6 +17,9 @@ import { kernelBitmapRuns, ubdcow } from '../uml/harness.js';
 import { buildCow, holdLockInChild, snapshot } from '../helpers/cow-fixtures.js';
 import { writeCowSectors } from '../helpers/cow-writes.js';
 import { useTempDir } from '../helpers/tmp.js';
+import { wrapHandle } from '../helpers/wrap-handle.js';
+import { nodeFileSystem } from '../../src/io/node-fs.js';
+import type { FileSystem } from '../../src/io/file.js';
 import { missingTools, titleWithSkipReason } from '../helpers/tools.js';
 
 const missing = missingTools('uml_moo', 'mke2fs', 'debugfs', 'e2fsck', 'dumpe2fs');
@@ -195,6 +198,36 @@ describe.skipIf(missing.length > 0)(titleWithSkipReason('sparsify and rebase --r
     expect(back.cows[0]!.droppedBytes).toBe(18 * 4096);
     expect([...pagesHeld(cows[1]!)].sort((a, b) => a - b)).toEqual([12, 13, 14]); // sectors 100-115
     expect(merge(cows[1]!, path.join(tmp.path, 'back.img')).equals(before[1]!)).toBe(true);
+  });
+
+  it('rebase --rewrite of three COWs reads each base once', async () => {
+    const size = 4 << 20;
+    const base = stampedBase(path.join(tmp.path, 'old.img'), random(size));
+    const newBytes = Buffer.from(fs.readFileSync(base));
+    random(8192).copy(newBytes, 3 << 20);
+    const newBase = path.join(tmp.path, 'new.img');
+    fs.writeFileSync(newBase, newBytes);
+    const cows = ['a.cow', 'b.cow', 'c.cow'].map((name) => path.join(tmp.path, name));
+    for (const cow of cows) await createCow(cow, base);
+    const bytesRead = new Map<string, number>();
+    const counting: FileSystem = {
+      ...nodeFileSystem,
+      async open(file, mode) {
+        const handle = await nodeFileSystem.open(file, mode);
+        const name = path.basename(file);
+        return wrapHandle(handle, {
+          read: async (buffer, offset, length, position) => {
+            const got = await handle.read(buffer, offset, length, position);
+            bytesRead.set(name, (bytesRead.get(name) ?? 0) + got);
+            return got;
+          },
+        });
+      },
+    };
+    const result = await rebaseRewrite(cows, newBase, { fs: counting, windowBytes: 1 << 20 });
+    expect(result.cows.map((c) => c.copiedBytes)).toEqual([8192, 8192, 8192]);
+    expect(bytesRead.get('old.img')).toBe(size);
+    expect(bytesRead.get('new.img')).toBe(size);
   });
 
   it('rebase --rewrite refuses a new base of another size and leaves the COW as it was', async () => {
