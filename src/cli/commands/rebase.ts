@@ -8,7 +8,7 @@ import { withByteProgress } from '../progress.js';
 
 export const rebaseCommand: CommandModule = {
   command: 'rebase <cow> <new-backing> [more..]',
-  describe: 'Point a COW file at a moved or copied backing file (size and mtime must match the header)',
+  describe: 'Point a COW file at a moved or copied backing file (size and mtime must match the header); with --rewrite, move COWs onto a different base, their disks unchanged',
   builder: (y) =>
     y
       .positional('cow', { type: 'string', describe: 'COW file', demandOption: true })
