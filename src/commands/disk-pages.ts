@@ -1,7 +1,7 @@
 import { SectorBitmap } from '../format/bitmap.js';
 import { readBitmapChunk } from '../io/allocation.js';
 import type { OpenedFile } from '../io/backing.js';
-import { fileEndsEarly } from '../errors.js';
+import { fileEndsEarly, fromSystemError } from '../errors.js';
 import { readExactly, writeAll } from '../io/file.js';
 import type { CowImage } from '../io/image.js';
 import { planRead } from '../io/read-plan.js';
@@ -99,4 +99,20 @@ export async function readGuestBytes(image: CowImage, base: Pick<OpenedFile, 'ha
   const firstSector = Math.floor(start / sectorSize / 8) * 8;
   const window = await readBitmapWindow(image, firstSector, Math.ceil(end / sectorSize));
   await readGuestRange(image, base, window.bits, start, end, into);
+}
+
+/**
+ * The data area behind disk bytes [start, end) into `into` at `at`. Bytes past the file's end
+ * read as zeros: only allocated sectors are looked at, and the caller's summarizeAllocation has proved those lie
+ * inside the file.
+ */
+export async function readDataArea(image: CowImage, into: Uint8Array, at: number, start: number, end: number): Promise<void> {
+  const position = image.geometry.dataOffset + start;
+  let got: number;
+  try {
+    got = await image.handle.read(into, at, end - start, position);
+  } catch (err) {
+    throw fromSystemError(err, image.path, 'read');
+  }
+  if (got < end - start) into.fill(0, at + got, at + end - start);
 }

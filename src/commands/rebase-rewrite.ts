@@ -11,9 +11,9 @@ import { cloneOrCopyFile, punchHole } from '../io/file-ops.js';
 import { type CowImage, imageSize, openLockedImage, probeReadable, rewriteHeader, statImageFile } from '../io/image.js';
 import { nodeFileSystem } from '../io/node-fs.js';
 import { type OptionKeys, checkOptions } from '../options.js';
-import { readCowRun, summarizeAllocation } from './commit/shared.js';
+import { summarizeAllocation } from './commit/shared.js';
 import { absoluteBackingPath } from './create.js';
-import { type BitmapWindow, readBase, readBitmapWindow, sectorsPerPage, setWindowBits, writeBitmapWindow } from './disk-pages.js';
+import { type BitmapWindow, readBase, readBitmapWindow, readDataArea, sectorsPerPage, setWindowBits, writeBitmapWindow } from './disk-pages.js';
 
 /*
  * `rebase --rewrite COW... NEW_BASE` (qemu-img rebase -b without -u): move COWs onto another base
@@ -214,7 +214,7 @@ async function rewriteWindows(jobs: Job[], fresh: OpenedFile, size: number, opti
   const bases = [...groups.keys()];
   // Window k is worked on while k+1 .. k+WINDOWS_IN_FLIGHT load (one more is issued first).
   const buffers = Array.from({ length: WINDOWS_IN_FLIGHT + 2 }, () => ({ fresh: new Uint8Array(windowBytes), old: new Map(bases.map((base) => [base, new Uint8Array(windowBytes)])) }));
-  const scratch = { page: new Uint8Array(pageBytes), out: new Uint8Array(windowBytes) };
+  const scratch = { page: new Uint8Array(pageBytes), out: new Uint8Array(windowBytes), cow: new Uint8Array(windowBytes) };
   const load = async (start: number, into: (typeof buffers)[number]): Promise<BaseWindow> => {
     const end = Math.min(size, start + windowBytes);
     const fill = async (file: OpenedFile, buffer: Uint8Array) => {
@@ -263,7 +263,7 @@ function differingPages(a: Uint8Array, b: Uint8Array, length: number, pageBytes:
 }
 
 /** One COW's share of a window: copy in the differing pages it does not hold, drop (sparse) the ones equal to the new base. */
-async function rewriteWindow(job: Job, start: number, end: number, oldData: Uint8Array, freshData: Uint8Array, differs: number[], scratch: { page: Uint8Array; out: Uint8Array }, sparse: boolean): Promise<void> {
+async function rewriteWindow(job: Job, start: number, end: number, oldData: Uint8Array, freshData: Uint8Array, differs: number[], scratch: { page: Uint8Array; out: Uint8Array; cow: Uint8Array }, sparse: boolean): Promise<void> {
   const { page, out } = scratch;
   const { image, target, targetPath, result } = job;
   const { sectorSize } = image.header;
@@ -273,6 +273,9 @@ async function rewriteWindow(job: Job, start: number, end: number, oldData: Uint
   const window = await readBitmapWindow(image, start / sectorSize, Math.ceil(end / sectorSize));
   const { bits } = window;
   const rel = (sector: number) => sector - bits.firstSector;
+  // The window's data area in one read, when the COW holds anything in it (its holes read cheaply).
+  const cowData = bits.nextSet(0) < bits.bitCount ? scratch.cow : undefined;
+  if (cowData) await readDataArea(image, cowData, 0, start, end);
   const filled = new Set<number>();
   const copies: Array<{ start: number; end: number }> = [];
   for (const at of differs) {
@@ -293,7 +296,7 @@ async function rewriteWindow(job: Job, start: number, end: number, oldData: Uint
       needed = Buffer.compare(oldData.subarray(from, to), freshData.subarray(from, to)) !== 0;
     }
     if (!needed) continue;
-    await guestPage(image, window, oldData, start, pageStart, pageEnd, out.subarray(pageStart - start));
+    guestPage(image, window, oldData, cowData, start, pageStart, pageEnd, out.subarray(pageStart - start));
     // Neighbouring pages go out in one write.
     const run = copies[copies.length - 1];
     if (run && run.end === pageStart) run.end = pageEnd;
@@ -314,7 +317,7 @@ async function rewriteWindow(job: Job, start: number, end: number, oldData: Uint
         if (filled.has(pageStart) || pageStart < start) continue;
         filled.add(pageStart);
         const pageEnd = Math.min(end, pageStart + pageBytes);
-        const view = await guestPage(image, window, oldData, start, pageStart, pageEnd, page);
+        const view = guestPage(image, window, oldData, cowData, start, pageStart, pageEnd, page);
         if (Buffer.compare(view, freshData.subarray(pageStart - start, pageEnd - start)) !== 0) continue;
         setWindowBits(window, pageStart / sectorSize, Math.ceil(pageEnd / sectorSize), false);
         await punchHole(target!, dataOffset + pageStart, pageEnd - pageStart, { fallback: 'skip' }).catch((err) => {
@@ -327,20 +330,20 @@ async function rewriteWindow(job: Job, start: number, end: number, oldData: Uint
   await writeBitmapWindow(image, window, target, targetPath);
 }
 
-/** The page [pageStart, pageEnd) as the guest sees it now: COW sectors over the old base. */
-async function guestPage(image: CowImage, window: BitmapWindow, oldData: Uint8Array, windowStart: number, pageStart: number, pageEnd: number, page: Uint8Array): Promise<Uint8Array> {
+/** The page [pageStart, pageEnd) as the guest sees it now: the COW's sectors (from the window's `cowData`) over the old base. */
+function guestPage(image: CowImage, window: BitmapWindow, oldData: Uint8Array, cowData: Uint8Array | undefined, windowStart: number, pageStart: number, pageEnd: number, page: Uint8Array): Uint8Array {
   const { sectorSize } = image.header;
   const { bits } = window;
   const view = page.subarray(0, pageEnd - pageStart);
   view.set(oldData.subarray(pageStart - windowStart, pageEnd - windowStart));
+  if (!cowData) return view;
   const first = pageStart / sectorSize - bits.firstSector;
-  const last = Math.ceil(pageEnd / sectorSize) - bits.firstSector;
-  // Each run of held sectors in one read (a page the COW holds whole: one read).
+  const last = Math.min(Math.ceil(pageEnd / sectorSize) - bits.firstSector, bits.bitCount);
   for (let sector = bits.nextSet(first, last); sector < last; ) {
     const runEnd = bits.nextClear(sector, last);
     const from = (bits.firstSector + sector) * sectorSize;
     const to = Math.min((bits.firstSector + runEnd) * sectorSize, pageEnd);
-    await readCowRun(image, view, from - pageStart, from, to);
+    view.set(cowData.subarray(from - windowStart, to - windowStart), from - pageStart);
     sector = bits.nextSet(runEnd, last);
   }
   return view;

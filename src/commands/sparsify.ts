@@ -11,7 +11,7 @@ import { type FreeBlocks, readFreeBlocks } from '../guestfs/ext-free-blocks.js';
 import { openVolume } from '../guestfs/guest-fs.js';
 import { type OptionKeys, checkOptions } from '../options.js';
 import { summarizeAllocation } from './commit/shared.js';
-import { type BitmapWindow, PAGE_BYTES, readBase, readBitmapWindow, readGuestBytes, sectorsPerPage, setWindowBits, writeBitmapWindow } from './disk-pages.js';
+import { type BitmapWindow, PAGE_BYTES, readBase, readBitmapWindow, readDataArea, readGuestBytes, sectorsPerPage, setWindowBits, writeBitmapWindow } from './disk-pages.js';
 
 /*
  * `sparsify`: make a COW hold only what it must, in place (virt-sparsify --in-place, qemu-img
@@ -284,22 +284,6 @@ function pageSpans(runs: Array<{ start: number; end: number }>, pageBytes: numbe
     else spans.push({ start, end });
   }
   return spans;
-}
-
-/**
- * The data area behind disk bytes [start, end) into `into` at `at`. Bytes past the file's end
- * read as zeros: only allocated sectors are looked at, and summarizeAllocation has proved those lie
- * inside the file.
- */
-async function readDataArea(image: CowImage, into: Uint8Array, at: number, start: number, end: number): Promise<void> {
-  const position = image.geometry.dataOffset + start;
-  let got: number;
-  try {
-    got = await image.handle.read(into, at, end - start, position);
-  } catch (err) {
-    throw fromSystemError(err, image.path, 'read');
-  }
-  if (got < end - start) into.fill(0, at + got, at + end - start);
 }
 
 /**
