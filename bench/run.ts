@@ -1,8 +1,9 @@
 /*
  * `npm run bench`: the engine benchmark (bench/engine.ts), then the workflow benchmark
  * (bench/workflow.ts), the NBD benchmark (bench/nbd.ts), the guest-file benchmark
- * (bench/guestfs.ts) and the customize benchmark (bench/customize.ts), each when it exists.
- * Each runs in its own process so one's heap and open files cannot skew another. Arguments are passed to all.
+ * (bench/guestfs.ts), the customize benchmark (bench/customize.ts) and the fleet benchmark
+ * (bench/fleet.ts), each when it exists. Each runs in its own process so one's heap and open
+ * files cannot skew another. Arguments are passed to all.
  */
 import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
@@ -26,5 +27,5 @@ function runBench(name: string, args: string[]): number {
 }
 
 const args = process.argv.slice(2);
-const statuses = ['engine.ts', 'workflow.ts', 'nbd.ts', 'guestfs.ts', 'customize.ts'].map((name) => runBench(name, args));
+const statuses = ['engine.ts', 'workflow.ts', 'nbd.ts', 'guestfs.ts', 'customize.ts', 'fleet.ts'].map((name) => runBench(name, args));
 process.exitCode = statuses.some((status) => status !== 0) ? 1 : 0;

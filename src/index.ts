@@ -22,6 +22,8 @@ export { commitCow, type CommitOptions, type CommitResult, type NewFileCommitRes
 export { commitJournalPath, readCommitJournal, type CommitJournal } from './io/commit-journal.js';
 export { checkCow, type CheckOptions, type CheckResult, type CheckProblem, type CheckProblemCode } from './commands/check.js';
 export { rebaseCow, type RebaseOptions, type RebaseResult } from './commands/rebase.js';
+export { rebaseRewrite, type RebaseRewriteOptions, type RebaseRewriteResult, type RebasedCow } from './commands/rebase-rewrite.js';
+export { sparsifyCow, type SparsifyOptions, type SparsifyResult } from './commands/sparsify.js';
 export { osCalls, osCallsUnavailable, type OsCalls, type LockQuery, type LockType } from './os/libc.js';
 export { dataExtents, isHole, type DataExtent } from './io/extents.js';
 export { cloneFile, cloneRange, copyRange, cloneOrCopyFile, punchHole, syncRange, type CloneOutcome, type CopyRangeOptions, type CopyReport, type PunchOutcome } from './io/file-ops.js';

@@ -26,7 +26,7 @@ async function answering(command: string, run: () => Promise<void>): Promise<voi
   }
 }
 
-function partitionOption(argv: ArgumentsCamelCase): number | undefined {
+export function partitionOption(argv: ArgumentsCamelCase): number | undefined {
   const value = argv.partition;
   if (value === undefined) return undefined;
   const n = Number(value);

@@ -57,3 +57,16 @@ export function createByteProgress(label: string, enabled: boolean, stream: Node
     },
   };
 }
+
+/**
+ * Runs `work` with a progress bar (shown as `progressWanted(flag)` says) fed by the callback it is
+ * given, and takes the bar down however the work ends.
+ */
+export async function withByteProgress<T>(label: string, flag: boolean | undefined, work: (onProgress: (done: number, total: number) => void) => Promise<T>): Promise<T> {
+  const progress = createByteProgress(label, progressWanted(flag));
+  try {
+    return await work((done, total) => progress.update(done, total));
+  } finally {
+    progress.stop();
+  }
+}

@@ -9,6 +9,7 @@ import { inspectCommand } from './commands/inspect.js';
 import { mapCommand } from './commands/map.js';
 import { readCommand } from './commands/read.js';
 import { rebaseCommand } from './commands/rebase.js';
+import { sparsifyCommand } from './commands/sparsify.js';
 import { writeCommand } from './commands/write.js';
 import { nbdCommands } from './nbd-commands.js';
 import { guestCommands } from './guest-commands.js';
@@ -29,6 +30,7 @@ export const commands: CommandModule[] = [
   commitCommand,
   checkCommand,
   rebaseCommand,
+  sparsifyCommand,
   readCommand,
   writeCommand,
   demoCommand,

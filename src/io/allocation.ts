@@ -84,3 +84,20 @@ export async function* allocatedWindows(image: CowImage, windowBytes: number): A
   }
   if (current) yield current;
 }
+
+/**
+ * A copy of bitmap bytes [firstByte, firstByte + length) as a SectorBitmap of the sectors they
+ * cover (sector numbers from firstByte * 8, covered sectors only), for a caller that changes bits
+ * and writes them back itself (sparsify's windows). Read through LazyBitmap like every scan.
+ */
+export async function readBitmapBytes(image: CowImage, firstByte: number, length: number): Promise<SectorBitmap> {
+  const firstSector = firstByte * 8;
+  const bitCount = Math.max(0, Math.min(length * 8, image.geometry.coveredSectors - firstSector));
+  const bitmap = scanningBitmap(image, BITMAP_CHUNK_BYTES);
+  const view = await bitmap.acquire(firstSector, firstSector + bitCount);
+  try {
+    return new SectorBitmap(bitmap.copyBytes(firstByte, firstByte + length), bitCount, firstSector);
+  } finally {
+    view.release();
+  }
+}
