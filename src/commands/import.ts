@@ -8,7 +8,7 @@
  */
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { UbdcowError, fileEndsEarly } from '../errors.js';
+import { UbdcowError, backingMismatch, fileEndsEarly } from '../errors.js';
 import { openCow } from '../io/engine.js';
 import { refuseExisting, removeStaleTemporaries, temporaryNameFor, writeNewFile } from '../io/atomic.js';
 import { type FileSystem, readExactly } from '../io/file.js';
@@ -61,7 +61,7 @@ export async function importImage(source: string, cowPath: string, backing: stri
   sectorsPerUnit(cowPath, options.allocationUnit, plan.header.sectorSize); // refused before qemu-img runs
   const info = await qemuImageInfo(source, 'import');
   if (!qemuSizeFits(info.virtualSize, size)) {
-    throw new UbdcowError('size-mismatch', `${source}: its disk is ${info.virtualSize} bytes but ${backing} is ${size}; a COW has its backing file's size: import over a backing file of the disk's size`, { file: source });
+    throw backingMismatch(source, `${source}: its disk is ${info.virtualSize} bytes but ${backing} is ${size}; a COW has its backing file's size: import over a backing file of the disk's size`);
   }
   // The raw copy is named like writeNewFile's temporaries (for COW.raw), so a later import sweeps
   // the copy a killed one left.
@@ -106,7 +106,7 @@ async function checkTailIsZero(fileSystem: FileSystem, rawCopy: string, source: 
     await handle.close();
   }
   if (tail.some((byte) => byte !== 0)) {
-    throw new UbdcowError('size-mismatch', `${source}: its disk is ${virtualSize} bytes, and the ${virtualSize - size} bytes past ${size} (the backing file's size) are not all zero; import over a backing file of ${virtualSize} bytes`, { file: source });
+    throw backingMismatch(source, `${source}: its disk is ${virtualSize} bytes, and the ${virtualSize - size} bytes past ${size} (the backing file's size) are not all zero; import over a backing file of ${virtualSize} bytes`);
   }
 }
 
