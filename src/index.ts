@@ -13,7 +13,7 @@ export { nodeFileSystem } from './io/node-fs.js';
 export { openImage, withImage, type CowImage, type ImageLock, type WithImageOptions } from './io/image.js';
 export { allocatedExtents, bitmapSlices, type SectorExtent } from './io/allocation.js';
 export { checkBacking, resolveBackingPath, type BackingReport, type BackingState } from './io/backing.js';
-export { planRead, type ReadSpan, type ReadPlan } from './io/read-plan.js';
+export { planRead, type ReadSpan, type ReadPlan } from './format/read-plan.js';
 export { createCow, absoluteBackingPath, type CreateOptions, type CreateResult } from './commands/create.js';
 export { inspectCow, type InspectReport, type InspectOptions } from './commands/inspect.js';
 export { openVirtualDisk, allocatedByteExtents, type VirtualDisk, type RawDisk, type CowDisk, type OpenVirtualDiskOptions, type FileIdentity } from './io/virtual-disk.js';

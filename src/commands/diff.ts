@@ -1,7 +1,7 @@
 import { notACow, usageError } from '../errors.js';
 import type { FileSystem } from '../io/file.js';
 import { type CowDisk, type VirtualDisk, allocatedByteExtents, openVirtualDisk } from '../io/virtual-disk.js';
-import { ExtentList } from '../io/extent-list.js';
+import { ExtentList } from '../format/extent-list.js';
 import { type OptionKeys, checkOptions } from '../options.js';
 
 /** A byte range of the virtual disk: [offset, offset + length). */

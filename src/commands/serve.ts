@@ -12,7 +12,7 @@ import { type CowDevice, openCow } from '../io/engine.js';
 import { nodeFileSystem } from '../io/node-fs.js';
 import type { FileHandleLike } from '../io/file.js';
 import { looksLikeCow } from '../io/virtual-disk.js';
-import { ExtentList } from '../io/extent-list.js';
+import { ExtentList } from '../format/extent-list.js';
 import { type NbdBlockDevice, type NbdServer, serveNbd } from '../nbd/server.js';
 import { STATE_HOLE, type StatusDescriptor } from '../nbd/protocol.js';
 import { type OptionKeys, checkOptions } from '../options.js';

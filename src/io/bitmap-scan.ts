@@ -7,7 +7,7 @@ import type { SectorBitmap, SectorRun } from '../format/bitmap.js';
 import type { BitmapView } from './bitmap-view.js';
 import type { FileHandleLike } from './file.js';
 import { dataExtents } from './extents.js';
-import { ExtentList } from './extent-list.js';
+import { ExtentList } from '../format/extent-list.js';
 
 /**
  * What a scan needs of a sliced bitmap (LazyBitmap in bitmap-cache.ts is one): its slices, where
