@@ -32,7 +32,8 @@ export type FormatErrorCode =
 /**
  * Every `code` a UbdcowError can carry. Stable: scripts and the CLI's callers match on them.
  * `truncated`: a file (the COW's data area, or the backing file) ends before data it must hold;
- * `backing-mismatch`: the backing file's size or mtime is not what the header recorded.
+ * `backing-mismatch`: the backing file's size or mtime is not what the header recorded (or, for
+ * import and convert, the base's size is not the disk's).
  */
 export type UbdcowErrorCode =
   | FormatErrorCode
@@ -57,7 +58,6 @@ export type UbdcowErrorCode =
   | 'closed'
   | 'read-only'
   | 'uncovered'
-  | 'size-mismatch'
   | 'missing-tool'
   | 'tool-failed'
   | 'in-use'
@@ -202,6 +202,14 @@ export function notACow(file: string, consequence: string): UbdcowError {
 /** `file` is something other than what is needed (`expected`): a directory, a FIFO, ... */
 export function notAFile(file: string, is: string, expected: string): UbdcowError {
   return new UbdcowError('not-a-file', `${file}: is ${is}, expected ${expected}`, { file });
+}
+
+/**
+ * A backing file (or base) whose size or mtime is not what the COW, or the disk being imported,
+ * needs: one code, `backing-mismatch`, wherever it is found. `file` is the file the message names first.
+ */
+export function backingMismatch(file: string, message: string): UbdcowError {
+  return new UbdcowError('backing-mismatch', message, { file });
 }
 
 /** A usage mistake in the options (not about any file). */

@@ -1,3 +1,9 @@
+/*
+ * The public API (the package entry): the commands as library functions, the engine, the image
+ * and backing readers, the FileSystem seam and the pure format layer. Internals (the bitmap cache,
+ * the OS bindings and file-operation helpers) stay behind it; test/packaging/public-api.test.ts
+ * keeps them out.
+ */
 export { UbdcowError, CowFormatError, type UbdcowErrorCode, type FormatErrorCode, type SystemErrorCode } from './errors.js';
 export * from './format/header.js';
 export * from './format/geometry.js';
@@ -7,7 +13,7 @@ export { nodeFileSystem } from './io/node-fs.js';
 export { openImage, withImage, type CowImage, type ImageLock, type WithImageOptions } from './io/image.js';
 export { allocatedExtents, bitmapSlices, type SectorExtent } from './io/allocation.js';
 export { checkBacking, resolveBackingPath, type BackingReport, type BackingState } from './io/backing.js';
-export { planRead, type ReadSpan, type ReadPlan } from './io/read-plan.js';
+export { planRead, type ReadSpan, type ReadPlan } from './format/read-plan.js';
 export { createCow, absoluteBackingPath, type CreateOptions, type CreateResult } from './commands/create.js';
 export { inspectCow, type InspectReport, type InspectOptions } from './commands/inspect.js';
 export { openVirtualDisk, allocatedByteExtents, type VirtualDisk, type RawDisk, type CowDisk, type OpenVirtualDiskOptions, type FileIdentity } from './io/virtual-disk.js';
@@ -24,10 +30,6 @@ export { checkCow, type CheckOptions, type CheckResult, type CheckProblem, type 
 export { rebaseCow, type RebaseOptions, type RebaseResult } from './commands/rebase.js';
 export { rebaseRewrite, type RebaseRewriteOptions, type RebaseRewriteResult, type RebasedCow } from './commands/rebase-rewrite.js';
 export { sparsifyCow, type SparsifyOptions, type SparsifyResult } from './commands/sparsify.js';
-export { osCalls, osCallsUnavailable, type OsCalls, type LockQuery, type LockType } from './os/libc.js';
-export { dataExtents, isHole, type DataExtent } from './io/extents.js';
-export { cloneFile, cloneRange, copyRange, cloneOrCopyFile, punchHole, syncRange, type CloneOutcome, type CopyRangeOptions, type CopyReport, type PunchOutcome } from './io/file-ops.js';
-export { LazyBitmap, lazyBitmapOf, type LazyBitmapOptions, type BitmapView, type DirtySlice, type LazyBitmapStats } from './io/bitmap-cache.js';
 export type { CloneRange } from './io/file.js';
 export { serveNbd, BLOCK_SIZES as NBD_BLOCK_SIZES, type NbdBlockDevice, type NbdServeOptions, type NbdServer } from './nbd/server.js';
 export { serveImage, type ServeOptions, type ServeHandle } from './commands/serve.js';

@@ -8,7 +8,7 @@
  * caller streams.
  */
 import * as fs from 'node:fs';
-import { isAllZero } from '../io/zero-bytes.js';
+import { isAllZero } from '../format/zero-bytes.js';
 import { osCalls } from '../os/libc.js';
 
 const BLOCK = 4096;

@@ -16,7 +16,7 @@ import { type ProtectedFile, refuseOutputOverInput } from '../io/file-identity.j
 import { openImageFile, probeHeader } from '../io/image.js';
 import { nodeFileSystem } from '../io/node-fs.js';
 import { removeOnSignal } from '../io/signal-cleanup.js';
-import { UbdcowError } from '../errors.js';
+import { UbdcowError, backingMismatch } from '../errors.js';
 import { qemuImageInfo, qemuSizeFits, runToolOk } from './qemu-img.js';
 import { serveImage } from './serve.js';
 import { type OptionKeys, checkOptions } from '../options.js';
@@ -123,6 +123,6 @@ async function checkBaseSize(fs: FileSystem, named: string, base: string, image:
   const fits = stat?.kind === 'file' ? stat.size === size : qemuSizeFits(info.virtualSize, size);
   if (!fits) {
     const baseSize = stat?.kind === 'file' ? stat.size : info.virtualSize;
-    throw new UbdcowError('size-mismatch', `${named}: is ${baseSize} bytes, but ${image} is ${size}; an overlay needs a base of the disk's size (such as the backing file ${image} was made over)`, { file: named });
+    throw backingMismatch(named, `${named}: is ${baseSize} bytes, but ${image} is ${size}; an overlay needs a base of the disk's size (such as the backing file ${image} was made over)`);
   }
 }

@@ -15,6 +15,7 @@ import { nodeFileSystem } from '../io/node-fs.js';
 import { imageSize, probeReadable, statImageFile } from '../io/image.js';
 import { refuseExisting, writeNewFile } from '../io/atomic.js';
 import { looksLikeCow } from '../io/virtual-disk.js';
+import { sameFile } from '../io/file-identity.js';
 import { ubdOptionWarnings } from './ubd-option.js';
 import { type OptionKeys, checkOptions } from '../options.js';
 
@@ -127,15 +128,19 @@ export async function planCow(cowPath: string, backing: string, options: CreateO
 }
 
 /**
- * With --force, `create base.img base.img` would replace the backing file by a COW of itself.
- * The COW path's last component is not followed: replacing a symlink to the backing file is fine.
+ * With --force, `create base.img base.img` would replace the backing file by a COW of itself, by
+ * any name that opens it: the same path, a symlinked folder on the way, a hard link (compared by
+ * identity, as the kernel does). The COW path's last component is not followed: replacing a
+ * symlink to the backing file is fine (the link goes, the file stays).
  */
 async function refuseOverwritingBacking(fs: FileSystem, cowPath: string, backing: string): Promise<void> {
-  const [replaced, backingReal] = await Promise.all([
+  const [replaced, reached] = await Promise.all([
     absoluteBackingPath(cowPath, fs).catch(() => undefined),
-    fs.realpath(backing).catch(() => undefined),
+    fs.realpath(cowPath).catch(() => undefined),
   ]);
-  if (replaced !== undefined && replaced === backingReal) {
+  // Missing (nothing to replace), or a symlink as its last component (only the link is replaced).
+  if (replaced === undefined || reached === undefined || replaced !== reached) return;
+  if (await sameFile(fs, cowPath, backing)) {
     throw new UbdcowError('same-file', `${cowPath}: is the backing file itself, refusing to overwrite it`, { file: cowPath });
   }
 }

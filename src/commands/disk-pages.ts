@@ -4,7 +4,7 @@ import type { OpenedFile } from '../io/backing.js';
 import { fileEndsEarly, fromSystemError } from '../errors.js';
 import { readExactly, writeAll } from '../io/file.js';
 import type { CowImage } from '../io/image.js';
-import { planRead } from '../io/read-plan.js';
+import { planRead } from '../format/read-plan.js';
 import { readCowRun } from './commit/shared.js';
 
 /*

@@ -6,12 +6,11 @@
  * the raw copy is removed on every path, on SIGINT/SIGTERM/SIGHUP too (qemu-img is killed then),
  * and a later import sweeps the leftovers of one killed outright. COW may not be SRC or BACKING.
  */
-import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { UbdcowError, fileEndsEarly } from '../errors.js';
+import { UbdcowError, backingMismatch, fileEndsEarly } from '../errors.js';
 import { openCow } from '../io/engine.js';
 import { refuseExisting, removeStaleTemporaries, temporaryNameFor, writeNewFile } from '../io/atomic.js';
-import { type FileSystem, readExactly } from '../io/file.js';
+import { type FileHandleLike, type FileSystem, readExactly } from '../io/file.js';
 import { refuseOutputOverInput } from '../io/file-identity.js';
 import { nodeFileSystem } from '../io/node-fs.js';
 import { removeOnSignal } from '../io/signal-cleanup.js';
@@ -61,7 +60,7 @@ export async function importImage(source: string, cowPath: string, backing: stri
   sectorsPerUnit(cowPath, options.allocationUnit, plan.header.sectorSize); // refused before qemu-img runs
   const info = await qemuImageInfo(source, 'import');
   if (!qemuSizeFits(info.virtualSize, size)) {
-    throw new UbdcowError('size-mismatch', `${source}: its disk is ${info.virtualSize} bytes but ${backing} is ${size}; a COW has its backing file's size: import over a backing file of the disk's size`, { file: source });
+    throw backingMismatch(source, `${source}: its disk is ${info.virtualSize} bytes but ${backing} is ${size}; a COW has its backing file's size: import over a backing file of the disk's size`);
   }
   // The raw copy is named like writeNewFile's temporaries (for COW.raw), so a later import sweeps
   // the copy a killed one left.
@@ -80,7 +79,7 @@ export async function importImage(source: string, cowPath: string, backing: stri
     let written = { sectors: 0, bytes: 0 };
     await writeNewFile(fileSystem, cowPath, options.force ?? false, async (file, temporary) => {
       await writeCowHeader(file, plan);
-      written = await copyDifferences(rawCopy, backing, temporary, plan.header.sectorSize, options.allocationUnit);
+      written = await copyDifferences(fileSystem, rawCopy, backing, temporary, plan.header.sectorSize, options.allocationUnit);
     });
     return { source, sourceFormat: info.format, cow: cowPath, backing, size, sectors: written.sectors, bytes: written.bytes, warnings: plan.warnings };
   } finally {
@@ -106,7 +105,7 @@ async function checkTailIsZero(fileSystem: FileSystem, rawCopy: string, source: 
     await handle.close();
   }
   if (tail.some((byte) => byte !== 0)) {
-    throw new UbdcowError('size-mismatch', `${source}: its disk is ${virtualSize} bytes, and the ${virtualSize - size} bytes past ${size} (the backing file's size) are not all zero; import over a backing file of ${virtualSize} bytes`, { file: source });
+    throw backingMismatch(source, `${source}: its disk is ${virtualSize} bytes, and the ${virtualSize - size} bytes past ${size} (the backing file's size) are not all zero; import over a backing file of ${virtualSize} bytes`);
   }
 }
 
@@ -115,6 +114,7 @@ async function checkTailIsZero(fileSystem: FileSystem, rawCopy: string, source: 
  * from `backing`: a page differing in any sector is stored whole, as UML 6.1 needs (docs/nbd.md).
  */
 async function copyDifferences(
+  fileSystem: FileSystem,
   raw: string,
   backing: string,
   cowPath: string,
@@ -122,8 +122,8 @@ async function copyDifferences(
   allocationUnit: number | undefined,
 ): Promise<{ sectors: number; bytes: number }> {
   const unit = sectorsPerUnit(cowPath, allocationUnit, sectorSize) * sectorSize;
-  const [rawFile, backingFile] = await Promise.all([fs.promises.open(raw, 'r'), fs.promises.open(backing, 'r')]);
-  const cow = await openCow(cowPath, { backing, allocationUnit: unit });
+  const [rawFile, backingFile] = await Promise.all([fileSystem.open(raw, 'r'), fileSystem.open(backing, 'r')]);
+  const cow = await openCow(cowPath, { backing, allocationUnit: unit, fs: fileSystem });
   let bytes = 0;
   try {
     const size = cow.size;
@@ -159,11 +159,8 @@ async function copyDifferences(
   return { sectors: Math.ceil(bytes / sectorSize), bytes };
 }
 
-async function readFully(file: fs.promises.FileHandle, into: Buffer, length: number, position: number, name: string): Promise<void> {
-  let done = 0;
-  while (done < length) {
-    const { bytesRead } = await file.read(into, done, length - done, position + done);
-    if (bytesRead === 0) throw new UbdcowError('truncated', `${name}: ends at ${position + done}, expected ${position + length} bytes`, { file: name });
-    done += bytesRead;
-  }
+async function readFully(file: FileHandleLike, into: Buffer, length: number, position: number, name: string): Promise<void> {
+  await readExactly(file, name, 'read', { buffer: into, offset: 0, length, position }, (got) =>
+    new UbdcowError('truncated', `${name}: ends at ${position + got}, expected ${position + length} bytes`, { file: name }),
+  );
 }

@@ -1,5 +1,5 @@
 import * as fsp from 'node:fs/promises';
-import { UbdcowError, fromSystemError } from '../errors.js';
+import { UbdcowError, backingMismatch, fromSystemError } from '../errors.js';
 import { serializeSameLayout } from '../format/header.js';
 import { writeNewFile } from '../io/atomic.js';
 import { type OpenedFile, backingError, checkBacking, openBacking } from '../io/backing.js';
@@ -139,11 +139,7 @@ async function prepare(fs: FileSystem, image: CowImage, target: NewBase, bases: 
   const cowPath = image.path;
   if (await commitJournalExists(fs, cowPath)) throw interruptedCommitError(cowPath, ' first');
   if (header.size !== target.size) {
-    throw new UbdcowError(
-      'backing-mismatch',
-      `${target.newBase}: ${target.size} bytes, but the disk of ${cowPath} is ${header.size} bytes; UML refuses a backing file whose size differs from the COW header's ("Size mismatch"), so a disk can only move onto a base of its own size`,
-      { file: target.newBase },
-    );
+    throw backingMismatch(target.newBase, `${target.newBase}: ${target.size} bytes, but the disk of ${cowPath} is ${header.size} bytes; UML refuses a backing file whose size differs from the COW header's ("Size mismatch"), so a disk can only move onto a base of its own size`);
   }
   const report = await checkBacking(header, undefined, fs);
   const result: RebasedCow = { file: cowPath, oldBacking: header.backingFile, unchanged: false, copiedBytes: 0, droppedBytes: 0 };

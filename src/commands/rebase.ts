@@ -1,4 +1,4 @@
-import { UbdcowError, fromSystemError } from '../errors.js';
+import { UbdcowError, backingMismatch, fromSystemError } from '../errors.js';
 import { backingMismatches, resolveBackingPath } from '../io/backing.js';
 import { interruptedCommitError, readCommitJournal } from '../io/commit-journal.js';
 import { type FileHandleLike, type FileSystem } from '../io/file.js';
@@ -54,19 +54,11 @@ export async function rebaseCow(cowPath: string, newBacking: string, options: Re
     const found = backingMismatches(newBacking, header, { size, mtime: stat.mtime });
     const sizeMismatch = found.find((m) => m.state === 'size-mismatch');
     if (sizeMismatch) {
-      throw new UbdcowError(
-        'backing-mismatch',
-        `${sizeMismatch.problem}; not the same backing file, and a COW cannot be re-pointed at a disk of another size (UML refuses it)`,
-        { file: newBacking },
-      );
+      throw backingMismatch(newBacking, `${sizeMismatch.problem}; not the same backing file, and a COW cannot be re-pointed at a disk of another size (UML refuses it)`);
     }
     const mismatches = found.map((m) => m.problem);
     if (mismatches.length > 0 && !options.unsafe && !options.compare) {
-      throw new UbdcowError(
-        'backing-mismatch',
-        `${mismatches[0]}; not the same backing file (use --compare to check the contents, or --unsafe to rebase anyway)`,
-        { file: newBacking },
-      );
+      throw backingMismatch(newBacking, `${mismatches[0]}; not the same backing file (use --compare to check the contents, or --unsafe to rebase anyway)`);
     }
     await probeReadable(fs, newBacking, 'backing file');
     const stored = await absoluteBackingPath(newBacking, fs).catch((err) => {
@@ -83,11 +75,7 @@ export async function rebaseCow(cowPath: string, newBacking: string, options: Re
         );
       }
       if (!comparison.compared && mismatches.length > 0 && !options.unsafe) {
-        throw new UbdcowError(
-          'backing-mismatch',
-          `${mismatches[0]}, and the contents could not be compared (${comparison.reason}); use --unsafe to rebase anyway`,
-          { file: newBacking },
-        );
+        throw backingMismatch(newBacking, `${mismatches[0]}, and the contents could not be compared (${comparison.reason}); use --unsafe to rebase anyway`);
       }
     }
     await rewriteHeader(image, { ...header, backingFile: stored, mtime: stat.mtime });

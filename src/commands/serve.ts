@@ -10,8 +10,9 @@ import * as fs from 'node:fs';
 import { UbdcowError, fromSystemError } from '../errors.js';
 import { type CowDevice, openCow } from '../io/engine.js';
 import { nodeFileSystem } from '../io/node-fs.js';
+import type { FileHandleLike } from '../io/file.js';
 import { looksLikeCow } from '../io/virtual-disk.js';
-import { ExtentList } from '../io/extent-list.js';
+import { ExtentList } from '../format/extent-list.js';
 import { type NbdBlockDevice, type NbdServer, serveNbd } from '../nbd/server.js';
 import { STATE_HOLE, type StatusDescriptor } from '../nbd/protocol.js';
 import { type OptionKeys, checkOptions } from '../options.js';
@@ -167,21 +168,21 @@ export async function cowAllocationFromRuns(
 }
 
 async function rawExport(image: string, options: ServeOptions): Promise<ClosableDevice> {
-  let handle: fs.promises.FileHandle;
+  let handle: FileHandleLike;
   let readOnly = Boolean(options.readOnly);
   try {
-    handle = await fs.promises.open(image, readOnly ? 'r' : 'r+');
+    handle = await nodeFileSystem.open(image, readOnly ? 'r' : 'r+');
   } catch (err) {
     const code = (err as NodeJS.ErrnoException).code;
     if (readOnly || (code !== 'EACCES' && code !== 'EROFS' && code !== 'EPERM')) throw fromSystemError(err, image, 'open image');
     // Like qemu-nbd on a file it cannot write: serve it read-only rather than not at all.
-    handle = await fs.promises.open(image, 'r').catch((e) => {
+    handle = await nodeFileSystem.open(image, 'r').catch((e) => {
       throw fromSystemError(e, image, 'open image');
     });
     readOnly = true;
   }
   const stat = await handle.stat();
-  if (!stat.isFile()) {
+  if (stat.kind !== 'file') {
     await handle.close();
     throw new UbdcowError('not-a-file', `${image}: is not a regular file; serve a COW or a raw image file`, { file: image });
   }
@@ -191,24 +192,16 @@ async function rawExport(image: string, options: ServeOptions): Promise<Closable
     size,
     readOnly,
     async readInto(offset, buffer) {
-      let done = 0;
-      while (done < buffer.length) {
-        const { bytesRead } = await handle.read(buffer, done, buffer.length - done, offset + done);
-        if (bytesRead === 0) throw new UbdcowError('truncated', `${image}: ends before byte ${offset + buffer.length}`, { file: image });
-        done += bytesRead;
-      }
+      const got = await handle.read(buffer, 0, buffer.length, offset);
+      if (got < buffer.length) throw new UbdcowError('truncated', `${image}: ends before byte ${offset + buffer.length}`, { file: image });
       return buffer;
     },
     async write(offset, data) {
-      let done = 0;
-      while (done < data.length) {
-        const { bytesWritten } = await handle.write(data, done, data.length - done, offset + done);
-        done += bytesWritten;
-      }
+      await handle.write(data, 0, data.length, offset);
       if (sync) await handle.datasync();
     },
     // The server validated the range against the size; the handle stays open until close().
-    withFileRanges: (offset, length, send) => send([{ fd: handle.fd, position: offset, length }]),
+    withFileRanges: (offset, length, send) => send([{ fd: handle.fd!, position: offset, length }]),
     flush: () => (readOnly ? Promise.resolve() : handle.datasync()),
     close: () => handle.close(),
   };

@@ -13,9 +13,8 @@
 import { UbdcowError } from '../errors.js';
 import { SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE, type Superblock, descriptorBlocks, groupHasSuper, inodeTableBlocks } from './ext-layout.js';
 import type { ExtVolume } from './ext-reader.js';
+import { uncleanReason } from './clean-unmount.js';
 
-const STATE_VALID = 0x1;
-const STATE_ERROR = 0x2;
 const BG_BLOCK_UNINIT = 0x2;
 const RO_COMPAT_BIGALLOC = 0x200;
 
@@ -32,21 +31,11 @@ export interface FreeBlocks {
   rangeFree(start: number, end: number): boolean;
 }
 
-/** Why the file system's bitmaps cannot be trusted, or undefined when they can. */
-export function uncleanReason(volume: ExtVolume, superblock: Uint8Array): string | undefined {
-  const state = superblock[0x3a]! | (superblock[0x3b]! << 8);
-  const { sb } = volume;
-  if (sb.needsRecovery) return `the ${sb.kind} journal needs recovery (the guest did not unmount cleanly)`;
-  if (state & STATE_ERROR) return 'the file system is marked as having errors';
-  if (!sb.hasJournal && !(state & STATE_VALID)) return `the ${sb.kind} file system was not cleanly unmounted (or is mounted)`;
-  return undefined;
-}
-
 /** Reads the block bitmaps of `volume`; refuses (code unclean-fs) a file system whose bitmaps may be stale. */
 export async function readFreeBlocks(volume: ExtVolume): Promise<FreeBlocks> {
   const { sb, source, label } = volume;
   const superblock = await source.read(SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE);
-  const unclean = uncleanReason(volume, superblock);
+  const unclean = uncleanReason(superblock);
   if (unclean) {
     throw new UbdcowError('unclean-fs', `${label}: ${unclean}, so its free-block bitmaps cannot be trusted; boot the guest and shut it down cleanly, or use --no-fs to drop only pages equal to the backing file`, {
       file: source.disk.path,

@@ -389,7 +389,5 @@ export function parseDirBlock(sb: Superblock, block: Uint8Array, where: string):
   return entries;
 }
 
-export { unsupportedFeatures } from './ext-features.js';
-
 /** Directory inode flag: names in it are looked up case-insensitively (casefold feature). */
 export const INODE_FLAG_CASEFOLD = 0x40000000;

@@ -29,8 +29,8 @@ import {
   parseGroupDescriptors,
   parseInode,
   parseSuperblock,
-  unsupportedFeatures,
 } from './ext-layout.js';
+import { unsupportedFeatures } from './ext-features.js';
 
 export interface BlockMap {
   /** Data runs in logical order (holes are the gaps). */

@@ -5,6 +5,7 @@
  * staged; the list of allowed features is closed, so a feature unknown here is refused too.
  */
 import { UbdcowError } from '../errors.js';
+import { uncleanReason } from './clean-unmount.js';
 
 const allowedIncompat: Record<number, string> = {
   0x2: 'filetype',
@@ -60,16 +61,12 @@ function names(bits: number, allowed: Record<number, string>, known: Record<numb
 /** Throws unless the file system in `superblock` (its 1024 bytes) may be written. */
 export function checkWritable(superblock: Uint8Array, label: string, file: string): void {
   const v = new DataView(superblock.buffer, superblock.byteOffset, superblock.byteLength);
-  const state = v.getUint16(0x3a, true);
   const incompat = v.getUint32(0x60, true);
   const roCompat = v.getUint32(0x64, true);
-  const errorCount = v.getUint32(0x194, true);
-  const fix = 'boot the guest and shut it down cleanly, or run e2fsck -fy on it, then try again';
-  if (incompat & 0x4) throw new UbdcowError('unclean-fs', `${label}: the journal needs recovery (the guest did not unmount cleanly); refusing to write (${fix})`, { file });
-  if (state & 0x2 || errorCount > 0) {
-    throw new UbdcowError('unclean-fs', `${label}: the file system has errors recorded (${errorCount} since the last check); refusing to write (${fix})`, { file });
+  const unclean = uncleanReason(superblock);
+  if (unclean) {
+    throw new UbdcowError('unclean-fs', `${label}: ${unclean}; refusing to write (boot the guest and shut it down cleanly, or run e2fsck -fy on it, then try again)`, { file });
   }
-  if (!(state & 0x1)) throw new UbdcowError('unclean-fs', `${label}: the file system was not unmounted cleanly (or is mounted); refusing to write (${fix})`, { file });
   const refused = [...names(incompat, allowedIncompat, refusedIncompat), ...names(roCompat, allowedRoCompat, refusedRoCompat)];
   if (refused.length > 0) {
     throw new UbdcowError('unsupported-fs', `${label}: the file system uses ${refused.join(', ')}, which ubdcow customize does not write (libext2fs here would leave it inconsistent); nothing was changed`, { file });

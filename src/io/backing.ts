@@ -1,5 +1,5 @@
 import * as path from 'node:path';
-import { UbdcowError, fromSystemError } from '../errors.js';
+import { UbdcowError, backingMismatch, fromSystemError } from '../errors.js';
 import type { CowHeader } from '../format/header.js';
 import { type FileHandleLike, type FileStat, type FileSystem, type OpenMode, describeKind } from './file.js';
 import { nodeFileSystem } from './node-fs.js';
@@ -119,7 +119,7 @@ export function backingPolicy(cowPath: string, report: BackingReport, access: 'r
 export function backingError(cowPath: string, report: BackingReport, advice?: string): UbdcowError {
   const problem = `${cowPath}: ${report.problem ?? `backing file ${report.path} is ${report.state}`}`;
   if (report.state === 'size-mismatch' || report.state === 'mtime-mismatch') {
-    return new UbdcowError('backing-mismatch', advice ? `${problem}; ${advice}` : problem, { file: report.path });
+    return backingMismatch(report.path, advice ? `${problem}; ${advice}` : problem);
   }
   const code = report.state === 'ok' ? 'backing-unreadable' : (`backing-${report.state}` as const);
   return new UbdcowError(code, problem, { file: report.path });

@@ -4,13 +4,33 @@
  * pinned only while it is visited, so a scan never holds more than one slice in memory of its own.
  */
 import type { SectorBitmap, SectorRun } from '../format/bitmap.js';
-import type { LazyBitmap } from './bitmap-cache.js';
 import type { BitmapView } from './bitmap-view.js';
+import type { FileHandleLike } from './file.js';
 import { dataExtents } from './extents.js';
-import { ExtentList } from './extent-list.js';
+import { ExtentList } from '../format/extent-list.js';
+
+/**
+ * What a scan needs of a sliced bitmap (LazyBitmap in bitmap-cache.ts is one): its slices, where
+ * they lie in the file, which are in memory, and pinned views of them. Stated here so the scans
+ * and the cache that calls them do not import each other.
+ */
+export interface ScannableBitmap {
+  readonly sliceBytes: number;
+  readonly sliceSectors: number;
+  readonly coveredSectors: number;
+  readonly stats: { holesSkipped: number };
+  /** The file the bitmap lives in, and its bytes there. */
+  readonly region: { file: FileHandleLike; offset: number; length: number };
+  /** Where slice `index` lies in the file, and whether it is in memory or on its way there. */
+  sliceInFile(index: number): { start: number; end: number; known: boolean };
+  /** The first slice from index `from` on that is in memory or on its way there, if any. */
+  nextKnownSlice(from: number): number | undefined;
+  /** A view of sectors [start, end) (within one slice), pinned until released. */
+  acquire(start: number, end: number): Promise<BitmapView>;
+}
 
 /** Sectors set in [start, end) (a range the caller checked). */
-export async function countSetSkippingHoles(bitmap: LazyBitmap, start: number, end: number): Promise<number> {
+export async function countSetSkippingHoles(bitmap: ScannableBitmap, start: number, end: number): Promise<number> {
   let count = 0;
   for await (const _ of scanSlices(bitmap, start, end, (view, from, to) => {
     count += view.countSet(from, to);
@@ -21,7 +41,7 @@ export async function countSetSkippingHoles(bitmap: LazyBitmap, start: number, e
 }
 
 /** Runs of set sectors in [start, end), joined across slices (a range the caller checked). */
-export async function* allocatedRunsSkippingHoles(bitmap: LazyBitmap, start: number, end: number): AsyncGenerator<SectorRun> {
+export async function* allocatedRunsSkippingHoles(bitmap: ScannableBitmap, start: number, end: number): AsyncGenerator<SectorRun> {
   const runs = new ExtentList();
   // Runs are gathered slice by slice and handed out between slices.
   for await (const _ of scanSlices(bitmap, start, end, (view, from, to) => {
@@ -42,7 +62,7 @@ export async function* allocatedRunsSkippingHoles(bitmap: LazyBitmap, start: num
  * of the file has no bit set and is skipped). Each is yielded after its view is released; it stays
  * valid as long as the caller keeps it, since an evicted slice's bytes are never reused.
  */
-export async function* slicesSkippingHoles(bitmap: LazyBitmap): AsyncGenerator<SectorBitmap> {
+export async function* slicesSkippingHoles(bitmap: ScannableBitmap): AsyncGenerator<SectorBitmap> {
   let visited: SectorBitmap | undefined;
   for await (const _ of scanSlices(bitmap, 0, bitmap.coveredSectors, (view, from) => {
     visited = view.sliceBits(from);
@@ -56,7 +76,7 @@ export async function* slicesSkippingHoles(bitmap: LazyBitmap): AsyncGenerator<S
  * file are skipped unread.
  */
 async function* scanSlices(
-  bitmap: LazyBitmap,
+  bitmap: ScannableBitmap,
   start: number,
   end: number,
   visit: (view: BitmapView, from: number, to: number) => void,

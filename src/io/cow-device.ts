@@ -5,7 +5,7 @@
 import type { CowGeometry } from '../format/geometry.js';
 import type { CowHeader } from '../format/header.js';
 import type { FileSystem } from './file.js';
-import type { Extent } from './extent-list.js';
+import type { Extent } from '../format/extent-list.js';
 
 export interface OpenCowOptions {
   /** Backing file to use instead of the header's path (like UML's `ubdN=cow,backing`). */

@@ -16,8 +16,8 @@ import { type FileHandleLike, type FileSystem, readExactly, readExactlySync } fr
 import { nodeFileSystem } from './node-fs.js';
 import { GroupSync } from './group-sync.js';
 import { type CowImage, openLockedImage } from './image.js';
-import { type ReadSpan, planRead, planReadInto, readSpans } from './read-plan.js';
-import { ExtentList } from './extent-list.js';
+import { type ReadSpan, planRead, planReadInto, readSpans } from '../format/read-plan.js';
+import { ExtentList } from '../format/extent-list.js';
 import { RangeLock } from './range-lock.js';
 import { type UnitLayout, type WriteSpan, sectorsPerUnit, unitRange, writeSpan } from './allocation-unit.js';
 import { type OptionKeys, checkOptions } from '../options.js';

@@ -5,6 +5,7 @@ import { openCowReader } from './engine.js';
 import { type FileHandleLike, type FileSystem, readExactly } from './file.js';
 import { nodeFileSystem } from './node-fs.js';
 import { type CowImage, openImageFile, probeHeader } from './image.js';
+import { fileIdentityOrUndefined } from './file-identity.js';
 import { type OptionKeys, checkOptions } from '../options.js';
 
 /*
@@ -18,6 +19,11 @@ import { type OptionKeys, checkOptions } from '../options.js';
 export interface FileIdentity {
   /** The path with symlinks resolved. */
   realPath: string;
+  /**
+   * `dev:ino` of the file when it was opened (fileIdentity): the same for every name of it, hard
+   * links included. Absent when the backing file was not opened (`openBacking: false`).
+   */
+  identity?: string;
   size: number;
   mtime: number;
 }
@@ -139,12 +145,13 @@ async function rawDiskOver(opened: OpenedFile, fs: FileSystem, what: string, clo
   const realPath = await fs.realpath(file).catch((err) => {
     throw fromSystemError(err, file, 'resolve the path of');
   });
+  const identity = await fileIdentityOrUndefined(fs, file);
   const disk: RawDisk = {
     path: file,
     kind: 'raw',
     size,
     sectorSize: RAW_SECTOR_SIZE,
-    base: { realPath, size, mtime },
+    base: { realPath, identity, size, mtime },
     warnings: [],
     async read(offset, length, into) {
       checkRead(disk, offset, length, into);

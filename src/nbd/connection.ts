@@ -12,7 +12,7 @@ import { ReplyWriter } from './reply-writer.js';
 import { BLOCK_SIZES, requestProblem } from './request-checks.js';
 import { waitForSlot } from './slots.js';
 import { ConnectionClosed, SocketReader } from './socket-reader.js';
-import type { ServerState } from './server.js';
+import type { ServerState } from './server-state.js';
 
 export { BLOCK_SIZES };
 /** Option data longer than this is taken as a denial-of-service attempt (hard disconnect). */

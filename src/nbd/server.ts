@@ -21,66 +21,10 @@ export type { FileRange };
 export { BLOCK_SIZES };
 import { BLOCK_SIZES, Connection } from './connection.js';
 import { TransmissionSlots } from './slots.js';
+import type { NbdBlockDevice, NbdServeOptions, ServerState } from './server-state.js';
+
+export type { NbdBlockDevice, NbdServeOptions };
 import { type OptionKeys, checkOptions } from '../options.js';
-
-/** The block device behind an export. `openCow` devices fit it as they are. */
-export interface NbdBlockDevice {
-  readonly size: number;
-  readonly readOnly: boolean;
-  /** Fills `buffer` with the bytes at `offset`. */
-  readInto(offset: number, buffer: Uint8Array): Promise<unknown>;
-  write(offset: number, data: Uint8Array): Promise<void>;
-  /** Everything resolved so far is durable. */
-  flush(): Promise<void>;
-  /**
-   * base:allocation of consecutive extents from `offset`, covering at most `length` bytes and at
-   * most `maxExtents` descriptors (fewer bytes is fine: clients ask again). Without it, every
-   * range is reported as allocated data (status 0), which the protocol always allows.
-   */
-  blockStatus?(offset: number, length: number, maxExtents: number): P.StatusDescriptor[] | Promise<P.StatusDescriptor[]>;
-  /**
-   * Zero-copy reads: calls `send` with the file ranges that hold [offset, offset + length), in
-   * order, keeping their descriptors open until its promise settles; the server then sends them
-   * with sendfile(2). Returns undefined when the bytes cannot be named so (no descriptors), and
-   * the server falls back to readInto. A rejection before `send` is called is the read's error.
-   */
-  withFileRanges?(offset: number, length: number, send: (ranges: FileRange[]) => Promise<void>): Promise<void> | undefined;
-}
-
-export interface NbdServeOptions {
-  /** A Unix socket path to listen on (the default kind of endpoint: only local users reach it). */
-  socket?: string;
-  /** A TCP port (0 picks a free one), bound to `bind` (default 127.0.0.1). */
-  port?: number;
-  bind?: string;
-  /** Export name; the empty name (the default export) is accepted too. Default ''. */
-  name?: string;
-  description?: string;
-  /** Advertise NBD_FLAG_READ_ONLY and refuse writes with EPERM (also when the device is read-only). */
-  readOnly?: boolean;
-  /** Clients served at once (NBD_FLAG_CAN_MULTI_CONN is advertised when more than 1). Default 1. */
-  shared?: number;
-  /**
-   * Connections accepted beyond `shared`: they run their handshakes, then wait in arrival order
-   * for a transmission slot. A connection beyond `shared + queue` is closed at once. Default 128.
-   */
-  queue?: number;
-  /** True when device.write is durable before it resolves (FUA then needs no flush). */
-  writesDurable?: boolean;
-  /** Bytes of request payloads and read replies in flight per connection before reading pauses. */
-  maxInFlightBytes?: number;
-  /** A connection that has not finished the handshake after this long is dropped (default 10 s; waiting for a slot does not count). */
-  handshakeTimeoutMs?: number;
-  /**
-   * close(): how long connections get to finish their in-flight requests (a client that does not
-   * read its replies never lets them finish) before they are closed regardless. Default 3 s.
-   */
-  stopGraceMs?: number;
-  /** false: never send replies with sendfile (default: when the OS layer and the device allow it). */
-  zeroCopy?: boolean;
-  /** Called with one line per notable event (connections, protocol violations). */
-  log?: (line: string) => void;
-}
 
 export interface NbdServer {
   /** `unix:PATH` or `HOST:PORT`. */
@@ -106,9 +50,9 @@ export async function serveNbd(device: NbdBlockDevice, options: NbdServeOptions)
   if (!Number.isInteger(queue) || queue < 0) throw new UbdcowError('usage', `--queue ${queue}: expected a whole number of waiting clients, 0 or more`);
   const sizeProblem = P.blockSizeProblem(BLOCK_SIZES, device.size);
   if (sizeProblem) throw new Error(sizeProblem);
-  const state = new ServerState(device, options, shared, queue);
+  const state = new SharedServerState(device, options, shared, queue);
   // No server.maxConnections: it closes a connection over the limit without a word. Clients
-  // beyond `shared` queue for a slot instead (see slots.ts), and ServerState.accept bounds them.
+  // beyond `shared` queue for a slot instead (see slots.ts), and SharedServerState.accept bounds them.
   const server = net.createServer({ pauseOnConnect: false }, (socket) => state.accept(socket));
   if (options.socket !== undefined) await removeStaleSocket(options.socket);
   await new Promise<void>((resolve, reject) => {
@@ -172,7 +116,7 @@ async function removeStaleSocket(file: string): Promise<void> {
 }
 
 /** What every connection of one server shares: the device, the options, the open connections, the slots. */
-export class ServerState {
+export class SharedServerState implements ServerState {
   readonly open = new Set<Connection>();
   readonly readOnly: boolean;
   readonly slots: TransmissionSlots;

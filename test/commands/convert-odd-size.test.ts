@@ -12,6 +12,9 @@ import * as path from 'node:path';
 import { spawnSync } from 'node:child_process';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { useTempDir } from '../helpers/tmp.js';
+import { UbdcowError } from '../../src/errors.js';
+import { convertImage } from '../../src/commands/convert.js';
+import { importImage } from '../../src/commands/import.js';
 import { ensureBuiltCli, missingTools, run, titleWithSkipReason } from '../helpers/tools.js';
 
 const missing = missingTools('qemu-img');
@@ -123,5 +126,20 @@ describe.skipIf(missing.length > 0)(titleWithSkipReason('convert and import of a
       `ubdcow import: tail.raw: its disk is ${ROUNDED} bytes, and the ${ROUNDED - SIZE} bytes past ${SIZE} (the backing file's size) are not all zero; import over a backing file of ${ROUNDED} bytes\n`,
     );
     expect(fs.readdirSync(dir).filter((name) => name.startsWith('.') || name === 'o.qcow2' || name === 't.cow')).toEqual([]);
+  });
+
+  it('a base or source of the wrong size is backing-mismatch, the one code for a backing file that does not fit', async () => {
+    const { dir, disk } = setup();
+    fs.writeFileSync(path.join(dir, 'longer.img'), Buffer.concat([fs.readFileSync(path.join(dir, 'odd.img')), Buffer.from([7])]));
+    fs.writeFileSync(path.join(dir, 'tail.raw'), Buffer.concat([disk, Buffer.alloc(ROUNDED - SIZE - 1), Buffer.from([9])]));
+    const refusals = [
+      () => convertImage(path.join(dir, 'vm.cow'), path.join(dir, 'o.qcow2'), { format: 'qcow2', base: path.join(dir, 'longer.img') }),
+      () => importImage(path.join(dir, 'tail.raw'), path.join(dir, 't.cow'), path.join(dir, 'odd.img')),
+    ];
+    for (const refusal of refusals) {
+      const err = await refusal().catch((e: unknown) => e);
+      expect(err, String(err)).toBeInstanceOf(UbdcowError);
+      expect((err as UbdcowError).code).toBe('backing-mismatch');
+    }
   });
 });

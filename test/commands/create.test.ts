@@ -192,6 +192,19 @@ describe('createCow', () => {
       expect(strayFiles(tmp.path, 'base.img', 'alias.img', 'here')).toEqual([]);
     });
 
+    it('force never replaces the backing file through a hard link to it (same inode, another name)', async () => {
+      const backing = path.join(tmp.path, 'base.img');
+      const twin = path.join(tmp.path, 'twin.img');
+      makeBacking(backing, 4096);
+      fs.linkSync(backing, twin);
+      const before = snapshot(backing);
+      const err = await failure(createCow(twin, backing, { force: true }));
+      expect(err.code).toBe('same-file');
+      expect(err.message).toBe(`${twin}: is the backing file itself, refusing to overwrite it`);
+      expect(snapshot(backing)).toEqual(before);
+      expect(fs.statSync(twin).ino).toBe(fs.statSync(backing).ino);
+    });
+
     it('force may replace a symlink that points at the backing file (the link goes, the file stays)', async () => {
       const backing = path.join(tmp.path, 'base.img');
       const alias = path.join(tmp.path, 'alias.img');

@@ -198,6 +198,19 @@ describe('diffImages', () => {
     );
   });
 
+  it('two COWs over two hard links of one backing file share it (same-backing, by inode), with the same answer', async () => {
+    await inCase(async (dir) => {
+      const backing = writeBacking(dir, 64 * 512);
+      const twin = path.join(dir, 'twin.img');
+      fs.linkSync(backing.file, twin);
+      const a = await cowWith(dir, 'a.cow', backing.file, backing.bytes, [{ at: 3, count: 2, same: false }]);
+      const b = await cowWith(dir, 'b.cow', twin, backing.bytes, [{ at: 40, count: 1, same: false }]);
+      const result = await diffImages(a.file, b.file, { granularity: 'sector' });
+      expect(result.mode).toBe('same-backing');
+      expectResult(result, naiveDiff(a.disk, b.disk, 512));
+    });
+  });
+
   it('a COW against a raw image: equals the naive comparison (same size, other sizes, and the COW\'s own backing)', async () => {
     await fc.assert(
       fc.asyncProperty(

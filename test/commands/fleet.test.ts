@@ -144,6 +144,29 @@ describe.skipIf(missing.length > 0)(titleWithSkipReason('sparsify and rebase --r
     expect(result.dropped.pages).toBe(1);
   });
 
+  it('sparsify refuses what customize refuses: errors counted, or a journaled file system not marked clean (one rule)', async () => {
+    for (const [name, command, message] of [
+      ['error-count', 'ssv error_count 2', /errors recorded \(2 since the last check\).*--no-fs/],
+      ['not-clean', 'ssv state 0', /not unmounted cleanly.*--no-fs/],
+    ] as const) {
+      const dir = path.join(tmp.path, name);
+      fs.mkdirSync(dir);
+      const base = path.join(dir, 'base.img');
+      execFileSync('mke2fs', ['-q', '-F', '-t', 'ext4', base, '16M']);
+      execFileSync('debugfs', ['-w', '-R', command, base], { stdio: 'ignore' });
+      fs.utimesSync(base, MTIME, MTIME);
+      const cow = path.join(dir, 'vm.cow');
+      await createCow(cow, base);
+      await writeCowSectors(cow, [{ sector: 8 * 3000, data: fs.readFileSync(base).subarray(3000 * 4096, 3001 * 4096) }]);
+      const untouched = snapshot(dir, ['vm.cow']);
+      const refused = await sparsifyCow(cow, {}).catch((err: unknown) => err);
+      expect(refused, name).toBeInstanceOf(UbdcowError);
+      expect((refused as UbdcowError).code).toBe('unclean-fs');
+      expect((refused as UbdcowError).message).toMatch(message);
+      expect(snapshot(dir, ['vm.cow'])).toEqual(untouched);
+    }
+  });
+
   it('sparsify does not read bigalloc bitmaps (a bit is a cluster): free blocks unused by default, refused with --fs', async () => {
     const base = path.join(tmp.path, 'base.img');
     execFileSync('mke2fs', ['-q', '-F', '-t', 'ext4', '-O', 'bigalloc', '-C', '65536', base, '64M'], { stdio: 'ignore' });

@@ -5,14 +5,14 @@ import { existsError, writeNewFile } from '../../io/atomic.js';
 import { type OpenedFile, checkBacking, openBacking } from '../../io/backing.js';
 import { interruptedCommitError, readCommitJournal } from '../../io/commit-journal.js';
 import { dataExtents } from '../../io/extents.js';
-import { ExtentList } from '../../io/extent-list.js';
+import { ExtentList } from '../../format/extent-list.js';
 import { cloneFile, copyRange, syncRange } from '../../io/file-ops.js';
 import { type FileHandleLike, type FileSystem, readExactly, writeAll, writeAllSync } from '../../io/file.js';
 import { nodeFileSystem } from '../../io/node-fs.js';
 import { type CowImage, withImage } from '../../io/image.js';
 import { ImageWriter } from '../../io/image-writer.js';
 import { type CommitOptions, HOLE_BLOCK_BYTES, type NewFileCommitResult, judgeBacking, readCowRun, readCowRunSync, roundChunk, summarizeAllocation } from './shared.js';
-import { isAllZero } from '../../io/zero-bytes.js';
+import { isAllZero } from '../../format/zero-bytes.js';
 
 /*
  * Commit to a new image file (what `uml_moo COW OUT` makes): the merged disk is assembled a window

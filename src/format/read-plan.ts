@@ -1,4 +1,4 @@
-import type { SectorBitmap } from '../format/bitmap.js';
+import type { SectorBitmap } from './bitmap.js';
 import { ExtentList } from './extent-list.js';
 
 /*

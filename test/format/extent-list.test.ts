@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import fc from 'fast-check';
-import { ExtentList } from '../../src/io/extent-list.js';
+import { ExtentList } from '../../src/format/extent-list.js';
 
 /** Unit by unit: which label each position [0, size) got (the last add wins, as only sorted adds are made). */
 function paint(adds: Array<{ start: number; end: number; label: number }>, size: number): Array<number | undefined> {

@@ -1,7 +1,7 @@
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import { SectorBitmap } from '../../src/format/bitmap.js';
-import { planRead } from '../../src/io/read-plan.js';
+import { planRead } from '../../src/format/read-plan.js';
 
 /** The rule, byte by byte: from the COW where the sector is covered and its bit set, else the backing. */
 function naive(bits: boolean[], sectorSize: number, covered: number, offset: number, end: number): boolean[] {

@@ -1,0 +1,67 @@
+/*
+ * The dependency rules `npm test` enforces (npm run lint:deps): no import cycles, type-only
+ * imports included, and the layers only import downwards:
+ *   cli -> commands -> guestfs -> io, nbd -> format -> (nothing but errors/options)
+ *   os (koffi bindings) is reached from io, and from nbd and cli for sendfile/splice to sockets
+ *   and pipes; commands, guestfs and format go through io.
+ * src/index.ts (the public API) may import any layer but cli. docs/architecture.md explains them.
+ */
+module.exports = {
+  forbidden: [
+    {
+      name: 'no-circular',
+      severity: 'error',
+      comment: 'An import cycle (type-only imports count: they couple the modules all the same).',
+      from: {},
+      to: { circular: true },
+    },
+    {
+      name: 'format-is-pure',
+      severity: 'error',
+      comment: 'src/format is pure: no I/O, no layer above it.',
+      from: { path: '^src/format/' },
+      to: { path: '^src/', pathNot: ['^src/format/', '^src/errors\\.ts$'] },
+    },
+    {
+      name: 'os-only-below-io',
+      severity: 'error',
+      comment: 'The koffi bindings in src/os are reached through src/io (FileSystem, file-ops, locks); nbd and cli use them for sockets and pipes.',
+      from: { path: '^src/', pathNot: ['^src/(io|os|nbd|cli)/'] },
+      to: { path: '^src/os/' },
+    },
+    {
+      name: 'io-below-commands',
+      severity: 'error',
+      comment: 'src/io serves the commands, the guest file systems and NBD; it never imports them.',
+      from: { path: '^src/(io|os)/' },
+      to: { path: '^src/(cli|commands|guestfs|nbd)/' },
+    },
+    {
+      name: 'nbd-is-a-protocol',
+      severity: 'error',
+      comment: 'src/nbd speaks the protocol over any NbdBlockDevice; what is served is decided in commands/serve.ts.',
+      from: { path: '^src/nbd/' },
+      to: { path: '^src/(cli|commands|guestfs)/' },
+    },
+    {
+      name: 'guestfs-below-commands',
+      severity: 'error',
+      from: { path: '^src/guestfs/' },
+      to: { path: '^src/(cli|commands)/' },
+    },
+    {
+      name: 'cli-on-top',
+      severity: 'error',
+      comment: 'Only the CLI imports the CLI: commands return data, src/cli prints it.',
+      from: { path: '^src/', pathNot: '^src/cli/' },
+      to: { path: '^src/cli/' },
+    },
+  ],
+  options: {
+    doNotFollow: { path: 'node_modules' },
+    // Type-only imports are dependencies too (they vanish from the JavaScript, not from the design).
+    tsPreCompilationDeps: true,
+    tsConfig: { fileName: 'tsconfig.json' },
+    moduleSystems: ['es6'],
+  },
+};
