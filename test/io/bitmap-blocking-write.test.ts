@@ -55,20 +55,51 @@ describe('bitmap slices written with a blocking pwrite', () => {
     return { cow, geometry };
   }
 
-  it('data through the async write, then the bitmap slice on the calling thread; the bits are on disk', async () => {
+  it('a whole data page, then the bitmap slice, both on the calling thread; the bits are on disk', async () => {
     const { cow, geometry } = await setup();
     const calls: Call[] = [];
     const dev = await openCow(cow, { fs: recordingFs(cow, calls, {}) });
     await dev.write(8192, Buffer.alloc(4096, 0x22));
     await dev.close();
     expect(calls.filter((c) => c.position >= geometry.bitmapOffset)).toEqual([
-      { kind: 'write', position: geometry.dataOffset + 8192, length: 4096 },
+      { kind: 'writeSync', position: geometry.dataOffset + 8192, length: 4096 },
       { kind: 'writeSync', position: geometry.bitmapOffset + 2, length: 1 },
     ]);
     const again = await openCow(cow, { readOnly: true });
     expect([again.isAllocated(15), again.isAllocated(16), again.isAllocated(23), again.isAllocated(24)]).toEqual([false, true, true, false]);
     expect(Buffer.from(await again.read(8192, 4096)).equals(Buffer.alloc(4096, 0x22))).toBe(true);
     await again.close();
+  });
+
+  it('data that is not whole pages (sector allocation) or over 64 KiB goes through the async write, before its slice', async () => {
+    const { cow, geometry } = await setup();
+    const calls: Call[] = [];
+    const dev = await openCow(cow, { fs: recordingFs(cow, calls, {}), allocationUnit: 512 });
+    await dev.write(8192 + 512, Buffer.alloc(1024, 0x22));
+    await dev.write(65536, Buffer.alloc(128 << 10, 0x23));
+    await dev.close();
+    expect(calls.filter((c) => c.position >= geometry.bitmapOffset)).toEqual([
+      { kind: 'write', position: geometry.dataOffset + 8192 + 512, length: 1024 },
+      { kind: 'writeSync', position: geometry.bitmapOffset + 2, length: 1 },
+      { kind: 'write', position: geometry.dataOffset + 65536, length: 128 << 10 },
+      { kind: 'writeSync', position: geometry.bitmapOffset + 16, length: 32 },
+    ]);
+  });
+
+  it('a failing blocking data write fails only its request, naming the file and EIO, and sets no bit', async () => {
+    const { cow, geometry } = await setup();
+    const calls: Call[] = [];
+    const dev = await openCow(cow, { fs: recordingFs(cow, calls, { at: (position) => position === geometry.dataOffset + 32768 }) });
+    const [bad, good] = await Promise.allSettled([dev.write(32768, Buffer.alloc(4096, 0x33)), dev.write(0, Buffer.alloc(4096, 0x44))]);
+    expect(good.status).toBe('fulfilled');
+    expect(bad.status).toBe('rejected');
+    const err = (bad as PromiseRejectedResult).reason;
+    expect(err).toBeInstanceOf(UbdcowError);
+    expect(err.message).toContain(cow);
+    expect(err.message).toMatch(/EIO/);
+    expect(dev.isAllocated(64)).toBe(false);
+    expect(dev.isAllocated(0)).toBe(true);
+    await dev.close();
   });
 
   it('a failing blocking slice write fails only its request, naming the file and EIO; its bits are cleared, later writes land', async () => {
