@@ -86,6 +86,38 @@ describe('bitmap slices written with a blocking pwrite', () => {
     ]);
   });
 
+  it('writes finishing in one turn share one slice write over the bytes between them, after all their data', async () => {
+    const { cow, geometry } = await setup();
+    const calls: Call[] = [];
+    const dev = await openCow(cow, { fs: recordingFs(cow, calls, {}) });
+    const offsets = [0, 65536, 131072, 196608 + 8192]; // bitmap bytes 0, 16, 32 and 50
+    await Promise.all(offsets.map((offset) => dev.write(offset, Buffer.alloc(4096, 0x66))));
+    await dev.close();
+    expect(calls.filter((c) => c.position >= geometry.bitmapOffset)).toEqual([
+      ...offsets.map((offset) => ({ kind: 'writeSync', position: geometry.dataOffset + offset, length: 4096 })),
+      { kind: 'writeSync', position: geometry.bitmapOffset, length: 51 },
+    ]);
+    const bitmap = Buffer.alloc(51);
+    fs.readSync(fs.openSync(cow, 'r'), bitmap, 0, 51, geometry.bitmapOffset);
+    const expected = Buffer.alloc(51);
+    for (const offset of offsets) expected[offset / 4096] = 0xff;
+    expect(bitmap.equals(expected)).toBe(true);
+  });
+
+  it('updates in different bitmap slices of the cache are not coalesced (the bytes between may not be in memory)', async () => {
+    const { cow, geometry } = await setup();
+    const calls: Call[] = [];
+    const dev = await openCow(cow, { fs: recordingFs(cow, calls, {}), bitmapSliceBytes: 16, maxBitmapCacheBytes: 16 });
+    await Promise.all([0, 131072].map((offset) => dev.write(offset, Buffer.alloc(4096, 0x66))));
+    await dev.close();
+    // Two writes, whatever their order (each slice loads on its own).
+    const sliceWrites = calls.filter((c) => c.position >= geometry.bitmapOffset && c.position < geometry.dataOffset);
+    expect(sliceWrites.sort((a, b) => a.position - b.position)).toEqual([
+      { kind: 'writeSync', position: geometry.bitmapOffset, length: 1 },
+      { kind: 'writeSync', position: geometry.bitmapOffset + 32, length: 1 },
+    ]);
+  });
+
   it('a failing blocking data write fails only its request, naming the file and EIO, and sets no bit', async () => {
     const { cow, geometry } = await setup();
     const calls: Call[] = [];
@@ -107,7 +139,9 @@ describe('bitmap slices written with a blocking pwrite', () => {
     const calls: Call[] = [];
     const fail: { at?: (position: number) => boolean } = { at: (position) => position === geometry.bitmapOffset + 8 };
     const dev = await openCow(cow, { fs: recordingFs(cow, calls, fail) });
-    const [bad, good] = await Promise.allSettled([dev.write(32768, Buffer.alloc(4096, 0x33)), dev.write(0, Buffer.alloc(4096, 0x44))]);
+    // One after the other: writes finishing in one turn share a slice write, and its failure.
+    const [bad] = await Promise.allSettled([dev.write(32768, Buffer.alloc(4096, 0x33))]);
+    const [good] = await Promise.allSettled([dev.write(0, Buffer.alloc(4096, 0x44))]);
     expect(good.status).toBe('fulfilled');
     expect(bad.status).toBe('rejected');
     const err = (bad as PromiseRejectedResult).reason;

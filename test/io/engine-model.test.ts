@@ -330,7 +330,10 @@ describe('engine against an in-memory model, I/O completing in random order', ()
     const a = randomBytes(random, 512);
     const b = randomBytes(random, 512);
     const writes = Promise.all([dev.write(0, a), dev.write(512, b)]);
-    const settle = () => new Promise<void>((resolve) => setImmediate(resolve));
+    // Two turns: the bitmap writer starts the slice writes of a turn's updates in a setImmediate.
+    const settle = async () => {
+      for (let turn = 0; turn < 2; turn++) await new Promise<void>((resolve) => setImmediate(resolve));
+    };
     await settle();
     // Complete both data writes: A's bitmap slice goes in flight, B's (same byte) must wait.
     const dataWrites = () => fs.log.filter((op) => op.kind === 'write' && op.position >= 12288).length;
