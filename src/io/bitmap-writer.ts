@@ -38,6 +38,9 @@ export interface BitmapWriterOptions {
  */
 const BLOCKING_SLICE_MAX = 4096;
 
+/** The widest slice write that coalescing builds from updates that do not touch (a page of bitmap). */
+const COALESCE_MAX = BLOCKING_SLICE_MAX;
+
 function overlaps(aStart: number, aEnd: number, bStart: number, bEnd: number): boolean {
   return aStart < bEnd && bStart < aEnd;
 }
@@ -86,9 +89,25 @@ export class BitmapWriter {
       reject,
     };
     this.waiting.push(update);
-    this.pump();
+    this.schedulePump();
     return done;
   }
+
+  /**
+   * Starts the waiting updates once this turn of the event loop is over, so the updates of every
+   * write that finished its data in the turn (an NBD server handles a whole socket read of
+   * requests in one) share slice writes: one pwrite per bitmap stretch instead of one per write.
+   */
+  private schedulePump(): void {
+    if (this.pumpScheduled) return;
+    this.pumpScheduled = true;
+    setImmediate(() => {
+      this.pumpScheduled = false;
+      this.pump();
+    });
+  }
+
+  private pumpScheduled = false;
 
   /**
    * Updates (waiting or in flight) whose sectors overlap [sectorStart, sectorEnd): a read of those
@@ -134,19 +153,29 @@ export class BitmapWriter {
   }
 
   /**
-   * Removes the update at `index` from the waiting list together with the waiting updates whose
-   * slices overlap or touch it and overlap nothing in flight, so they share one write.
+   * Removes the update at `index` from the waiting list together with the waiting updates that can
+   * share its write: those whose bytes lie in the same bitmap slice of the LazyBitmap (pinned by
+   * the first update's view, so every byte between is in memory) within COALESCE_MAX bytes, and
+   * where the combined range overlaps nothing in flight. The bytes between them are written too,
+   * unchanged: a bit is set in memory only after its data is written and is on disk once its own
+   * slice write completed, and no write in flight covers them, so memory holds what the file does.
    */
   private takeCoalesced(index: number): SliceWrite {
     const [first] = this.waiting.splice(index, 1);
     const slice: SliceWrite = { byteStart: first.byteStart, byteEnd: first.byteEnd, updates: [first] };
+    const { sliceBytes } = this.options.bitmap;
+    const sliceIndex = Math.floor(first.byteStart / sliceBytes);
+    const sameSlice = (start: number, end: number) => Math.floor(start / sliceBytes) === sliceIndex && Math.floor((end - 1) / sliceBytes) === sliceIndex;
     let grew = true;
     while (grew) {
       grew = false;
       for (let i = index; i < this.waiting.length; i++) {
         const candidate = this.waiting[i];
+        const start = Math.min(slice.byteStart, candidate.byteStart);
+        const end = Math.max(slice.byteEnd, candidate.byteEnd);
         const touches = candidate.byteStart <= slice.byteEnd && slice.byteStart <= candidate.byteEnd;
-        if (!touches || this.overlapsPending(candidate.byteStart, candidate.byteEnd)) continue;
+        const near = sameSlice(start, end) && end - start <= COALESCE_MAX;
+        if (!(touches || near) || this.overlapsPending(start, end)) continue;
         this.waiting.splice(i, 1);
         slice.updates.push(candidate);
         slice.byteStart = Math.min(slice.byteStart, candidate.byteStart);

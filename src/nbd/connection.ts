@@ -260,7 +260,7 @@ export class Connection {
   private async transmit(): Promise<void> {
     const budget = this.server.options.maxInFlightBytes ?? 64 << 20;
     for (;;) {
-      const request = P.decodeRequest(await this.reader.read(P.REQUEST_HEADER_BYTES));
+      const request = P.decodeRequest(this.reader.tryRead(P.REQUEST_HEADER_BYTES) ?? (await this.reader.read(P.REQUEST_HEADER_BYTES)));
       if (!request) {
         this.log('bad request magic: closing');
         return;
@@ -272,7 +272,7 @@ export class Connection {
           this.log(`write of ${request.length} bytes: closing (the limit is ${BLOCK_SIZES.maximum})`);
           return;
         }
-        payload = await this.reader.read(request.length);
+        payload = this.reader.tryRead(request.length) ?? (await this.reader.read(request.length));
       }
       if (request.type === P.CMD_DISC) return;
       const cost = request.type === P.CMD_READ ? Math.min(request.length, MAX_DRAINED_PAYLOAD) : (payload?.length ?? 0);

@@ -11,6 +11,8 @@
  */
 const MIN_CLASS_BYTES = 64 << 10;
 const HEADER_ROOM = 4096;
+/** The slab small replies are carved from (see carve). */
+const SLAB_BYTES = 1 << 20;
 
 export class ReplyBufferPool {
   private readonly free = new Map<number, Buffer[]>();
@@ -20,7 +22,7 @@ export class ReplyBufferPool {
 
   /** A buffer of exactly `bytes` bytes (a view of a pooled one when the size is large enough). */
   take(bytes: number): Buffer {
-    if (bytes < MIN_CLASS_BYTES) return Buffer.allocUnsafe(bytes);
+    if (bytes < MIN_CLASS_BYTES) return this.carve(bytes);
     const capacity = capacityFor(bytes);
     const kept = this.free.get(capacity)?.pop();
     if (kept) {
@@ -30,9 +32,31 @@ export class ReplyBufferPool {
     return Buffer.allocUnsafeSlow(capacity).subarray(0, bytes);
   }
 
+  /**
+   * A small reply carved from a shared slab, never reused: a 4 KiB read's reply (4 KiB + its
+   * header) is over Node's own pool limit, so allocUnsafe made an ArrayBuffer per reply (a malloc
+   * and external memory that drives garbage collections); one slab serves ~250 of them and is
+   * freed by the garbage collector once none of its replies is referenced.
+   */
+  private carve(bytes: number): Buffer {
+    if (bytes > SLAB_BYTES / 8) return Buffer.allocUnsafe(bytes);
+    if (this.slab === undefined || this.slabUsed + bytes > SLAB_BYTES) {
+      this.slab = Buffer.allocUnsafeSlow(SLAB_BYTES);
+      this.slabUsed = 0;
+    }
+    const out = this.slab.subarray(this.slabUsed, this.slabUsed + bytes);
+    // 8-byte aligned, as Node's pool keeps its slices.
+    this.slabUsed += (bytes + 7) & ~7;
+    return out;
+  }
+
+  private slab: Buffer | undefined;
+  private slabUsed = 0;
+
   /** Hands back a buffer from take() that nothing reads any more. */
   give(buffer: Buffer): void {
     const capacity = buffer.buffer.byteLength;
+    // Slices of the small-reply slab (SLAB_BYTES is no capacity class) are never pooled.
     if (buffer.byteOffset !== 0 || capacity < MIN_CLASS_BYTES + HEADER_ROOM || capacity !== capacityFor(capacity)) return;
     if (this.pooledBytes + capacity > this.maxPooledBytes) return;
     let list = this.free.get(capacity);

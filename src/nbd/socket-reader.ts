@@ -49,6 +49,15 @@ export class SocketReader {
     });
   }
 
+  /**
+   * Exactly `length` bytes when they are buffered already, else undefined (then `read`): the
+   * request loop takes the requests of one socket read without a promise and a microtask each.
+   */
+  tryRead(length: number): Buffer | undefined {
+    if (this.waiter || this.buffered < length) return undefined;
+    return this.take(length);
+  }
+
   /** Fails the pending read and every later one (used when the server shuts down). */
   abort(reason = 'server is shutting down'): void {
     this.fail(new ConnectionClosed(reason));

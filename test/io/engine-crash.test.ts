@@ -28,9 +28,10 @@ function plannedWrites(random: () => number, count: number): Array<{ offset: num
   });
 }
 
-async function runRecorded(seed: number, sync: boolean, allocationUnit?: number) {
+async function runRecorded(seed: number, sync: boolean, allocationUnit?: number, blockingWrites = false) {
   const random = seededRandom(seed);
   const { fs, base } = await memoryImage(SIZE, random);
+  fs.blockingWrites = blockingWrites;
   const initial = new Map<string, Uint8Array>([[COW, fs.contents(COW)], [BASE, fs.contents(BASE)]]);
   const dev = await openMemoryCow(fs, { sync, allocationUnit });
   fs.mode = 'random';
@@ -109,13 +110,15 @@ async function readBack(state: Map<string, Uint8Array>, mtime: number, offset: n
 
 describe('crash consistency: the recorded I/O cut at every point', () => {
   it.each([
-    ['4 KiB pages (the default)', undefined],
-    ['sectors (allocationUnit 512)', 512],
-  ])('a process crash (page cache survives) never leaves a set bit over unwritten data, nor loses an acknowledged write, allocating %s; every sector reads old or new, every unit is whole', async (_name, allocationUnit) => {
+    ['4 KiB pages (the default)', undefined, false],
+    ['sectors (allocationUnit 512)', 512, false],
+    ['4 KiB pages, blocking data and bitmap writes', undefined, true],
+    ['sectors, blocking bitmap writes', 512, true],
+  ])('a process crash (page cache survives) never leaves a set bit over unwritten data, nor loses an acknowledged write, allocating %s; every sector reads old or new, every unit is whole', async (_name, allocationUnit, blockingWrites) => {
     const unitSectors = (allocationUnit ?? 4096) / 512;
     let cuts = 0;
     for (let seed = 1; seed <= 6; seed++) {
-      const { fs, initial, acked, end, base, writes } = await runRecorded(seed, false, allocationUnit);
+      const { fs, initial, acked, end, base, writes } = await runRecorded(seed, false, allocationUnit, blockingWrites);
       const mtime = fs.files.get(BASE)!.mtime;
       const { dataOffset } = bitmapOnDisk(initial.get(COW)!);
       for (let cut = 0; cut <= end; cut++) {

@@ -109,9 +109,10 @@ function layoutOf(fs: MemoryFileSystem) {
 }
 
 /** Issues `total` random operations keeping up to `depth` in flight, completing I/O in random order. */
-async function runWorkload(seed: number, size: number, total: number, depth: number, sync = false, options: OpenCowOptions = {}) {
+async function runWorkload(seed: number, size: number, total: number, depth: number, sync = false, options: OpenCowOptions = {}, blockingWrites = false) {
   const random = seededRandom(seed);
   const { fs, base } = await memoryImage(size, random);
+  fs.blockingWrites = blockingWrites;
   const unitSectors = (options.allocationUnit ?? 4096) / 512;
   const layout = { ...layoutOf(fs), unitSectors };
   const violations = watchInvariants(fs, layout);
@@ -200,6 +201,23 @@ describe('engine against an in-memory model, I/O completing in random order', ()
       expect(runs, `seed ${seed}: allocatedRuns`).toEqual(fromDisk);
       await again.close();
     }
+  });
+
+  it.each([
+    ['4 KiB pages (the default)', {}],
+    ['sectors (allocationUnit 512)', { allocationUnit: 512 }],
+    ['evicted slices', { bitmapSliceBytes: 2, maxBitmapCacheBytes: 4 }],
+  ] as Array<[string, OpenCowOptions]>)('holds with blocking writes (whole data pages and bitmap slices on the calling thread), %s', async (_name, options) => {
+    let blockingData = 0;
+    for (let seed = 400; seed < 410; seed++) {
+      const { fs, model } = await runWorkload(seed, size, 400, 32, seed % 4 === 0, options, true);
+      const { dataOffset } = layoutOf(fs);
+      blockingData += fs.log.filter((op) => op.kind === 'write' && op.path === COW && op.position >= dataOffset && op.blocking).length;
+      const again = await openMemoryCow(fs, options);
+      expect(Buffer.from(await again.read(0, size)).equals(Buffer.from(model.bytes)), `seed ${seed}: after reopen`).toBe(true);
+      await again.close();
+    }
+    expect(blockingData, 'data pages written the blocking way').toBeGreaterThan(0);
   });
 
   it('holds at queue depth 1 and with sync', async () => {
@@ -312,7 +330,10 @@ describe('engine against an in-memory model, I/O completing in random order', ()
     const a = randomBytes(random, 512);
     const b = randomBytes(random, 512);
     const writes = Promise.all([dev.write(0, a), dev.write(512, b)]);
-    const settle = () => new Promise<void>((resolve) => setImmediate(resolve));
+    // Two turns: the bitmap writer starts the slice writes of a turn's updates in a setImmediate.
+    const settle = async () => {
+      for (let turn = 0; turn < 2; turn++) await new Promise<void>((resolve) => setImmediate(resolve));
+    };
     await settle();
     // Complete both data writes: A's bitmap slice goes in flight, B's (same byte) must wait.
     const dataWrites = () => fs.log.filter((op) => op.kind === 'write' && op.position >= 12288).length;

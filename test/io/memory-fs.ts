@@ -20,6 +20,8 @@ export interface LoggedWrite {
   /** Sequence number when issued and when completed. */
   issued: number;
   completed: number;
+  /** Done with writeSync (see MemoryFileSystem.blockingWrites). */
+  blocking?: boolean;
 }
 
 export interface LoggedSync {
@@ -62,6 +64,11 @@ export class MemoryFileSystem implements FileSystem {
   random: () => number = Math.random;
   observer: WriteObserver = {};
   failRule: FailRule | undefined;
+  /**
+   * Handles opened while this is true also have writeSync, as real files do: a blocking write
+   * that is issued and completes at once, before any queued op (the engine's blocking paths).
+   */
+  blockingWrites = false;
 
   addFile(path: string, data: Uint8Array, mtime = 1_700_000_000): void {
     const copy = new Uint8Array(data.length);
@@ -161,6 +168,19 @@ export class MemoryFileSystem implements FileSystem {
     file.length = Math.max(file.length, end);
   }
 
+  /** A blocking write: issued, checked against the fail rule and completed in one step. */
+  private writeSyncAt(path: string, writable: boolean, buffer: Uint8Array, offset: number, length: number, position: number): void {
+    if (!writable) throw Object.assign(new Error('EBADF: read-only'), { code: 'EBADF' });
+    const bytes = buffer.slice(offset, offset + length);
+    this.observer.onWriteIssued?.(path, position, bytes, [...this.inFlightWrites]);
+    const issued = this.sequence++;
+    const err = this.injected('write', path, position, length);
+    if (err) throw err;
+    this.observer.onWriteCompleted?.(path, position, bytes, buffer.subarray(offset, offset + length));
+    this.writeAt(path, bytes, position);
+    this.log.push({ kind: 'write', path, position, bytes, issued, completed: this.sequence++, blocking: true });
+  }
+
   handle(path: string, writable: boolean): FileHandleLike {
     const fsys = this;
     let closed = false;
@@ -194,6 +214,11 @@ export class MemoryFileSystem implements FileSystem {
           fsys.log.push({ kind: 'write', path, position, bytes: bytesAtIssue, issued, completed: fsys.sequence++ });
         });
       },
+      ...(fsys.blockingWrites ? { writeSync: (buffer: Uint8Array, offset: number, length: number, position: number) => {
+              check();
+              fsys.writeSyncAt(path, writable, buffer, offset, length, position);
+            },
+          } : {}),
       datasync() {
         check();
         const issued = fsys.sequence++;
