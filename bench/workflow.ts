@@ -183,6 +183,9 @@ async function commitBenchmark(backingKind: 'random' | 'sparse' = 'random'): Pro
     if (mooSynced.status !== 0) throw new Error(`uml_moo + sync: ${mooSynced.stderr}`);
     newFile.mooSynced.push(mooSynced.seconds);
   }
+  // The spread behind the medians: each run's times and its ratio (uml_moo / ubdcow).
+  const perRun = (list: number[]) => list.map((x) => x.toFixed(3)).join(' ');
+  console.error(`  commit COW OUT (${backingKind} backing) per run: ubdcow ${perRun(newFile.ubd)} s; uml_moo ${perRun(newFile.moo)} s; ratio ${newFile.ubd.map((x, i) => (newFile.moo[i]! / x).toFixed(2)).join(' ')}; ratio of medians ${(median(newFile.moo) / median(newFile.ubd)).toFixed(2)}x`);
   const identical = 'output identical to uml_moo (cmp)';
   rows.push(['ubdcow commit COW OUT', seconds(median(newFile.ubd)), mebibytes(newFile.ubdRss), identical]);
   rows.push(['uml_moo COW OUT', seconds(median(newFile.moo)), mebibytes(newFile.mooRss), 'no fsync: data may still be in the page cache']);
