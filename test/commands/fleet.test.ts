@@ -297,8 +297,9 @@ describe.skipIf(missing.length > 0)(titleWithSkipReason('sparsify and rebase --r
     const untouched = snapshot(tmp.path, ['vm.cow']);
     const holder = await holdLockInChild(cow);
     try {
-      for (const attempt of [sparsifyCow(cow, { guestFs: false }), sparsifyCow(cow, { guestFs: false, dryRun: true }), rebaseRewrite([cow], other)]) {
-        const refused = await attempt.catch((err: unknown) => err);
+      // One at a time: a promise made before the previous one settled could reject unobserved.
+      for (const attempt of [() => sparsifyCow(cow, { guestFs: false }), () => sparsifyCow(cow, { guestFs: false, dryRun: true }), () => rebaseRewrite([cow], other)]) {
+        const refused = await attempt().catch((err: unknown) => err);
         expect((refused as UbdcowError).code).toBe('locked');
       }
     } finally {
