@@ -121,6 +121,8 @@ async function stageAndApply(disk: LockedDisk, operations: CustomizeOperation[],
     try {
       await applyPages(disk, entries, (entry, into) => journal.readSlot(entry.slot, into));
     } catch (err) {
+      // The journal stays on disk (a later run replays it); only its descriptor is let go.
+      await journal.close().catch(() => undefined);
       const cause = err instanceof UbdcowError ? err : new UbdcowError('io', String((err as Error)?.message ?? err));
       throw new UbdcowError(cause.code, `${cause.message}; the run's journal ${journal.path} is complete: run \`ubdcow customize ${disk.path}\` (no operations) to finish applying it`, { file: disk.path, cause: err });
     }
