@@ -64,8 +64,13 @@ describe.skipIf(missing.length > 0)(umlSuiteTitle('sparsify and rebase --rewrite
       // A new base: the old one with junk in free blocks and over the blocks of kept.bin.
       const newBase = path.join(dir, 'base-v2.img');
       const bytes = fs.readFileSync(base);
-      const free = /Free blocks: (\d+)-(\d+)/.exec(execFileSync('dumpe2fs', [base], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] }))!;
-      randomFillSync(bytes, Number(free[1]) * 4096, 8 * 4096);
+      // Free in the guest's file system as it is now (not in the old base: the guest's files land
+      // where ext2's allocator puts them, which depends on the writer's pid), so the COW holds none
+      // of these blocks and rebase --rewrite must copy them in from the old base.
+      const dumped = execFileSync('dumpe2fs', [merged], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] });
+      const ranges = [...dumped.matchAll(/^\s*Free blocks: (.+)$/gm)].flatMap((line) => [...line[1]!.matchAll(/(\d+)-(\d+)/g)].map((m) => [Number(m[1]), Number(m[2])] as const));
+      const free = ranges.find(([first, last]) => last - first + 1 >= 8)!;
+      randomFillSync(bytes, free[0] * 4096, 8 * 4096);
       const keptBlocks = execFileSync('debugfs', ['-R', 'blocks /kept.bin', merged], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] }).trim().split(/\s+/).map(Number);
       randomFillSync(bytes, keptBlocks[0]! * 4096, 4096);
       fs.writeFileSync(newBase, bytes);
