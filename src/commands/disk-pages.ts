@@ -1,4 +1,5 @@
 import { SectorBitmap } from '../format/bitmap.js';
+import { DEFAULT_ALLOCATION_UNIT, defaultUnitSectors } from '../io/allocation-unit.js';
 import { readBitmapBytes } from '../io/allocation.js';
 import type { OpenedFile } from '../io/backing.js';
 import { fileEndsEarly, fromSystemError } from '../errors.js';
@@ -14,12 +15,11 @@ import { readCowRun } from './commit/shared.js';
  * and written back in place, and reading the disk as the guest sees it over a window.
  */
 
-export const PAGE_BYTES = 4096;
+/** The page these commands work in: the engine's default allocation unit, so both keep the same pages whole. */
+export const PAGE_BYTES = DEFAULT_ALLOCATION_UNIT;
 
-/** Sectors per page: 8 for 512-byte sectors; 1 where a sector is a page or more, or does not divide one. */
-export function sectorsPerPage(sectorSize: number): number {
-  return sectorSize < PAGE_BYTES && PAGE_BYTES % sectorSize === 0 ? PAGE_BYTES / sectorSize : 1;
-}
+/** Sectors per page, as the engine counts them for its default unit. */
+export const sectorsPerPage = defaultUnitSectors;
 
 /** A window of the bitmap in memory: sectors [firstSector, firstSector + bits.bitCount), whole bytes. */
 export interface BitmapWindow {

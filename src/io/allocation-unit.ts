@@ -10,11 +10,14 @@ import { UbdcowError } from '../errors.js';
 
 export const DEFAULT_ALLOCATION_UNIT = 4096;
 
+/** Sectors per default unit (a 4 KiB page): 8 for 512-byte sectors; 1 where a sector is a page or more, or does not divide one. */
+export function defaultUnitSectors(sectorSize: number): number {
+  return sectorSize < DEFAULT_ALLOCATION_UNIT && DEFAULT_ALLOCATION_UNIT % sectorSize === 0 ? DEFAULT_ALLOCATION_UNIT / sectorSize : 1;
+}
+
 /** Sectors per allocation unit for a COW of `sectorSize`-byte sectors; refuses a unit no kernel page can be. */
 export function sectorsPerUnit(cowPath: string, requested: number | undefined, sectorSize: number): number {
-  if (requested === undefined) {
-    return sectorSize < DEFAULT_ALLOCATION_UNIT && DEFAULT_ALLOCATION_UNIT % sectorSize === 0 ? DEFAULT_ALLOCATION_UNIT / sectorSize : 1;
-  }
+  if (requested === undefined) return defaultUnitSectors(sectorSize);
   const sectors = requested / sectorSize;
   const powerOfTwo = Number.isSafeInteger(requested) && requested > 0 && (requested & (requested - 1)) === 0;
   if (!Number.isInteger(sectors) || sectors < 1 || (!powerOfTwo && requested !== sectorSize)) {
