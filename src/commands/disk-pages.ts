@@ -1,6 +1,5 @@
 import { SectorBitmap } from '../format/bitmap.js';
 import { DEFAULT_ALLOCATION_UNIT, defaultUnitSectors } from '../io/allocation-unit.js';
-import { readBitmapBytes } from '../io/allocation.js';
 import type { OpenedFile } from '../io/backing.js';
 import { fileEndsEarly, fromSystemError } from '../errors.js';
 import { readExactly, writeAll } from '../io/file.js';
@@ -30,13 +29,29 @@ export interface BitmapWindow {
   dirtyTo: number;
 }
 
-/** Reads the bitmap bytes covering sectors [firstSector, endSector) (firstSector a multiple of 8). */
+/**
+ * Reads the bitmap bytes covering sectors [firstSector, endSector) (firstSector a multiple of 8):
+ * just those bytes, with a blocking read where the handle has one (a window's bitmap is a few
+ * hundred bytes, read once per window: a thread-pool round trip, or a 64 KiB slice, costs more).
+ * Bytes past the file's end read as zeros (nothing allocated), as the bitmap readers treat them.
+ */
 export async function readBitmapWindow(image: CowImage, firstSector: number, endSector: number): Promise<BitmapWindow> {
-  const { coveredSectors, bitmapLength } = image.geometry;
+  const { coveredSectors, bitmapLength, bitmapOffset } = image.geometry;
   const firstByte = firstSector / 8;
   const end = Math.min(endSector, coveredSectors);
   const length = Math.max(0, Math.min(bitmapLength, Math.ceil(end / 8)) - firstByte);
-  const bits = length > 0 ? await readBitmapBytes(image, firstByte, length) : new SectorBitmap(new Uint8Array(0), 0, firstSector);
+  const bytes = new Uint8Array(length);
+  if (length > 0) {
+    const { handle } = image;
+    let got: number;
+    try {
+      got = handle.readSync ? handle.readSync(bytes, 0, length, bitmapOffset + firstByte) : await handle.read(bytes, 0, length, bitmapOffset + firstByte);
+    } catch (err) {
+      throw fromSystemError(err, image.path, 'read the bitmap of');
+    }
+    bytes.fill(0, got);
+  }
+  const bits = new SectorBitmap(bytes, Math.max(0, Math.min(length * 8, coveredSectors - firstSector)), firstSector);
   return { bits, firstByte, dirtyFrom: Infinity, dirtyTo: -Infinity };
 }
 

@@ -4,16 +4,16 @@ import { serializeSameLayout } from '../format/header.js';
 import { writeNewFile } from '../io/atomic.js';
 import { type OpenedFile, backingError, checkBacking, openBacking } from '../io/backing.js';
 import { commitJournalExists, interruptedCommitError } from '../io/commit-journal.js';
-import { isHole } from '../io/extents.js';
 import { type FileHandleLike, type FileSystem, writeAll } from '../io/file.js';
 import { fileIdentity } from '../io/file-identity.js';
-import { cloneOrCopyFile, punchHole } from '../io/file-ops.js';
+import { cloneOrCopyFile, punchHole, syncRange } from '../io/file-ops.js';
 import { type CowImage, imageSize, openLockedImage, probeReadable, rewriteHeader, statImageFile } from '../io/image.js';
 import { nodeFileSystem } from '../io/node-fs.js';
 import { type OptionKeys, checkOptions } from '../options.js';
 import { summarizeAllocation } from './commit/shared.js';
+import { BaseComparer } from './base-compare.js';
 import { absoluteBackingPath } from './create.js';
-import { type BitmapWindow, readBase, readBitmapWindow, readDataArea, sectorsPerPage, setWindowBits, writeBitmapWindow } from './disk-pages.js';
+import { type BitmapWindow, readBitmapWindow, readDataArea, sectorsPerPage, setWindowBits, writeBitmapWindow } from './disk-pages.js';
 
 /*
  * `rebase --rewrite COW... NEW_BASE` (qemu-img rebase -b without -u): move COWs onto another base
@@ -64,12 +64,14 @@ export interface RebaseRewriteResult {
 const rebaseRewriteOptionKeys: OptionKeys<RebaseRewriteOptions> = { sparse: true, onProgress: true, fs: true, windowBytes: true };
 
 /**
- * 1 MiB windows, four read ahead: the two reads and the compare of a window stay in the CPU's
- * caches (reading 2 x 400 MiB and comparing took 0.26-0.35 s in 0.5-1 MiB windows here, 0.7 s in
- * 4 MiB ones and 1.2 s in 16 MiB ones).
+ * 1 MiB windows: the unit of the per-COW work (bitmap window, COW data, writes). The bases are
+ * read and compared in smaller chunks inside it (base-compare.ts).
  */
 const DEFAULT_WINDOW_BYTES = 1 << 20;
-const WINDOWS_IN_FLIGHT = 4;
+/** Copied bytes after which a COW's writeback is started (sync_file_range, not waited for). */
+const WRITEBACK_BYTES = 16 << 20;
+/** Longest stretch of blocking reads and compares before the event loop gets a turn. */
+const YIELD_MS = 20;
 
 interface Job {
   image: CowImage;
@@ -79,6 +81,8 @@ interface Job {
   /** The temporary new COW, once created. */
   target?: FileHandleLike;
   targetPath?: string;
+  /** Bytes written to the target since its writeback was last started. */
+  unflushed: number;
 }
 
 export async function rebaseRewrite(cowPaths: string[], newBase: string, options: RebaseRewriteOptions = {}): Promise<RebaseRewriteResult> {
@@ -147,7 +151,7 @@ async function prepare(fs: FileSystem, image: CowImage, target: NewBase, bases: 
   if (oldIdentity === target.newIdentity && header.mtime === target.mtime) {
     // Already over the new base (a re-run after some COWs were done): only the stored path may differ.
     if (header.backingFile !== target.stored) await rewriteHeader(image, { ...header, backingFile: target.stored });
-    return { image, result: { ...result, unchanged: true } };
+    return { image, result: { ...result, unchanged: true }, unflushed: 0 };
   }
   if (report.state !== 'ok') throw backingError(cowPath, report, 'the old base must be the file the COW was made over, to copy what differs from it');
   await summarizeAllocation(image);
@@ -157,7 +161,7 @@ async function prepare(fs: FileSystem, image: CowImage, target: NewBase, bases: 
     oldBase = await openBacking(fs, report.path, 'r');
     bases.set(key, oldBase);
   }
-  return { image, result, oldBase };
+  return { image, result, oldBase, unflushed: 0 };
 }
 
 /** Creates each job's temporary new COW (nested writeNewFile calls), runs `work`, then puts them in place. */
@@ -165,10 +169,22 @@ async function withTargets(fs: FileSystem, jobs: Job[], index: number, work: () 
   if (index === jobs.length) return work();
   const job = jobs[index]!;
   await writeNewFile(fs, job.image.path, true, async (file, temporaryPath) => {
-    job.target = file;
+    job.target = blockingWrites(file);
     job.targetPath = temporaryPath;
     await withTargets(fs, jobs, index + 1, work);
   });
+}
+
+/**
+ * The target with writes that block where the handle can (writeSync): the copied pages and bitmap
+ * bytes go to the page cache in thousands of small writes, each of which would otherwise cost a
+ * thread-pool round trip longer than the write. The rename's fsync makes them durable.
+ */
+function blockingWrites(file: FileHandleLike): FileHandleLike {
+  const { writeSync } = file;
+  if (!writeSync) return file;
+  const write = async (buffer: Uint8Array, offset: number, length: number, position: number) => writeSync.call(file, buffer, offset, length, position);
+  return new Proxy(file, { get: (target, key) => (key === 'write' ? write : Reflect.get(target, key, target)) });
 }
 
 /** The new COW starts as the old one (shared extents or an in-kernel sparse copy) with the new header. */
@@ -189,73 +205,37 @@ async function startTarget(job: Job, stored: string, mtime: number): Promise<voi
   await writeAll(target!, targetPath!, 'write', { buffer: header, offset: 0, length: header.length, position: 0 });
 }
 
-/** The bases' bytes of one window: the new base once, each distinct old base once. */
-interface BaseWindow {
-  start: number;
-  end: number;
-  fresh: Uint8Array;
-  old: Map<OpenedFile, Uint8Array>;
-}
-
 /**
- * Goes through the disk a window at a time: each base window read once (the next one while this
- * one is worked on), applied to every COW over it.
+ * Goes through the disk a window at a time: each base's bytes compared once (BaseComparer), the
+ * result applied to every COW over that old base.
  */
 async function rewriteWindows(jobs: Job[], fresh: OpenedFile, size: number, options: RebaseRewriteOptions, differing: { bytes: number }): Promise<void> {
   const pageBytes = Math.max(...jobs.map((job) => sectorsPerPage(job.image.header.sectorSize) * job.image.header.sectorSize));
   const unit = Math.max(pageBytes * 8, ...jobs.map((job) => job.image.header.sectorSize * 8));
   const windowBytes = Math.max(unit, Math.ceil((options.windowBytes ?? DEFAULT_WINDOW_BYTES) / unit) * unit);
+  const sparse = options.sparse ?? false;
   const groups = new Map<OpenedFile, Job[]>();
   for (const job of jobs) groups.set(job.oldBase!, [...(groups.get(job.oldBase!) ?? []), job]);
   const bases = [...groups.keys()];
-  // Window k is worked on while k+1 .. k+WINDOWS_IN_FLIGHT load (one more is issued first).
-  const buffers = Array.from({ length: WINDOWS_IN_FLIGHT + 2 }, () => ({ fresh: new Uint8Array(windowBytes), old: new Map(bases.map((base) => [base, new Uint8Array(windowBytes)])) }));
+  const comparer = new BaseComparer(fresh, bases, size, windowBytes, pageBytes, sparse);
   const scratch = { page: new Uint8Array(pageBytes), out: new Uint8Array(windowBytes), cow: new Uint8Array(windowBytes) };
-  const load = async (start: number, into: (typeof buffers)[number]): Promise<BaseWindow> => {
-    const end = Math.min(size, start + windowBytes);
-    const fill = async (file: OpenedFile, buffer: Uint8Array) => {
-      // A hole in the base reads as zeros: no read needed (sparse bases cost what their data costs).
-      if (await isHole(file.handle, start, end)) buffer.fill(0, 0, end - start);
-      else await readBase(file, buffer, 0, end - start, start);
-    };
-    await Promise.all([fill(fresh, into.fresh), ...bases.map((base) => fill(base, into.old.get(base)!))]);
-    return { start, end, fresh: into.fresh, old: into.old };
-  };
   options.onProgress?.(0, size);
-  const pending: Array<Promise<BaseWindow>> = [];
-  let next = 0;
-  const issue = () => {
-    if (next >= size) return;
-    const loading = load(next, buffers[(next / windowBytes) % buffers.length]!);
-    // Awaited in its turn; if an earlier turn fails first, that error is the one reported.
-    loading.catch(() => undefined);
-    pending.push(loading);
-    next += windowBytes;
-  };
-  for (let i = 0; i < WINDOWS_IN_FLIGHT; i++) issue();
+  let yielded = performance.now();
   for (let start = 0; start < size; start += windowBytes) {
-    const window = await pending.shift()!;
-    issue();
+    const window = await comparer.compare(start);
     const length = window.end - start;
     for (const [index, base] of bases.entries()) {
-      const oldData = window.old.get(base)!;
-      const differs = differingPages(oldData, window.fresh, length, pageBytes);
+      const { data, differs } = window.old.get(base)!;
       if (index === 0) differing.bytes += differs.reduce((sum, at) => sum + Math.min(pageBytes, length - at), 0);
-      for (const job of groups.get(base)!) await rewriteWindow(job, start, window.end, oldData, window.fresh, differs, scratch, options.sparse ?? false);
+      for (const job of groups.get(base)!) await rewriteWindow(job, start, window.end, data, window.fresh, differs, scratch, sparse);
     }
     options.onProgress?.(window.end, size);
+    // The compare reads block; let timers, signals and the progress bar run now and then.
+    if (performance.now() - yielded > YIELD_MS) {
+      await new Promise((resolve) => setImmediate(resolve));
+      yielded = performance.now();
+    }
   }
-}
-
-/** Offsets (in the window) of the pages whose bytes differ. */
-function differingPages(a: Uint8Array, b: Uint8Array, length: number, pageBytes: number): number[] {
-  if (Buffer.compare(a.subarray(0, length), b.subarray(0, length)) === 0) return [];
-  const pages: number[] = [];
-  for (let at = 0; at < length; at += pageBytes) {
-    const to = Math.min(length, at + pageBytes);
-    if (Buffer.compare(a.subarray(at, to), b.subarray(at, to)) !== 0) pages.push(at);
-  }
-  return pages;
 }
 
 /** One COW's share of a window: copy in the differing pages it does not hold, drop (sparse) the ones equal to the new base. */
@@ -303,6 +283,14 @@ async function rewriteWindow(job: Job, start: number, end: number, oldData: Uint
   }
   for (const copy of copies) {
     await writeAll(target!, targetPath!, 'write', { buffer: out, offset: copy.start - start, length: copy.end - copy.start, position: dataOffset + copy.start });
+    job.unflushed += copy.end - copy.start;
+  }
+  if (job.unflushed >= WRITEBACK_BYTES) {
+    // Start the disk on what is written so far: the fsync before the rename then waits less.
+    job.unflushed = 0;
+    await syncRange(target!, 0, 0).catch((err) => {
+      throw fromSystemError(err, targetPath!, 'write back');
+    });
   }
   if (sparse) {
     for (const run of bits.allocatedRuns()) {
