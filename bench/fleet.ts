@@ -3,6 +3,9 @@
  * equal to the backing file, all sparse files), and `rebase --rewrite` over a 2 GiB base that
  * differs from the new base in 5 % of its pages, against `qemu-img rebase -b` on the equivalent
  * qcow2 overlay. Targets: sparsify <= 10 s; rebase --rewrite >= 0.8x qemu-img's speed.
+ *
+ * Options: `--only sparsify|rebase` runs one part; `--runs N` (default 3) alternating rebase runs
+ * of qemu-img and ubdcow, each on a fresh overlay, reported as medians with each run's ratio.
  */
 import { spawnSync } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
@@ -11,7 +14,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { createCow } from '../src/commands/create.js';
 import { openImage } from '../src/io/image.js';
-import { describeMachine, ensureBuilt, hasTool, measure, measureCli, seconds, table } from './util.js';
+import { type Measurement, describeMachine, ensureBuilt, hasTool, measure, measureCli, seconds, table } from './util.js';
 import { seededRandom } from '../test/helpers/cow-writes.js';
 
 const GiB = 1 << 30;
@@ -23,6 +26,15 @@ function writeIntoCow(fd: number, dataOffset: number, bitmapOffset: number, offs
   const bits = new Uint8Array(data.length / 512 / 8).fill(0xff);
   fs.writeSync(fd, bits, 0, bits.length, bitmapOffset + offset / 512 / 8);
 }
+
+/** `--only NAME` and `--runs N` from the command line. */
+function argument(name: string): string | undefined {
+  const at = process.argv.indexOf(name);
+  return at >= 0 ? process.argv[at + 1] : undefined;
+}
+const only = argument('--only');
+const runs = Math.max(1, Number(argument('--runs') ?? 3));
+if (only !== undefined && only !== 'sparsify' && only !== 'rebase') throw new Error(`--only: sparsify or rebase, not ${only}`);
 
 /** Scale for quick runs: FLEET_SCALE=0.2 makes every size a fifth. */
 const scale = Number(process.env.FLEET_SCALE ?? 1);
@@ -122,12 +134,14 @@ async function rebaseBench(dir: string): Promise<string[][]> {
   const when = new Date(1_600_000_000_000);
   fs.utimesSync(oldBase, when, when);
   // Both overlays start empty, so both tools compare the whole bases. They take turns (qemu-img,
-  // ubdcow, qemu-img, ubdcow), each on a fresh overlay, and each one's best time counts.
-  const ours: number[] = [];
-  const theirs: number[] = [];
+  // ubdcow, qemu-img, ...), each on a fresh overlay; medians count, and each round's ratio is shown.
+  const ours: Measurement[] = [];
+  const theirs: Measurement[] = [];
+  const loads: number[] = [];
   let copied = 0;
   const useQemu = hasTool('qemu-img');
-  for (let round = 0; round < 2; round++) {
+  for (let round = 0; round < runs; round++) {
+    loads.push(os.loadavg()[0]!);
     if (useQemu) {
       const overlay = path.join(dir, `vm2g-${round}.qcow2`);
       const made = await measure('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', oldBase, '-F', 'raw', overlay]);
@@ -135,21 +149,37 @@ async function rebaseBench(dir: string): Promise<string[][]> {
       syncAll();
       const m = await measure('qemu-img', ['rebase', '-q', '-f', 'qcow2', '-b', newBase, '-F', 'raw', overlay]);
       if (m.status !== 0) throw new Error(m.stderr);
-      theirs.push(m.seconds);
+      theirs.push(m);
+      fs.rmSync(overlay);
     }
     const cow = path.join(dir, `vm2g-${round}.cow`);
     await createCow(cow, oldBase);
     syncAll();
     const m = await measureCli(['rebase', '--rewrite', '--json', cow, newBase]);
     if (m.status !== 0) throw new Error(`rebase --rewrite failed: ${m.stderr}`);
-    ours.push(m.seconds);
+    ours.push(m);
     copied = JSON.parse(m.stdout).cows[0].copiedBytes;
+    fs.rmSync(cow);
   }
-  const best = (values: number[]) => Math.min(...values);
+  const median = (values: number[]) => {
+    const sorted = [...values].sort((x, y) => x - y);
+    const mid = sorted.length >> 1;
+    return sorted.length % 2 ? sorted[mid]! : (sorted[mid - 1]! + sorted[mid]!) / 2;
+  };
+  const wall = (list: Measurement[]) => list.map((m) => m.seconds);
+  const cpu = (list: Measurement[]) => `CPU (user+sys) median ${seconds(median(list.map((m) => m.cpuSeconds)))}`;
+  const load = `load ${Math.min(...loads).toFixed(1)}-${Math.max(...loads, os.loadavg()[0]!).toFixed(1)}`;
   const rows: string[][] = [
-    [`ubdcow rebase --rewrite (${(baseBytes / GiB).toFixed(1)} GiB, 5 % differ; load ${os.loadavg()[0]!.toFixed(1)})`, seconds(best(ours)), `copied ${(copied / MiB).toFixed(0)} MiB; runs ${ours.map(seconds).join(', ')}`],
+    [`ubdcow rebase --rewrite (${(baseBytes / GiB).toFixed(1)} GiB, 5 % differ; ${runs} runs, ${load})`, seconds(median(wall(ours))), `median; copied ${(copied / MiB).toFixed(0)} MiB; ${cpu(ours)}; runs ${wall(ours).map(seconds).join(', ')}`],
   ];
-  if (useQemu) rows.push(['qemu-img rebase -b (same bases)', seconds(best(theirs)), `runs ${theirs.map(seconds).join(', ')}; ubdcow / qemu-img speed: ${(best(theirs) / best(ours)).toFixed(2)}x`]);
+  if (useQemu) {
+    const ratios = theirs.map((m, i) => (m.seconds / ours[i]!.seconds).toFixed(2));
+    rows.push([
+      'qemu-img rebase -b (same bases)',
+      seconds(median(wall(theirs))),
+      `median; ${cpu(theirs)}; runs ${wall(theirs).map(seconds).join(', ')}; ubdcow / qemu-img speed: median ${(median(wall(theirs)) / median(wall(ours))).toFixed(2)}x, per run ${ratios.join(', ')}`,
+    ]);
+  }
   return rows;
 }
 
@@ -159,7 +189,7 @@ async function main(): Promise<void> {
   try {
     const machine = describeMachine();
     console.log(`machine: ${JSON.stringify(machine)}`);
-    const rows = [['what', 'time', 'notes'], ...(await sparsifyBench(dir)), ...(await rebaseBench(dir))];
+    const rows = [['what', 'time', 'notes'], ...(only === 'rebase' ? [] : await sparsifyBench(dir)), ...(only === 'sparsify' ? [] : await rebaseBench(dir))];
     console.log(table(rows));
   } finally {
     if (process.env.FLEET_KEEP) console.log(`kept ${dir}`);

@@ -12,6 +12,8 @@ export interface Measurement {
   seconds: number;
   /** Peak resident set size of the child, KiB. */
   maxRssKiB: number;
+  /** User + system CPU seconds of the child (GNU time; NaN without it). */
+  cpuSeconds: number;
   status: number | null;
   stdout: string;
   stderr: string;
@@ -40,10 +42,13 @@ export function measure(program: string, args: string[], options: { cwd?: string
     child.on('close', (status) => {
       const seconds = Number(process.hrtime.bigint() - started) / 1e9;
       const rss = /Maximum resident set size \(kbytes\): (\d+)/.exec(stderr);
+      const user = /User time \(seconds\): ([\d.]+)/.exec(stderr);
+      const system = /System time \(seconds\): ([\d.]+)/.exec(stderr);
       resolve({
         // Our clock (ns) rather than GNU time's (10 ms steps); it includes starting the child.
         seconds,
         maxRssKiB: rss ? Number(rss[1]) : NaN,
+        cpuSeconds: user && system ? Number(user[1]) + Number(system[1]) : NaN,
         status,
         stdout,
         stderr: hasGnuTime ? stderr.replace(/(Command exited with non-zero status \d+\n)?\tCommand being timed:[\s\S]*$/, '').trim() : stderr,
