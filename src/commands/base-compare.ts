@@ -2,6 +2,7 @@ import { fileEndsEarly } from '../errors.js';
 import type { OpenedFile } from '../io/backing.js';
 import { type DataExtent, dataExtents } from '../io/extents.js';
 import { type FileHandleLike, readExactlySync } from '../io/file.js';
+import type { WindowAnswer } from './compare-worker.js';
 import { readBase } from './disk-pages.js';
 
 /*
@@ -66,7 +67,7 @@ export class BaseComparer {
   private readonly fresh: Source;
   private readonly olds: Source[];
   /** CHUNK_BYTES rounded up to whole pages. */
-  private readonly chunkBytes: number;
+  readonly chunkBytes: number;
   private readonly zeros: Buffer;
 
   /**
@@ -90,7 +91,7 @@ export class BaseComparer {
       const to = Math.min(end, at + chunk);
       const length = to - at;
       const offset = at - start;
-      const fresh = await this.load(this.fresh, at, to);
+      const fresh = await this.load(this.fresh, at, to, this.keepAll);
       let anyDiffers = false;
       for (const old of this.olds) {
         const differs = result.old.get(old.file)!.differs;
@@ -99,7 +100,7 @@ export class BaseComparer {
           if (this.keepAll) old.window.fill(0, offset, offset + length);
           continue;
         }
-        const data = await this.load(old, at, to);
+        const data = await this.load(old, at, to, this.keepAll);
         if (fresh.buffer.compare(data.buffer, data.at, data.at + length, fresh.at, fresh.at + length) === 0) continue;
         for (let page = 0; page < length; page += this.pageBytes) {
           const pageEnd = Math.min(length, page + this.pageBytes);
@@ -114,20 +115,36 @@ export class BaseComparer {
   }
 
   /**
-   * [from, to) of one file, as a buffer and offset: the scratch buffer (or, with keepAll, the
-   * window buffer) after a read, or zeros for a hole (zeros written into the window with keepAll).
+   * The window at `start` from an answer found elsewhere (another thread's compare, with the same
+   * chunks and pages): the differing page offsets per old base, and the bytes of the chunks
+   * holding them, placed into the window buffers (not with keepAll, which needs every byte).
    */
-  private async load(source: Source, from: number, to: number): Promise<{ buffer: Buffer; at: number; hasData: boolean }> {
+  fromAnswer(answer: WindowAnswer): ComparedWindow {
+    const { start, differs, chunks } = answer;
+    const end = Math.min(this.size, start + this.windowBytes);
+    for (const chunk of chunks) {
+      this.fresh.window.set(chunk.fresh, chunk.at);
+      for (const [index, bytes] of chunk.old.entries()) if (bytes) this.olds[index]!.window.set(bytes, chunk.at);
+    }
+    return { start, end, fresh: this.fresh.window, old: new Map(this.olds.map((o, i) => [o.file, { data: o.window, differs: differs[i]! }])) };
+  }
+
+  /**
+   * [from, to) of one file, as a buffer and offset: the scratch buffer (or, `intoWindow`, the
+   * window buffer) after a read, or zeros for a hole (zeros written into the window `intoWindow`).
+   * Calls for one file come in order.
+   */
+  private async load(source: Source, from: number, to: number, intoWindow: boolean): Promise<{ buffer: Buffer; at: number; hasData: boolean }> {
     const length = to - from;
     const windowOffset = from % this.windowBytes;
     const hasData = await source.extents.hasData(from, to);
     if (!hasData) {
-      if (!this.keepAll) return { buffer: this.zeros, at: 0, hasData };
+      if (!intoWindow) return { buffer: this.zeros, at: 0, hasData };
       source.window.fill(0, windowOffset, windowOffset + length);
       return { buffer: source.window, at: windowOffset, hasData };
     }
-    const buffer = this.keepAll ? source.window : source.scratch;
-    const at = this.keepAll ? windowOffset : 0;
+    const buffer = intoWindow ? source.window : source.scratch;
+    const at = intoWindow ? windowOffset : 0;
     const { handle, path } = source.file;
     if (handle.readSync) {
       readExactlySync(handle as Required<Pick<FileHandleLike, 'readSync'>>, path, 'read', { buffer, offset: at, length, position: from }, (got) => fileEndsEarly(path, from, got, to, 'the backing file'));

@@ -12,6 +12,7 @@ import { nodeFileSystem } from '../io/node-fs.js';
 import { type OptionKeys, checkOptions } from '../options.js';
 import { summarizeAllocation } from './commit/shared.js';
 import { BaseComparer } from './base-compare.js';
+import { RemoteCompare, canCompareRemotely } from './compare-worker.js';
 import { absoluteBackingPath } from './create.js';
 import { type BitmapWindow, readBitmapWindow, readDataArea, sectorsPerPage, setWindowBits, writeBitmapWindow } from './disk-pages.js';
 
@@ -37,6 +38,11 @@ export interface RebaseRewriteOptions {
   fs?: FileSystem;
   /** Disk bytes compared per step (tests make it small). Default 1 MiB. */
   windowBytes?: number;
+  /**
+   * Compare the back half of the disk on a second thread (compare-worker.ts). Default: when the
+   * disk is at least 256 MiB, without `sparse`, over real files. Tests force it either way.
+   */
+  compareThread?: boolean;
 }
 
 export interface RebasedCow {
@@ -61,13 +67,15 @@ export interface RebaseRewriteResult {
   durationMs: number;
 }
 
-const rebaseRewriteOptionKeys: OptionKeys<RebaseRewriteOptions> = { sparse: true, onProgress: true, fs: true, windowBytes: true };
+const rebaseRewriteOptionKeys: OptionKeys<RebaseRewriteOptions> = { sparse: true, onProgress: true, fs: true, windowBytes: true, compareThread: true };
 
 /**
  * 1 MiB windows: the unit of the per-COW work (bitmap window, COW data, writes). The bases are
  * read and compared in smaller chunks inside it (base-compare.ts).
  */
 const DEFAULT_WINDOW_BYTES = 1 << 20;
+/** Smallest disk whose back half is compared on a second thread (starting one costs some 20-40 ms). */
+const COMPARE_THREAD_MIN_BYTES = 256 << 20;
 /** Copied bytes after which a COW's writeback is started (sync_file_range, not waited for). */
 const WRITEBACK_BYTES = 16 << 20;
 /** Longest stretch of blocking reads and compares before the event loop gets a turn. */
@@ -219,22 +227,31 @@ async function rewriteWindows(jobs: Job[], fresh: OpenedFile, size: number, opti
   const bases = [...groups.keys()];
   const comparer = new BaseComparer(fresh, bases, size, windowBytes, pageBytes, sparse);
   const scratch = { page: new Uint8Array(pageBytes), out: new Uint8Array(windowBytes), cow: new Uint8Array(windowBytes) };
-  options.onProgress?.(0, size);
-  let yielded = performance.now();
-  for (let start = 0; start < size; start += windowBytes) {
-    const window = await comparer.compare(start);
-    const length = window.end - start;
-    for (const [index, base] of bases.entries()) {
-      const { data, differs } = window.old.get(base)!;
-      if (index === 0) differing.bytes += differs.reduce((sum, at) => sum + Math.min(pageBytes, length - at), 0);
-      for (const job of groups.get(base)!) await rewriteWindow(job, start, window.end, data, window.fresh, differs, scratch, sparse);
+  // The back half on a second thread; this one compares the front half, then applies the answers.
+  const threaded = !sparse && canCompareRemotely([fresh, ...bases]) && (options.compareThread ?? size >= COMPARE_THREAD_MIN_BYTES);
+  const from = threaded ? Math.ceil(size / 2 / windowBytes) * windowBytes : size;
+  const remote = from < size ? await RemoteCompare.start({ fresh, olds: bases, from, size, windowBytes, chunkBytes: comparer.chunkBytes, pageBytes }) : undefined;
+  try {
+    options.onProgress?.(0, size);
+    let yielded = performance.now();
+    for (let start = 0; start < size; start += windowBytes) {
+      const answer = start >= from ? await remote!.take(start) : undefined;
+      const window = answer ? comparer.fromAnswer(answer) : await comparer.compare(start);
+      const length = window.end - start;
+      for (const [index, base] of bases.entries()) {
+        const { data, differs } = window.old.get(base)!;
+        if (index === 0) differing.bytes += differs.reduce((sum, at) => sum + Math.min(pageBytes, length - at), 0);
+        for (const job of groups.get(base)!) await rewriteWindow(job, start, window.end, data, window.fresh, differs, scratch, sparse);
+      }
+      options.onProgress?.(window.end, size);
+      // The compare reads block; let timers, signals and the progress bar run now and then.
+      if (performance.now() - yielded > YIELD_MS) {
+        await new Promise((resolve) => setImmediate(resolve));
+        yielded = performance.now();
+      }
     }
-    options.onProgress?.(window.end, size);
-    // The compare reads block; let timers, signals and the progress bar run now and then.
-    if (performance.now() - yielded > YIELD_MS) {
-      await new Promise((resolve) => setImmediate(resolve));
-      yielded = performance.now();
-    }
+  } finally {
+    await remote?.stop();
   }
 }
 
@@ -263,8 +280,8 @@ async function rewriteWindow(job: Job, start: number, end: number, oldData: Uint
       throw new UbdcowError('uncovered', `${image.path}: the bases differ at byte ${pageStart}, past the sectors its bitmap covers (a version 1/2 COW); it cannot hold those bytes, so it cannot move onto the new base`, { file: image.path });
     }
     if (bits.allSet(rel(first), rel(last))) continue;
-    // Only sectors read from the base matter: is one of those different?
-    let needed = false;
+    // Only sectors read from the base matter: is one of those different? (With none held, the page differing says so.)
+    let needed = bits.nextSet(rel(first), rel(last)) >= rel(last);
     for (let sector = first; sector < last && !needed; sector++) {
       if (bits.get(rel(sector))) continue;
       const from = sector * sectorSize - start;
@@ -272,17 +289,18 @@ async function rewriteWindow(job: Job, start: number, end: number, oldData: Uint
       needed = Buffer.compare(oldData.subarray(from, to), freshData.subarray(from, to)) !== 0;
     }
     if (!needed) continue;
-    guestPage(image, window, oldData, cowData, start, pageStart, pageEnd, out.subarray(pageStart - start));
+    // Without COW sectors in the window the guest's page is the old base's: written from there.
+    if (cowData) guestPage(image, window, oldData, cowData, start, pageStart, pageEnd, out.subarray(pageStart - start));
     // Neighbouring pages go out in one write.
     const run = copies[copies.length - 1];
     if (run && run.end === pageStart) run.end = pageEnd;
     else copies.push({ start: pageStart, end: pageEnd });
     setWindowBits(window, first, last, true);
     result.copiedBytes += pageEnd - pageStart;
-    filled.add(pageStart);
+    if (sparse) filled.add(pageStart);
   }
   for (const copy of copies) {
-    await writeAll(target!, targetPath!, 'write', { buffer: out, offset: copy.start - start, length: copy.end - copy.start, position: dataOffset + copy.start });
+    await writeAll(target!, targetPath!, 'write', { buffer: cowData ? out : oldData, offset: copy.start - start, length: copy.end - copy.start, position: dataOffset + copy.start });
     job.unflushed += copy.end - copy.start;
   }
   if (job.unflushed >= WRITEBACK_BYTES) {

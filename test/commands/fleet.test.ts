@@ -231,26 +231,83 @@ describe.skipIf(missing.length > 0)(titleWithSkipReason('sparsify and rebase --r
     const newBase = path.join(tmp.path, 'new.img');
     fs.writeFileSync(newBase, newBytes);
     const cows = ['a.cow', 'b.cow', 'c.cow'].map((name) => path.join(tmp.path, name));
-    for (const cow of cows) await createCow(cow, base);
-    const bytesRead = new Map<string, number>();
-    const counting: FileSystem = {
-      ...nodeFileSystem,
-      async open(file, mode) {
-        const handle = await nodeFileSystem.open(file, mode);
-        const name = path.basename(file);
-        return wrapHandle(handle, {
-          read: async (buffer, offset, length, position) => {
-            const got = await handle.read(buffer, offset, length, position);
-            bytesRead.set(name, (bytesRead.get(name) ?? 0) + got);
-            return got;
-          },
-        });
-      },
+    // Once with reads through the thread pool, once with the blocking reads real files have.
+    for (const blocking of [false, true]) {
+      const bytesRead = new Map<string, number>();
+      const count = (name: string, got: number) => bytesRead.set(name, (bytesRead.get(name) ?? 0) + got);
+      const counting: FileSystem = {
+        ...nodeFileSystem,
+        async open(file, mode) {
+          const handle = await nodeFileSystem.open(file, mode);
+          const name = path.basename(file);
+          return wrapHandle(handle, {
+            read: async (buffer, offset, length, position) => {
+              const got = await handle.read(buffer, offset, length, position);
+              count(name, got);
+              return got;
+            },
+            ...(blocking
+              ? {
+                  readSync: (buffer: Uint8Array, offset: number, length: number, position: number) => {
+                    const got = handle.readSync!(buffer, offset, length, position);
+                    count(name, got);
+                    return got;
+                  },
+                }
+              : {}),
+          });
+        },
+      };
+      for (const cow of cows) fs.rmSync(cow, { force: true });
+      for (const cow of cows) await createCow(cow, base);
+      const result = await rebaseRewrite(cows, newBase, { fs: counting, windowBytes: 1 << 20 });
+      expect(result.cows.map((c) => c.copiedBytes)).toEqual([8192, 8192, 8192]);
+      expect(bytesRead.get('old.img')).toBe(size);
+      expect(bytesRead.get('new.img')).toBe(size);
+    }
+  });
+
+  it('rebase --rewrite with the back half compared on a second thread writes the same COWs as on one (sparse bases, two old bases, held sectors)', async () => {
+    const size = 8 << 20;
+    // Sparse files: holes in both bases, a hole in one only, data in both.
+    const sparseFile = (file: string, pieces: Array<[number, Buffer]>) => {
+      fs.writeFileSync(file, '');
+      fs.truncateSync(file, size);
+      const fd = fs.openSync(file, 'r+');
+      for (const [at, data] of pieces) fs.writeSync(fd, data, 0, data.length, at);
+      fs.closeSync(fd);
+      fs.utimesSync(file, MTIME, MTIME);
+      return file;
     };
-    const result = await rebaseRewrite(cows, newBase, { fs: counting, windowBytes: 1 << 20 });
-    expect(result.cows.map((c) => c.copiedBytes)).toEqual([8192, 8192, 8192]);
-    expect(bytesRead.get('old.img')).toBe(size);
-    expect(bytesRead.get('new.img')).toBe(size);
+    const shared = random(1 << 20);
+    const oldA = sparseFile(path.join(tmp.path, 'oldA.img'), [[0, shared], [5 << 20, random(1 << 20)], [7 << 20, random(4096)]]);
+    const oldB = sparseFile(path.join(tmp.path, 'oldB.img'), [[0, shared], [(6 << 20) + 8192, random(3 * 4096)]]);
+    const newBytes = Buffer.alloc(size);
+    shared.copy(newBytes, 0);
+    fs.readFileSync(oldA).subarray(5 << 20, 6 << 20).copy(newBytes, 5 << 20);
+    random(4096 + 512).copy(newBytes, (5 << 20) + 100 * 4096); // a page and one sector of the next differ from A
+    random(64 << 10).copy(newBytes, (6 << 20) + (256 << 10)); // data over holes of A and B
+    random(512).copy(newBytes, 100 * 512); // front half: a sector of the shared data
+    const newBase = path.join(tmp.path, 'new.img');
+    fs.writeFileSync(newBase, newBytes);
+    const names = ['a1', 'a2', 'b1'];
+    const runs = [false, true].map((thread) => names.map((name) => path.join(tmp.path, `${name}-${thread ? 'thread' : 'one'}.cow`)));
+    const held = random(512);
+    for (const cows of runs) {
+      for (const [i, cow] of cows.entries()) await createCow(cow, i < 2 ? oldA : oldB);
+      // a2 holds a sector of a differing page in the back half (the rest of that page is copied around it).
+      await writeCowSectors(cows[1]!, [{ sector: ((5 << 20) + 100 * 4096) / 512 + 3, data: held }]);
+    }
+    const before = runs[0]!.map((cow, i) => merge(cow, path.join(tmp.path, `before${i}.img`)));
+    const results = [];
+    for (const [n, cows] of runs.entries()) results.push(await rebaseRewrite(cows, newBase, { windowBytes: 1 << 20, compareThread: n === 1 }));
+    expect(results[1]!.differingBytes).toBe(results[0]!.differingBytes);
+    expect(results[1]!.cows.map((c) => c.copiedBytes)).toEqual(results[0]!.cows.map((c) => c.copiedBytes));
+    expect(results[0]!.cows[0]!.copiedBytes).toBe(4096 + 4096 + (64 << 10) + 4096 + 4096); // A: 2 pages, 16 pages over holes, the sector's page, A's own page at 7 MiB
+    for (const [i, name] of names.entries()) {
+      expect(fs.readFileSync(runs[1]![i]!).equals(fs.readFileSync(runs[0]![i]!)), name).toBe(true);
+      expect(merge(runs[1]![i]!, path.join(tmp.path, `after${i}.img`)).equals(before[i]!), name).toBe(true);
+    }
   });
 
   it('rebase --rewrite refuses a new base of another size and leaves the COW as it was', async () => {
