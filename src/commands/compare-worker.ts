@@ -153,11 +153,18 @@ function compareInWorker(require: NodeJS.Require): void {
   const [freshCursor, ...oldCursors] = cursors;
   let batch: WindowAnswer[] = [];
   let moving: ArrayBuffer[] = [];
-  const copyOf = (bytes: Buffer, length: number) => {
-    const copy = new Uint8Array(length);
-    copy.set(bytes.subarray(0, length));
-    moving.push(copy.buffer);
-    return copy;
+  // A differing chunk's buffer itself is handed over (moved with the next message) and the cursor
+  // reads into a new one; the shared zeros of a hole are copied.
+  const handOver = (cursor: (typeof cursors)[number], bytes: Buffer, length: number): Uint8Array => {
+    if (bytes !== cursor.scratch) {
+      const copy = new Uint8Array(length);
+      copy.set(bytes.subarray(0, length));
+      moving.push(copy.buffer);
+      return copy;
+    }
+    moving.push(bytes.buffer as ArrayBuffer);
+    cursor.scratch = Buffer.allocUnsafeSlow(chunkBytes);
+    return new Uint8Array(bytes.buffer, 0, length);
   };
   const send = () => {
     parentPort!.postMessage({ windows: batch }, moving);
@@ -183,8 +190,8 @@ function compareInWorker(require: NodeJS.Require): void {
             const pageEnd = Math.min(length, page + pageBytes);
             if (fresh.compare(bytes, page, pageEnd, page, pageEnd) !== 0) differs[index]!.push(at - start + page);
           }
-          chunk ??= { at: at - start, fresh: copyOf(fresh, length), old: [] };
-          chunk.old[index] = copyOf(bytes, length);
+          chunk ??= { at: at - start, fresh: handOver(freshCursor!, fresh, length), old: [] };
+          chunk.old[index] = handOver(old, bytes, length);
         }
         if (chunk) chunks.push(chunk);
       }
