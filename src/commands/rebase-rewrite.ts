@@ -91,6 +91,21 @@ interface Job {
   targetPath?: string;
   /** Bytes written to the target since its writeback was last started. */
   unflushed: number;
+  /** The writeback started last (settles with undefined or the error to report). */
+  writeback?: Promise<void>;
+}
+
+/** sync_file_range(WRITE) of the whole target, its failure kept for whoever awaits it. */
+function startWriteback(target: FileHandleLike, targetPath: string): Promise<void> {
+  const started = syncRange(target, 0, 0).then(
+    () => undefined,
+    (err: unknown) => {
+      throw fromSystemError(err, targetPath, 'write back');
+    },
+  );
+  // Awaited before the next one and at the end; until then a failure is not "unhandled".
+  started.catch(() => undefined);
+  return started;
 }
 
 export async function rebaseRewrite(cowPaths: string[], newBase: string, options: RebaseRewriteOptions = {}): Promise<RebaseRewriteResult> {
@@ -250,8 +265,11 @@ async function rewriteWindows(jobs: Job[], fresh: OpenedFile, size: number, opti
         yielded = performance.now();
       }
     }
+    for (const job of jobs) await job.writeback;
   } finally {
     await remote?.stop();
+    // A failed run still lets its writebacks finish before the temporaries are removed.
+    await Promise.allSettled(jobs.map((job) => job.writeback));
   }
 }
 
@@ -304,11 +322,11 @@ async function rewriteWindow(job: Job, start: number, end: number, oldData: Uint
     job.unflushed += copy.end - copy.start;
   }
   if (job.unflushed >= WRITEBACK_BYTES) {
-    // Start the disk on what is written so far: the fsync before the rename then waits less.
+    // Start the disk on what is written so far: the fsync before the rename then waits less. The
+    // call itself can take 10-20 ms, so it is not waited for here (only before the next one).
     job.unflushed = 0;
-    await syncRange(target!, 0, 0).catch((err) => {
-      throw fromSystemError(err, targetPath!, 'write back');
-    });
+    await job.writeback;
+    job.writeback = startWriteback(target!, targetPath!);
   }
   if (sparse) {
     for (const run of bits.allocatedRuns()) {
