@@ -35,24 +35,47 @@ export interface ComparedWindow {
   old: Map<OpenedFile, { data: Uint8Array; differs: number[] }>;
 }
 
-/** Walks a file's data extents front to back: is there data in [start, end)? */
+/** Walks a file's data extents front to back, a window at a time: is there data in [start, end)? */
 class ExtentCursor {
   private readonly extents: AsyncGenerator<DataExtent>;
-  private current: DataExtent | undefined;
+  /** The extent read last and not yet passed (it may reach into later windows). */
+  private pending: DataExtent | undefined;
   private done = false;
+  /** The extents overlapping the current window, and the first one not passed yet. */
+  private inWindow: DataExtent[] = [];
+  private at = 0;
 
   constructor(handle: FileHandleLike, size: number) {
     this.extents = dataExtents(handle, 0, size);
   }
 
-  /** True unless [start, end) is all hole. Calls come with non-decreasing `start`. */
-  async hasData(start: number, end: number): Promise<boolean> {
-    while (!this.done && (this.current === undefined || this.current.end <= start)) {
-      const next = await this.extents.next();
-      if (next.done) this.done = true;
-      else this.current = next.value;
+  /** Loads the extents overlapping [start, end); windows come in order. */
+  async cover(start: number, end: number): Promise<void> {
+    this.inWindow = [];
+    this.at = 0;
+    for (let from = start; ; ) {
+      if (this.pending === undefined || this.pending.end <= from) {
+        if (this.done) return;
+        const next = await this.extents.next();
+        if (next.done) {
+          this.done = true;
+          this.pending = undefined;
+          return;
+        }
+        this.pending = next.value;
+        continue;
+      }
+      if (this.pending.start >= end) return;
+      this.inWindow.push(this.pending);
+      if (this.pending.end >= end) return;
+      from = this.pending.end;
     }
-    return this.current !== undefined && this.current.end > start && this.current.start < end;
+  }
+
+  /** True unless [start, end) (inside the covered window; calls in order) is all hole. */
+  hasData(start: number, end: number): boolean {
+    while (this.at < this.inWindow.length && this.inWindow[this.at]!.end <= start) this.at++;
+    return this.at < this.inWindow.length && this.inWindow[this.at]!.start < end;
   }
 }
 
@@ -61,6 +84,8 @@ interface Source {
   extents: ExtentCursor;
   scratch: Buffer;
   window: Buffer;
+  /** The handle has no blocking read: the window was read whole (asynchronously) before comparing. */
+  prefilled: boolean;
 }
 
 export class BaseComparer {
@@ -69,6 +94,9 @@ export class BaseComparer {
   /** CHUNK_BYTES rounded up to whole pages. */
   readonly chunkBytes: number;
   private readonly zeros: Buffer;
+  /** Where the last load put its bytes (fields rather than an object per chunk). */
+  private loadedBuffer!: Buffer;
+  private loadedAt = 0;
 
   /**
    * `windowBytes` a multiple of `pageBytes` (itself dividing CHUNK_BYTES, or a multiple of it);
@@ -77,7 +105,7 @@ export class BaseComparer {
   constructor(fresh: OpenedFile, olds: OpenedFile[], private readonly size: number, private readonly windowBytes: number, private readonly pageBytes: number, private readonly keepAll: boolean) {
     this.chunkBytes = Math.ceil(CHUNK_BYTES / pageBytes) * pageBytes;
     this.zeros = Buffer.alloc(this.chunkBytes);
-    const source = (file: OpenedFile): Source => ({ file, extents: new ExtentCursor(file.handle, size), scratch: Buffer.allocUnsafeSlow(this.chunkBytes), window: Buffer.allocUnsafeSlow(windowBytes) });
+    const source = (file: OpenedFile): Source => ({ file, extents: new ExtentCursor(file.handle, size), scratch: Buffer.allocUnsafeSlow(this.chunkBytes), window: Buffer.allocUnsafeSlow(windowBytes), prefilled: false });
     this.fresh = source(fresh);
     this.olds = olds.map(source);
   }
@@ -85,31 +113,45 @@ export class BaseComparer {
   /** Compares [start, start + windowBytes) (cut at the disk's end); windows come in order. */
   async compare(start: number): Promise<ComparedWindow> {
     const end = Math.min(this.size, start + this.windowBytes);
+    for (const source of [this.fresh, ...this.olds]) {
+      await source.extents.cover(start, end);
+      // Handles without a blocking read (injected file systems) get the window in one read.
+      source.prefilled = !source.file.handle.readSync;
+      if (source.prefilled) {
+        if (source.extents.hasData(start, end)) await readBase(source.file, source.window, 0, end - start, start);
+        else source.window.fill(0, 0, end - start);
+      }
+    }
+    // From here on everything is synchronous: no promise per chunk.
     const chunk = this.chunkBytes;
     const result: ComparedWindow = { start, end, fresh: this.fresh.window, old: new Map(this.olds.map((o) => [o.file, { data: o.window, differs: [] }])) };
     for (let at = start; at < end; at += chunk) {
       const to = Math.min(end, at + chunk);
       const length = to - at;
       const offset = at - start;
-      const fresh = await this.load(this.fresh, at, to, this.keepAll);
+      const freshHasData = this.load(this.fresh, start, at, to);
+      const freshBuffer = this.loadedBuffer;
+      const freshAt = this.loadedAt;
       let anyDiffers = false;
       for (const old of this.olds) {
         const differs = result.old.get(old.file)!.differs;
-        if (!fresh.hasData && !(await old.extents.hasData(at, to))) {
+        if (!freshHasData && !old.extents.hasData(at, to)) {
           // Hole against hole: equal, nothing read.
           if (this.keepAll) old.window.fill(0, offset, offset + length);
           continue;
         }
-        const data = await this.load(old, at, to, this.keepAll);
-        if (fresh.buffer.compare(data.buffer, data.at, data.at + length, fresh.at, fresh.at + length) === 0) continue;
+        this.load(old, start, at, to);
+        const data = this.loadedBuffer;
+        const dataAt = this.loadedAt;
+        if (freshBuffer.compare(data, dataAt, dataAt + length, freshAt, freshAt + length) === 0) continue;
         for (let page = 0; page < length; page += this.pageBytes) {
           const pageEnd = Math.min(length, page + this.pageBytes);
-          if (fresh.buffer.compare(data.buffer, data.at + page, data.at + pageEnd, fresh.at + page, fresh.at + pageEnd) !== 0) differs.push(offset + page);
+          if (freshBuffer.compare(data, dataAt + page, dataAt + pageEnd, freshAt + page, freshAt + pageEnd) !== 0) differs.push(offset + page);
         }
-        if (!this.keepAll) data.buffer.copy(old.window, offset, data.at, data.at + length);
+        if (data !== old.window) data.copy(old.window, offset, dataAt, dataAt + length);
         anyDiffers = true;
       }
-      if (anyDiffers && !this.keepAll) fresh.buffer.copy(this.fresh.window, offset, fresh.at, fresh.at + length);
+      if (anyDiffers && freshBuffer !== this.fresh.window) freshBuffer.copy(this.fresh.window, offset, freshAt, freshAt + length);
     }
     return result;
   }
@@ -130,27 +172,33 @@ export class BaseComparer {
   }
 
   /**
-   * [from, to) of one file, as a buffer and offset: the scratch buffer (or, `intoWindow`, the
-   * window buffer) after a read, or zeros for a hole (zeros written into the window `intoWindow`).
-   * Calls for one file come in order.
+   * Disk bytes [from, to) of one file (window at `windowStart`) into loadedBuffer at loadedAt: the
+   * window buffer where it was read whole or with keepAll (zeros written there for a hole), else
+   * the scratch buffer after a blocking read, or shared zeros for a hole. Returns whether the file
+   * has data there.
    */
-  private async load(source: Source, from: number, to: number, intoWindow: boolean): Promise<{ buffer: Buffer; at: number; hasData: boolean }> {
+  private load(source: Source, windowStart: number, from: number, to: number): boolean {
     const length = to - from;
-    const windowOffset = from % this.windowBytes;
-    const hasData = await source.extents.hasData(from, to);
+    const offset = from - windowStart;
+    const hasData = source.extents.hasData(from, to);
+    if (source.prefilled) {
+      this.loadedBuffer = source.window;
+      this.loadedAt = offset;
+      return hasData;
+    }
+    if (!hasData && !this.keepAll) {
+      this.loadedBuffer = this.zeros;
+      this.loadedAt = 0;
+      return false;
+    }
+    this.loadedBuffer = this.keepAll ? source.window : source.scratch;
+    this.loadedAt = this.keepAll ? offset : 0;
     if (!hasData) {
-      if (!intoWindow) return { buffer: this.zeros, at: 0, hasData };
-      source.window.fill(0, windowOffset, windowOffset + length);
-      return { buffer: source.window, at: windowOffset, hasData };
+      source.window.fill(0, offset, offset + length);
+      return false;
     }
-    const buffer = intoWindow ? source.window : source.scratch;
-    const at = intoWindow ? windowOffset : 0;
     const { handle, path } = source.file;
-    if (handle.readSync) {
-      readExactlySync(handle as Required<Pick<FileHandleLike, 'readSync'>>, path, 'read', { buffer, offset: at, length, position: from }, (got) => fileEndsEarly(path, from, got, to, 'the backing file'));
-    } else {
-      await readBase(source.file, buffer, at, length, from);
-    }
-    return { buffer, at, hasData };
+    readExactlySync(handle as Required<Pick<FileHandleLike, 'readSync'>>, path, 'read', { buffer: this.loadedBuffer, offset: this.loadedAt, length, position: from }, (got) => fileEndsEarly(path, from, got, to, 'the backing file'));
+    return true;
   }
 }
