@@ -1,4 +1,4 @@
-import { Worker } from 'node:worker_threads';
+import { MessageChannel, type MessagePort, Worker } from 'node:worker_threads';
 import type { OpenedFile } from '../io/backing.js';
 import { dataExtents } from '../io/extents.js';
 
@@ -42,6 +42,8 @@ interface WorkerData {
   windowBytes: number;
   chunkBytes: number;
   pageBytes: number;
+  /** Where the main thread returns the chunk buffers it is done with (read by the worker with receiveMessageOnPort). */
+  recycled: MessagePort;
 }
 
 /** One window's answer: differing page offsets per old base, and the chunks holding them (offsets in the window). */
@@ -64,7 +66,10 @@ export class RemoteCompare {
   private done = false;
   private waiting: (() => void) | undefined;
 
-  private constructor(private readonly worker: Worker) {
+  private constructor(
+    private readonly worker: Worker,
+    private readonly recycled: MessagePort,
+  ) {
     worker.on('message', (message: WorkerMessage) => {
       if ('failed' in message) this.done = true;
       else for (const window of message.windows) this.results.set(window.start, window);
@@ -85,6 +90,7 @@ export class RemoteCompare {
       for await (const extent of dataExtents(file.handle, job.from, job.size)) extents.push([extent.start, extent.end]);
       return { fd: file.handle.fd!, extents };
     };
+    const { port1, port2 } = new MessageChannel();
     const workerData: WorkerData = {
       fresh: await extentsOf(job.fresh),
       olds: await Promise.all(job.olds.map(extentsOf)),
@@ -93,11 +99,20 @@ export class RemoteCompare {
       windowBytes: job.windowBytes,
       chunkBytes: job.chunkBytes,
       pageBytes: job.pageBytes,
+      recycled: port2,
     };
-    const worker = new Worker(`(${compareInWorker.toString()})(require);`, { eval: true, workerData });
+    const worker = new Worker(`(${compareInWorker.toString()})(require);`, { eval: true, workerData, transferList: [port2] });
     // The command's end does not wait for a worker it no longer needs.
     worker.unref();
-    return new RemoteCompare(worker);
+    port1.unref();
+    return new RemoteCompare(worker, port1);
+  }
+
+  /** Gives an answer's chunk buffers back to the worker (it reads into them again instead of new memory). */
+  recycle(answer: WindowAnswer): void {
+    const buffers: ArrayBuffer[] = [];
+    for (const chunk of answer.chunks) for (const bytes of [chunk.fresh, ...chunk.old]) if (bytes) buffers.push(bytes.buffer as ArrayBuffer);
+    if (buffers.length > 0) this.recycled.postMessage(buffers, buffers);
   }
 
   /** The answer for the window at `start`, or undefined: compare it here. */
@@ -117,6 +132,7 @@ export class RemoteCompare {
 
   async stop(): Promise<void> {
     await this.worker.terminate();
+    this.recycled.close();
   }
 
   private wake(): void {
@@ -131,11 +147,11 @@ export class RemoteCompare {
  * only `require` and workerData from outside.
  */
 function compareInWorker(require: NodeJS.Require): void {
-  const { parentPort, workerData } = require('node:worker_threads') as typeof import('node:worker_threads');
+  const { parentPort, workerData, receiveMessageOnPort } = require('node:worker_threads') as typeof import('node:worker_threads');
   const fs = require('node:fs') as typeof import('node:fs');
   const data = workerData as WorkerData;
   const { from, size, windowBytes, chunkBytes, pageBytes } = data;
-  const cursors = [data.fresh, ...data.olds].map((file) => ({ ...file, at: 0, scratch: Buffer.allocUnsafeSlow(chunkBytes) }));
+  const cursors = [data.fresh, ...data.olds].map((file) => ({ ...file, at: 0, scratch: Buffer.allocUnsafeSlow(chunkBytes) as Buffer }));
   const zeros = Buffer.alloc(chunkBytes);
   const hasData = (cursor: (typeof cursors)[number], start: number, end: number) => {
     while (cursor.at < cursor.extents.length && cursor.extents[cursor.at]![1] <= start) cursor.at++;
@@ -163,8 +179,16 @@ function compareInWorker(require: NodeJS.Require): void {
       return copy;
     }
     moving.push(bytes.buffer as ArrayBuffer);
-    cursor.scratch = Buffer.allocUnsafeSlow(chunkBytes);
+    cursor.scratch = nextBuffer();
     return new Uint8Array(bytes.buffer, 0, length);
+  };
+  const free: ArrayBuffer[] = [];
+  const nextBuffer = (): Buffer => {
+    for (let message; free.length === 0 && (message = receiveMessageOnPort(data.recycled)); ) {
+      for (const buffer of message.message as ArrayBuffer[]) if (buffer.byteLength === chunkBytes) free.push(buffer);
+    }
+    const buffer = free.pop();
+    return buffer ? Buffer.from(buffer) : Buffer.allocUnsafeSlow(chunkBytes);
   };
   const send = () => {
     parentPort!.postMessage({ windows: batch }, moving);

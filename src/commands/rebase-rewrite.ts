@@ -252,6 +252,7 @@ async function rewriteWindows(jobs: Job[], fresh: OpenedFile, size: number, opti
     for (let start = 0; start < size; start += windowBytes) {
       const answer = start >= from ? await remote!.take(start) : undefined;
       const window = answer ? comparer.fromAnswer(answer) : await comparer.compare(start);
+      if (answer) remote!.recycle(answer);
       const length = window.end - start;
       for (const [index, base] of bases.entries()) {
         const { data, differs } = window.old.get(base)!;
