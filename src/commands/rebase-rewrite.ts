@@ -245,14 +245,15 @@ async function rewriteWindows(jobs: Job[], fresh: OpenedFile, size: number, opti
   // The back half on a second thread; this one compares the front half, then applies the answers.
   const threaded = !sparse && canCompareRemotely([fresh, ...bases]) && (options.compareThread ?? size >= COMPARE_THREAD_MIN_BYTES);
   const from = threaded ? Math.ceil(size / 2 / windowBytes) * windowBytes : size;
-  const remote = from < size ? await RemoteCompare.start({ fresh, olds: bases, from, size, windowBytes, chunkBytes: comparer.chunkBytes, pageBytes }) : undefined;
+  // A worker that cannot start (resource limits) leaves all of it to this thread.
+  const remote = from < size ? await RemoteCompare.start({ fresh, olds: bases, from, size, windowBytes, chunkBytes: comparer.chunkBytes, pageBytes }).catch(() => undefined) : undefined;
   try {
     options.onProgress?.(0, size);
     let yielded = performance.now();
     for (let start = 0; start < size; start += windowBytes) {
-      const answer = start >= from ? await remote!.take(start) : undefined;
+      const answer = start >= from ? await remote?.take(start) : undefined;
       const window = answer ? comparer.fromAnswer(answer) : await comparer.compare(start);
-      if (answer) remote!.recycle(answer);
+      if (answer) remote?.recycle(answer);
       const length = window.end - start;
       for (const [index, base] of bases.entries()) {
         const { data, differs } = window.old.get(base)!;
