@@ -102,8 +102,8 @@ export class RemoteCompare {
       recycled: port2,
     };
     const worker = new Worker(`(${compareInWorker.toString()})(require);`, { eval: true, workerData, transferList: [port2] });
-    // The command's end does not wait for a worker it no longer needs.
-    worker.unref();
+    // The worker stays referenced: while the main thread waits in take() it is the only thing
+    // that keeps the event loop alive (stop() ends it in every case). The return port need not.
     port1.unref();
     return new RemoteCompare(worker, port1);
   }
