@@ -9,13 +9,16 @@
 import * as fsSync from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { refuseExisting, writeNewFile } from '../io/atomic.js';
-import { resolveBackingPath } from '../io/backing.js';
-import type { FileSystem } from '../io/file.js';
-import { type ProtectedFile, refuseOutputOverInput } from '../io/file-identity.js';
-import { openImageFile, probeHeader } from '../io/image.js';
-import { nodeFileSystem } from '../io/node-fs.js';
-import { removeOnSignal } from '../io/signal-cleanup.js';
+import {
+  type FileSystem,
+  nodeFileSystem,
+  type ProtectedFile,
+  refuseExisting,
+  refuseOutputOverInput,
+  removeOnSignal,
+  writeNewFile,
+} from '../io/file/index.js';
+import { openImageFile, probeHeader, resolveBackingPath } from '../io/image/index.js';
 import { UbdcowError, backingMismatch } from '../errors.js';
 import { qemuImageInfo, qemuSizeFits, runToolOk } from './qemu-img.js';
 import { serveImage } from './serve.js';

@@ -3,7 +3,7 @@ import * as fsp from 'node:fs/promises';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { openCow } from '../io/engine.js';
+import { openCow } from '../io/engine/index.js';
 import { createCow } from './create.js';
 import { inspectCow } from './inspect.js';
 import { diffImages } from './diff.js';

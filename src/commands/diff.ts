@@ -1,6 +1,6 @@
 import { notACow, usageError } from '../errors.js';
-import type { FileSystem } from '../io/file.js';
-import { type CowDisk, type FileIdentity, type VirtualDisk, allocatedByteExtents, openVirtualDisk } from '../io/virtual-disk.js';
+import type { FileSystem } from '../io/file/index.js';
+import { type CowDisk, type FileIdentity, type VirtualDisk, allocatedByteExtents, openVirtualDisk } from '../io/engine/index.js';
 import { ExtentList } from '../format/extent-list.js';
 import { type OptionKeys, checkOptions } from '../options.js';
 

@@ -1,15 +1,30 @@
 import * as fsp from 'node:fs/promises';
 import { UbdcowError, backingMismatch, fromSystemError } from '../errors.js';
 import { serializeSameLayout } from '../format/header.js';
-import { writeNewFile } from '../io/atomic.js';
-import { type OpenedFile, backingError, checkBacking, openBacking } from '../io/backing.js';
-import { commitJournalExists, interruptedCommitError } from '../io/commit-journal.js';
-import { isHole } from '../io/extents.js';
-import { type FileHandleLike, type FileSystem, writeAll } from '../io/file.js';
-import { fileIdentity } from '../io/file-identity.js';
-import { cloneOrCopyFile, punchHole } from '../io/file-ops.js';
-import { type CowImage, imageSize, openLockedImage, probeReadable, rewriteHeader, statImageFile } from '../io/image.js';
-import { nodeFileSystem } from '../io/node-fs.js';
+import {
+  cloneOrCopyFile,
+  type FileHandleLike,
+  fileIdentity,
+  type FileSystem,
+  isHole,
+  nodeFileSystem,
+  punchHole,
+  writeAll,
+  writeNewFile,
+} from '../io/file/index.js';
+import {
+  backingError,
+  checkBacking,
+  type CowImage,
+  imageSize,
+  openBacking,
+  type OpenedFile,
+  openLockedImage,
+  probeReadable,
+  rewriteHeader,
+  statImageFile,
+} from '../io/image/index.js';
+import { commitJournalExists, interruptedCommitError } from '../io/journal/index.js';
 import { type OptionKeys, checkOptions } from '../options.js';
 import { summarizeAllocation } from './commit/shared.js';
 import { absoluteBackingPath } from './create.js';

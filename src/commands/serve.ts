@@ -8,10 +8,8 @@
  */
 import * as fs from 'node:fs';
 import { UbdcowError, fromSystemError } from '../errors.js';
-import { type CowDevice, openCow } from '../io/engine.js';
-import { nodeFileSystem } from '../io/node-fs.js';
-import type { FileHandleLike } from '../io/file.js';
-import { looksLikeCow } from '../io/virtual-disk.js';
+import { type CowDevice, looksLikeCow, openCow } from '../io/engine/index.js';
+import { type FileHandleLike, nodeFileSystem } from '../io/file/index.js';
 import { ExtentList } from '../format/extent-list.js';
 import { type NbdBlockDevice, type NbdServer, serveNbd } from '../nbd/server.js';
 import { STATE_HOLE, type StatusDescriptor } from '../nbd/protocol.js';

@@ -1,12 +1,12 @@
 /**
- * The one place the guest file-system code touches the virtual disk (src/io/virtual-disk.ts):
+ * The one place the guest file-system code touches the virtual disk (src/io/engine/virtual-disk.ts):
  * a COW seen through its backing file, or a raw image, as a read-only byte source. If the virtual
  * disk's shape changes, only this file adapts.
  *
  * Invariant: nothing here can write: the only operations offered are reads.
  */
 import { UbdcowError } from '../errors.js';
-import { allocatedByteExtents, openVirtualDisk, type VirtualDisk } from '../io/virtual-disk.js';
+import { allocatedByteExtents, openVirtualDisk, type VirtualDisk } from '../io/engine/index.js';
 
 export interface ByteRange {
   start: number;

@@ -6,10 +6,10 @@ import { beforeAll, describe, expect, it } from 'vitest';
 import { commitCow, commitJournalPath, readCommitJournal } from '../../src/commands/commit/index.js';
 import { parseHeader } from '../../src/format/header.js';
 import type { HeaderLayout } from '../../src/format/header.js';
-import { openImage } from '../../src/io/image.js';
-import { checkBacking } from '../../src/io/backing.js';
-import { type FileSystem } from '../../src/io/file.js';
-import { nodeFileSystem } from '../../src/io/node-fs.js';
+import { openImage } from '../../src/io/image/image.js';
+import { checkBacking } from '../../src/io/image/backing.js';
+import { type FileSystem } from '../../src/io/file/file.js';
+import { nodeFileSystem } from '../../src/io/file/node-fs.js';
 import { UbdcowError } from '../../src/errors.js';
 import {
   type BuiltCow,
@@ -410,7 +410,7 @@ describe('commitCow in place', () => {
         [
           `import { commitCow } from ${JSON.stringify(path.join(repoRoot, 'src/commands/commit/index.ts'))};`,
           `import { FaultyFileSystem } from ${JSON.stringify(path.join(repoRoot, 'test/hostile/faulty-fs.ts'))};`,
-          `import { nodeFileSystem } from ${JSON.stringify(path.join(repoRoot, 'src/io/node-fs.ts'))};`,
+          `import { nodeFileSystem } from ${JSON.stringify(path.join(repoRoot, 'src/io/file/node-fs.ts'))};`,
           `await commitCow(${JSON.stringify(built.cowPath)}, { fs: new FaultyFileSystem(nodeFileSystem, { kind: 'write', at: ${killAt}, code: 'EIO', kill: true }), chunkBytes: 16384 });`,
         ].join('\n'),
       );

@@ -9,7 +9,7 @@ import * as path from 'node:path';
 import { crc32 } from 'node:zlib';
 import { describe, expect, it } from 'vitest';
 import { createCow } from '../../src/commands/create.js';
-import { openCow } from '../../src/io/engine.js';
+import { openCow } from '../../src/io/engine/engine.js';
 import { diffFiles } from '../../src/guestfs/diff-files.js';
 import { openGuestFs } from '../../src/guestfs/guest-fs.js';
 import { parseGroupDescriptors, parseSuperblock, descriptorBlocks } from '../../src/guestfs/ext-layout.js';

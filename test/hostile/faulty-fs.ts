@@ -9,7 +9,7 @@
  * and logs.
  */
 import * as path from 'node:path';
-import type { FileHandleLike, FileSystem, OpenMode } from '../../src/io/file.js';
+import type { FileHandleLike, FileSystem, OpenMode } from '../../src/io/file/file.js';
 
 export type StepKind = 'read' | 'write';
 

@@ -4,13 +4,13 @@ import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import { CowFormatError, UbdcowError } from '../../src/errors.js';
 import { SectorBitmap, type SectorRun } from '../../src/format/bitmap.js';
-import { LazyBitmap, lazyBitmapOf } from '../../src/io/bitmap-cache.js';
-import { openImage } from '../../src/io/image.js';
-import { readWholeBitmap } from '../../src/io/allocation.js';
+import { LazyBitmap, lazyBitmapOf } from '../../src/io/bitmap/bitmap-cache.js';
+import { openImage } from '../../src/io/image/image.js';
+import { readWholeBitmap } from '../../src/io/bitmap/allocation.js';
 import { createCow } from '../../src/commands/create.js';
 import { writeCowSectors } from '../helpers/cow-writes.js';
-import { type FileHandleLike } from '../../src/io/file.js';
-import { nodeFileSystem } from '../../src/io/node-fs.js';
+import { type FileHandleLike } from '../../src/io/file/file.js';
+import { nodeFileSystem } from '../../src/io/file/node-fs.js';
 import { useTempDir } from '../helpers/tmp.js';
 import { wrapHandle } from '../helpers/wrap-handle.js';
 

@@ -4,7 +4,7 @@
  * at completion. It records a log of completed operations (for crash tests), checks invariants
  * as I/O happens, and can inject failures.
  */
-import type { FileHandleLike, FileStat, FileSystem, OpenMode } from '../../src/io/file.js';
+import type { FileHandleLike, FileStat, FileSystem, OpenMode } from '../../src/io/file/file.js';
 
 export interface MemoryFile {
   data: Uint8Array;

@@ -1,12 +1,23 @@
 import * as path from 'node:path';
 import { UbdcowError, fromSystemError } from '../../errors.js';
-import { type WindowRuns, allocatedWindows } from '../../io/allocation.js';
-import { clearNonZeroBytes } from '../../io/bitmap-clear.js';
-import { type BackingReport, checkBacking, openBacking } from '../../io/backing.js';
-import { type CommitJournal, readCommitJournal, removeCommitJournal, writeCommitJournal } from '../../io/commit-journal.js';
-import { type FileHandleLike, type FileSystem, writeAll, writeAllSync } from '../../io/file.js';
-import { nodeFileSystem } from '../../io/node-fs.js';
-import { type CowImage, rewriteHeader, statImageFile, withImage } from '../../io/image.js';
+import { allocatedWindows, clearNonZeroBytes, type WindowRuns } from '../../io/bitmap/index.js';
+import {
+  type BackingReport,
+  checkBacking,
+  type CowImage,
+  openBacking,
+  rewriteHeader,
+  statImageFile,
+  withImage,
+} from '../../io/image/index.js';
+import { type CommitJournal, readCommitJournal, removeCommitJournal, writeCommitJournal } from '../../io/journal/index.js';
+import {
+  type FileHandleLike,
+  type FileSystem,
+  nodeFileSystem,
+  writeAll,
+  writeAllSync,
+} from '../../io/file/index.js';
 import { type CommitOptions, type InPlaceCommitResult, judgeBacking, readCowRun, readCowRunSync, roundChunk, summarizeAllocation } from './shared.js';
 import { findSiblingCows } from './siblings.js';
 

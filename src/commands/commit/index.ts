@@ -3,8 +3,8 @@ import { commitInPlace } from './in-place.js';
 import { commitToNewFile } from './new-file.js';
 import type { CommitOptions, CommitResult } from './shared.js';
 import { type OptionKeys, checkOptions } from '../../options.js';
-import { refuseInterruptedCustomize } from '../../io/redo-journal.js';
-import { nodeFileSystem } from '../../io/node-fs.js';
+import { refuseInterruptedCustomize } from '../../io/journal/index.js';
+import { nodeFileSystem } from '../../io/file/index.js';
 
 /*
  * `ubdcow commit`: the dispatch between the two merges. new-file.ts writes a new image (what
@@ -13,7 +13,7 @@ import { nodeFileSystem } from '../../io/node-fs.js';
  */
 
 export { COMMIT_CHUNK_BYTES, type CommitOptions, type CommitResult, type InPlaceCommitResult, type NewFileCommitResult } from './shared.js';
-export { commitJournalPath, readCommitJournal, interruptedCommitMessage, type CommitJournal } from '../../io/commit-journal.js';
+export { commitJournalPath, readCommitJournal, interruptedCommitMessage, type CommitJournal } from '../../io/journal/index.js';
 
 const commitCowOptionKeys: OptionKeys<CommitOptions> = { output: true, backing: true, keep: true, force: true, checkSiblings: true, onProgress: true, fs: true, chunkBytes: true };
 

@@ -1,16 +1,30 @@
 import * as path from 'node:path';
 import { UbdcowError, fileEndsEarly, fromSystemError } from '../../errors.js';
-import { type WindowRuns, allocatedExtents, allocatedWindows, extentBytes } from '../../io/allocation.js';
-import { existsError, writeNewFile } from '../../io/atomic.js';
-import { type OpenedFile, checkBacking, openBacking } from '../../io/backing.js';
-import { interruptedCommitError, readCommitJournal } from '../../io/commit-journal.js';
-import { dataExtents } from '../../io/extents.js';
+import { type WindowRuns, allocatedExtents, allocatedWindows, extentBytes } from '../../io/bitmap/index.js';
+import {
+  cloneFile,
+  copyRange,
+  dataExtents,
+  existsError,
+  type FileHandleLike,
+  type FileSystem,
+  ImageWriter,
+  nodeFileSystem,
+  readExactly,
+  syncRange,
+  writeAll,
+  writeAllSync,
+  writeNewFile,
+} from '../../io/file/index.js';
+import {
+  checkBacking,
+  type CowImage,
+  openBacking,
+  type OpenedFile,
+  withImage,
+} from '../../io/image/index.js';
+import { interruptedCommitError, readCommitJournal } from '../../io/journal/index.js';
 import { ExtentList } from '../../format/extent-list.js';
-import { cloneFile, copyRange, syncRange } from '../../io/file-ops.js';
-import { type FileHandleLike, type FileSystem, readExactly, writeAll, writeAllSync } from '../../io/file.js';
-import { nodeFileSystem } from '../../io/node-fs.js';
-import { type CowImage, withImage } from '../../io/image.js';
-import { ImageWriter } from '../../io/image-writer.js';
 import { type CommitOptions, HOLE_BLOCK_BYTES, type NewFileCommitResult, judgeBacking, readCowRun, readCowRunSync, roundChunk, summarizeAllocation } from './shared.js';
 import { isAllZero } from '../../format/zero-bytes.js';
 

@@ -1,9 +1,7 @@
 import * as path from 'node:path';
 import { UbdcowError, fromSystemError } from '../../errors.js';
-import { resolveBackingPath } from '../../io/backing.js';
-import type { FileSystem } from '../../io/file.js';
-import { fileIdentityOrUndefined, foldersOfKnownNames } from '../../io/file-identity.js';
-import { probeHeader } from '../../io/image.js';
+import { probeHeader, resolveBackingPath } from '../../io/image/index.js';
+import { fileIdentityOrUndefined, type FileSystem, foldersOfKnownNames } from '../../io/file/index.js';
 
 /** Errors that mean "this is not something we could read anyway", not "we could not look". */
 const skippable = new Set(['ENOENT', 'EACCES', 'EPERM', 'ELOOP', 'ENOTDIR']);

@@ -19,10 +19,10 @@
  * Sector numbers are whole disk sectors (up to 2^35 and beyond for a 16 TiB disk); within a slice
  * they are below 2^31 (slices are at most 2^24 bytes), where SectorBitmap is fastest.
  */
-import { CowFormatError, fromSystemError } from '../errors.js';
-import { SectorBitmap, type SectorRun } from '../format/bitmap.js';
-import type { FileHandleLike } from './file.js';
-import type { CowImage } from './image.js';
+import { CowFormatError, fromSystemError } from '../../errors.js';
+import { SectorBitmap, type SectorRun } from '../../format/bitmap.js';
+import type { FileHandleLike } from '../file/index.js';
+import type { CowImage } from '../image/index.js';
 import { type BitmapView, type Slice, sliceView } from './bitmap-view.js';
 import { allocatedRunsSkippingHoles, countSetSkippingHoles } from './bitmap-scan.js';
 

@@ -1,12 +1,22 @@
-import { UbdcowError, checkByteRange, fileEndsEarly, fileTooShort, fromSystemError, notACow } from '../errors.js';
-import type { SectorExtent } from './allocation.js';
-import { type OpenedFile, openBacking, resolveBackingPath } from './backing.js';
+import { UbdcowError, checkByteRange, fileEndsEarly, fileTooShort, fromSystemError, notACow } from '../../errors.js';
+import type { SectorExtent } from '../bitmap/index.js';
+import {
+  type CowImage,
+  openBacking,
+  type OpenedFile,
+  openImageFile,
+  probeHeader,
+  resolveBackingPath,
+} from '../image/index.js';
 import { openCowReader } from './engine.js';
-import { type FileHandleLike, type FileSystem, readExactly } from './file.js';
-import { nodeFileSystem } from './node-fs.js';
-import { type CowImage, openImageFile, probeHeader } from './image.js';
-import { fileIdentityOrUndefined } from './file-identity.js';
-import { type OptionKeys, checkOptions } from '../options.js';
+import {
+  type FileHandleLike,
+  fileIdentityOrUndefined,
+  type FileSystem,
+  nodeFileSystem,
+  readExactly,
+} from '../file/index.js';
+import { type OptionKeys, checkOptions } from '../../options.js';
 
 /*
  * A read-only view of the disk a guest would see: a raw image file as it is (RawDisk), or a COW

@@ -5,22 +5,32 @@
  * and evicted when clean, so opening costs the same for any disk size (a 15 TiB COW has a
  * 3.75 GiB bitmap). A write pins its slices from before its data is written until its bits are.
  */
-import { UbdcowError, checkByteRange, fileEndsEarly, fileTooShort, fromSystemError } from '../errors.js';
-import { SectorBitmap } from '../format/bitmap.js';
-import type { CowGeometry } from '../format/geometry.js';
-import type { CowHeader } from '../format/header.js';
-import { type OpenedFile, backingPolicy, checkBacking, openBacking } from './backing.js';
-import { type BitmapView, type LazyBitmap, lazyBitmapOf } from './bitmap-cache.js';
-import { BitmapWriter } from './bitmap-writer.js';
-import { type FileHandleLike, type FileSystem, readExactly, readExactlySync } from './file.js';
-import { nodeFileSystem } from './node-fs.js';
+import { UbdcowError, checkByteRange, fileEndsEarly, fileTooShort, fromSystemError } from '../../errors.js';
+import { SectorBitmap } from '../../format/bitmap.js';
+import type { CowGeometry } from '../../format/geometry.js';
+import type { CowHeader } from '../../format/header.js';
+import {
+  backingPolicy,
+  checkBacking,
+  type CowImage,
+  openBacking,
+  type OpenedFile,
+  openLockedImage,
+} from '../image/index.js';
+import { type BitmapView, BitmapWriter, type LazyBitmap, lazyBitmapOf } from '../bitmap/index.js';
+import {
+  type FileHandleLike,
+  type FileSystem,
+  nodeFileSystem,
+  readExactly,
+  readExactlySync,
+} from '../file/index.js';
 import { GroupSync } from './group-sync.js';
-import { type CowImage, openLockedImage } from './image.js';
-import { type ReadSpan, planRead, planReadInto, readSpans } from '../format/read-plan.js';
-import { ExtentList } from '../format/extent-list.js';
+import { type ReadSpan, planRead, planReadInto, readSpans } from '../../format/read-plan.js';
+import { ExtentList } from '../../format/extent-list.js';
 import { RangeLock } from './range-lock.js';
 import { type UnitLayout, type WriteSpan, sectorsPerUnit, unitRange, writeSpan } from './allocation-unit.js';
-import { type OptionKeys, checkOptions } from '../options.js';
+import { type OptionKeys, checkOptions } from '../../options.js';
 import type { AllocatedRun, CowDevice, FileRange, OpenCowOptions } from './cow-device.js';
 
 export type { AllocatedRun, CowDevice, FileRange, OpenCowOptions } from './cow-device.js';

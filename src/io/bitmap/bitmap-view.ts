@@ -4,7 +4,7 @@
  * touched dirty (and bumps the slice's generation) so writeBack knows what to write; release()
  * unpins the slices, after which the view refuses every call.
  */
-import type { SectorBitmap, SectorRun } from '../format/bitmap.js';
+import type { SectorBitmap, SectorRun } from '../../format/bitmap.js';
 
 /** One cached slice of the bitmap (owned by LazyBitmap; views change its bits and dirty range). */
 export interface Slice {

@@ -1,6 +1,6 @@
 import * as fsp from 'node:fs/promises';
 
-import { fromSystemError } from '../errors.js';
+import { fromSystemError } from '../../errors.js';
 
 
 /**
@@ -36,8 +36,8 @@ export interface FileHandleLike {
   readonly fd?: number;
   /*
    * System calls Node lacks (src/os), optional so injected file systems may leave them out and
-   * tests may make them fail. Callers go through the helpers in src/io/extents.ts and
-   * src/io/file-ops.ts, which fall back to plain reads and writes when a method is absent or
+   * tests may make them fail. Callers go through the helpers in src/io/file/extents.ts and
+   * src/io/file/file-ops.ts, which fall back to plain reads and writes when a method is absent or
    * throws "not supported here" (ENOSYS when the bindings are unavailable).
    */
   /** lseek SEEK_DATA: the first data byte at or after `position`; undefined when only holes follow. */
