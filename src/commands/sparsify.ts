@@ -162,7 +162,7 @@ async function guestFreeBlocks(image: CowImage, backing: OpenedFile, options: Sp
     path: image.path,
     kind: 'cow',
     size: image.header.size,
-    basePath: backing.path,
+    base: { realPath: backing.path },
     warnings: [],
     async read(offset, length, into) {
       const target = into ?? new Uint8Array(length);

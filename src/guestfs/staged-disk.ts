@@ -52,7 +52,7 @@ export function stagedGuestDisk(image: string, kind: 'raw' | 'cow', pages: Stage
     path: image,
     kind,
     size: pages.size,
-    basePath: image,
+    base: { realPath: image },
     warnings,
     async read(offset, length, into) {
       const buffer = into ?? new Uint8Array(length);

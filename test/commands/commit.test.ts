@@ -179,6 +179,20 @@ describe('commitCow to a new file', () => {
     expectSameBytes(readFile(output), built.expected);
   });
 
+  it('OUT that is the COW by another name (hard link, symlink) is refused even with -f, and the COW is unchanged', async () => {
+    const built = buildCow(tmp.path, { size: 512 << 10, extents: [{ start: 1, end: 40 }] });
+    const hardLink = path.join(tmp.path, 'hard-link.img');
+    const symlink = path.join(tmp.path, 'sym-link.img');
+    fs.linkSync(built.cowPath, hardLink);
+    fs.symlinkSync(built.cowPath, symlink);
+    const before = fs.readFileSync(built.cowPath);
+    for (const output of [hardLink, symlink]) {
+      await expectUbdcowError(commitCow(built.cowPath, { output, force: true }), 'output-is-cow', /is the COW file itself/);
+    }
+    expect(fs.readFileSync(built.cowPath).equals(before)).toBe(true);
+    expect(fs.statSync(hardLink).nlink).toBe(2);
+  });
+
   it('refusals change nothing: existing OUT, backing changed, backing resized, locked, OUT is the COW', async () => {
     const built = buildCow(tmp.path, { size: 512 << 10, extents: [{ start: 1, end: 40 }] });
     const output = path.join(tmp.path, 'out.img');

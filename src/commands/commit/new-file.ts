@@ -1,4 +1,3 @@
-import * as path from 'node:path';
 import { UbdcowError, fileEndsEarly, fromSystemError } from '../../errors.js';
 import { type WindowRuns, allocatedExtents, allocatedWindows, extentBytes } from '../../io/bitmap/index.js';
 import {
@@ -6,6 +5,7 @@ import {
   copyRange,
   dataExtents,
   existsError,
+  fileIdentityOrUndefined,
   type FileHandleLike,
   type FileSystem,
   ImageWriter,
@@ -42,14 +42,12 @@ import { isAllZero } from '../../format/zero-bytes.js';
 
 /** Refuses to write the merged image over the COW file it is made from; true when `output` exists. */
 async function refuseOutputOverCow(fs: FileSystem, cowPath: string, output: string): Promise<boolean> {
-  const [cowReal, outputReal] = await Promise.all([
-    fs.realpath(cowPath).catch(() => path.resolve(cowPath)),
-    fs.realpath(output).catch(() => undefined),
-  ]);
-  if (outputReal === cowReal) {
+  // By identity, as the kernel tells files apart: a hard link to the COW is the COW.
+  const [cow, existing] = await Promise.all([fileIdentityOrUndefined(fs, cowPath), fileIdentityOrUndefined(fs, output)]);
+  if (existing !== undefined && existing === cow) {
     throw new UbdcowError('output-is-cow', `${output}: is the COW file itself; write the merged image to another file`, { file: output });
   }
-  return outputReal !== undefined;
+  return existing !== undefined;
 }
 
 export async function commitToNewFile(cowPath: string, output: string, options: CommitOptions): Promise<NewFileCommitResult> {
