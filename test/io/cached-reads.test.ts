@@ -10,7 +10,7 @@ import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import { createCow } from '../../src/commands/create.js';
 import { openCow } from '../../src/io/engine/engine.js';
-import type { FileHandleLike, FileSystem } from '../../src/io/file/file.js';
+import type { FileSystem } from '../../src/io/file/file.js';
 import { nodeFileSystem } from '../../src/io/file/node-fs.js';
 import { CACHED_READ_MAX, osCalls, osCallsUnavailable } from '../../src/os/libc.js';
 import { seededRandom } from '../helpers/cow-writes.js';

@@ -14,7 +14,6 @@ import { type CommitJournal, readCommitJournal, removeCommitJournal, writeCommit
 import {
   type FileHandleLike,
   type FileSystem,
-  nodeFileSystem,
   writeAll,
   writeAllSync,
 } from '../../io/file/index.js';
@@ -75,9 +74,9 @@ async function refuseSharedBacking(fs: FileSystem, cowPath: string, backingPath:
   return risks;
 }
 
-export async function commitInPlace(cowPath: string, options: CommitOptions): Promise<InPlaceCommitResult> {
+export async function commitInPlace(cowPath: string, options: CommitOptions & { fs: FileSystem }): Promise<InPlaceCommitResult> {
   const started = Date.now();
-  const fs = options.fs ?? nodeFileSystem;
+  const { fs } = options;
   const chunkBytes = roundChunk(options.chunkBytes);
   return withImage(cowPath, { fs, mode: 'r+', lock: 'write' }, async (image) => {
     const report = await checkBacking(image.header, options.backing, fs);

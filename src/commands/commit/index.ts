@@ -27,6 +27,8 @@ export async function commitCow(cowPath: string, options: CommitOptions = {}): P
   if (options.output !== undefined && options.keep) {
     throw usageError(`${options.output}: --keep only applies to an in-place commit (no OUT); a new image never changes the COW`);
   }
-  await refuseInterruptedCustomize(options.fs ?? nodeFileSystem, cowPath);
-  return options.output === undefined ? commitInPlace(cowPath, options) : commitToNewFile(cowPath, options.output, options);
+  // The file system is chosen once, here at the API's edge; everything below takes it as given.
+  const resolved = { ...options, fs: options.fs ?? nodeFileSystem };
+  await refuseInterruptedCustomize(resolved.fs, cowPath);
+  return resolved.output === undefined ? commitInPlace(cowPath, resolved) : commitToNewFile(cowPath, resolved.output, resolved);
 }

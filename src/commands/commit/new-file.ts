@@ -9,7 +9,6 @@ import {
   type FileHandleLike,
   type FileSystem,
   ImageWriter,
-  nodeFileSystem,
   readExactly,
   syncRange,
   writeAll,
@@ -50,9 +49,9 @@ async function refuseOutputOverCow(fs: FileSystem, cowPath: string, output: stri
   return existing !== undefined;
 }
 
-export async function commitToNewFile(cowPath: string, output: string, options: CommitOptions): Promise<NewFileCommitResult> {
+export async function commitToNewFile(cowPath: string, output: string, options: CommitOptions & { fs: FileSystem }): Promise<NewFileCommitResult> {
   const started = Date.now();
-  const fs = options.fs ?? nodeFileSystem;
+  const { fs } = options;
   const force = options.force ?? false;
   const chunkBytes = roundChunk(options.chunkBytes);
   const outputExists = await refuseOutputOverCow(fs, cowPath, output);

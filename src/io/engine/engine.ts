@@ -20,7 +20,6 @@ import {
 import { type BitmapView, BitmapWriter, type LazyBitmap, lazyBitmapOf } from '../bitmap/index.js';
 import {
   type FileHandleLike,
-  type FileSystem,
   nodeFileSystem,
   readExactly,
   readExactlySync,
