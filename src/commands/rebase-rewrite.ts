@@ -1,4 +1,3 @@
-import * as fsp from 'node:fs/promises';
 import { UbdcowError, backingMismatch, fromSystemError } from '../errors.js';
 import { serializeSameLayout } from '../format/header.js';
 import {
@@ -128,7 +127,7 @@ export async function rebaseRewrite(cowPaths: string[], newBase: string, options
     const differing = { bytes: 0 };
     if (active.length > 0) {
       await withTargets(fs, active, 0, async () => {
-        for (const job of active) await startTarget(job, stored, stat.mtime);
+        for (const job of active) await startTarget(fs, job, stored, stat.mtime);
         await rewriteWindows(active, fresh!, size, options, differing);
       });
     }
@@ -187,10 +186,11 @@ async function withTargets(fs: FileSystem, jobs: Job[], index: number, work: () 
 }
 
 /** The new COW starts as the old one (shared extents or an in-kernel sparse copy) with the new header. */
-async function startTarget(job: Job, stored: string, mtime: number): Promise<void> {
+async function startTarget(fs: FileSystem, job: Job, stored: string, mtime: number): Promise<void> {
   const { image, target, targetPath } = job;
-  const mode = await fsp.stat(image.path).then((s) => s.mode & 0o7777, () => undefined);
-  if (mode !== undefined) await fsp.chmod(targetPath!, mode).catch(() => undefined);
+  // The rebuilt COW keeps the permissions of the one it replaces (best effort, as cp -p).
+  const mode = await fs.stat(image.path).then((s) => s.mode, () => undefined);
+  if (mode !== undefined) await fs.chmod(targetPath!, mode).catch(() => undefined);
   await cloneOrCopyFile(target!, image.handle).catch((err) => {
     throw fromSystemError(err, image.path, 'copy');
   });

@@ -292,6 +292,20 @@ export class MemoryFileSystem implements FileSystem {
     this.get(path).mtime = mtime;
   }
 
+  async chmod(path: string): Promise<void> {
+    this.get(path);
+  }
+
+  private folders = 0;
+
+  async makeTempFolder(prefix: string): Promise<string> {
+    return `${prefix}${++this.folders}`;
+  }
+
+  async removeTree(folder: string): Promise<void> {
+    for (const path of [...this.files.keys()]) if (path.startsWith(`${folder}/`)) this.files.delete(path);
+  }
+
   /** A new file system holding a copy of the given files' contents (e.g. a crash state). */
   static fromContents(files: Map<string, { data: Uint8Array; mtime: number }>): MemoryFileSystem {
     const fsys = new MemoryFileSystem();

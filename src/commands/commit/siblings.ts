@@ -1,7 +1,7 @@
 import * as path from 'node:path';
 import { UbdcowError, fromSystemError } from '../../errors.js';
 import { probeHeader, resolveBackingPath } from '../../io/image/index.js';
-import { fileIdentity, fileIdentityOrUndefined, type FileSystem, foldersOfKnownNames } from '../../io/file/index.js';
+import { fileIdentity, type FileSystem, foldersOfKnownNames } from '../../io/file/index.js';
 
 /** Errors that mean "this is not something we could read anyway", not "we could not look". */
 const skippable = new Set(['ENOENT', 'EACCES', 'EPERM', 'ELOOP', 'ENOTDIR']);
@@ -23,7 +23,9 @@ export async function findSiblingCows(fs: FileSystem, cowPath: string, backingPa
   // Files are told apart by (dev, ino), as the kernel does (issue 15 item 1): a sibling may name
   // the base through a symlink, a hard link or a symlinked folder. The folders of every known
   // name of the base (as written, real path) are searched besides the ones given.
-  const self = await fileIdentityOrUndefined(fs, cowPath);
+  const self = await fileIdentity(fs, cowPath).catch((err) => {
+    throw fromSystemError(err, cowPath, 'read');
+  });
   const backing = await fileIdentity(fs, backingPath).catch((err) => {
     throw fromSystemError(err, backingPath, 'read');
   });
@@ -41,12 +43,12 @@ export async function findSiblingCows(fs: FileSystem, cowPath: string, backingPa
     }
     for (const name of names) {
       const candidate = path.join(folder, name);
-      // One file seen under two names (a folder and its symlink, two hard links) counts once;
-      // a name that reaches no file (a dangling link) is nothing a UML could open.
-      const identity = await fileIdentityOrUndefined(fs, candidate);
-      if (identity === undefined || identity === self || seen.has(identity)) continue;
-      seen.add(identity);
       try {
+        // One file seen under two names (a folder and its symlink, two hard links) counts once;
+        // a name that reaches no file (a dangling link) is nothing a UML could open.
+        const identity = await fileIdentity(fs, candidate);
+        if (identity === self || seen.has(identity)) continue;
+        seen.add(identity);
         if (await namesBacking(fs, candidate, backing)) found.add(candidate);
       } catch (err) {
         const code = (err as NodeJS.ErrnoException).code;
@@ -71,5 +73,10 @@ async function namesBacking(fs: FileSystem, file: string, backing: string): Prom
   if (!('parsed' in probe)) return false;
   // Where the kernel would look for it (resolveBackingPath), so a sibling is what a UML would read.
   const named = resolveBackingPath(probe.parsed.header);
-  return (await fileIdentityOrUndefined(fs, named)) === backing;
+  // A backing that is not there is not this one; any other failure to look is the caller's to report.
+  const identity = await fileIdentity(fs, named).catch((err: NodeJS.ErrnoException) => {
+    if (err.code && skippable.has(err.code)) return undefined;
+    throw err;
+  });
+  return identity === backing;
 }

@@ -1,6 +1,6 @@
 export { existsError, refuseExisting, removeStaleTemporaries, temporaryNameFor, writeNewFile } from './atomic.js';
 export { dataExtents, isHole } from './extents.js';
-export { describeKind, readExactly, readExactlySync, sizeOf, writeAll, writeAllSync } from './file.js';
+export { describeKind, readExactly, readExactlySync, readWholeFile, sizeOf, writeAll, writeAllSync } from './file.js';
 export type { CloneRange, FileHandleLike, FileStat, FileSystem, OpenMode } from './file.js';
 export { fileIdentity, fileIdentityOrUndefined, foldersOfKnownNames, refuseOutputOverInput, sameFile } from './file-identity.js';
 export type { ProtectedFile } from './file-identity.js';

@@ -29,6 +29,7 @@ function toFileStat(stats: fs.Stats): FileStat {
     rdev: stats.rdev,
     dev: stats.dev,
     ino: stats.ino,
+    mode: stats.mode & 0o7777,
   };
 }
 
@@ -218,5 +219,8 @@ export const nodeFileSystem: FileSystem = {
     }
   },
   utimes: (path, atime, mtime) => fsp.utimes(path, atime, mtime),
+  chmod: (path, mode) => fsp.chmod(path, mode),
+  makeTempFolder: (prefix) => fsp.mkdtemp(prefix),
+  removeTree: (path) => fsp.rm(path, { recursive: true, force: true }),
 };
 
