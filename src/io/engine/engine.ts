@@ -6,7 +6,7 @@
 import { UbdcowError } from '../../errors.js';
 import { backingPolicy, checkBacking, type CowImage, openBacking, type OpenedFile, openLockedImage } from '../image/index.js';
 import { lazyBitmapOf } from '../bitmap/index.js';
-import { nodeFileSystem } from '../file/index.js';
+import { type FileSystem, nodeFileSystem } from '../file/index.js';
 import { sectorsPerUnit } from './allocation-unit.js';
 import { type OptionKeys, checkOptions } from '../../options.js';
 import type { CowDevice, OpenCowOptions } from './cow-device.js';
@@ -28,7 +28,8 @@ const openCowOptionKeys: OptionKeys<OpenCowOptions> = {
 
 export async function openCow(cowPath: string, options: OpenCowOptions = {}): Promise<CowDevice> {
   checkOptions('openCow', options, openCowOptionKeys);
-  return (await openEngine(cowPath, options, true)).device;
+  // The file system is chosen here, at the API's edge; below it is given.
+  return (await openEngine(cowPath, { ...options, fs: options.fs ?? nodeFileSystem }, true)).device;
 }
 
 /** What the read-only virtual disk needs besides the device: the image and the backing file as opened. */
@@ -48,14 +49,14 @@ export interface CowReader {
  */
 export async function openCowReader(
   cowPath: string,
-  options: Pick<OpenCowOptions, 'backing' | 'fs' | 'bitmapSliceBytes'> & { openBacking?: boolean },
+  options: Pick<OpenCowOptions, 'backing' | 'bitmapSliceBytes'> & { fs: FileSystem; openBacking?: boolean },
 ): Promise<CowReader> {
   const withBacking = options.openBacking ?? true;
   return openEngine(cowPath, { backing: options.backing, fs: options.fs, bitmapSliceBytes: options.bitmapSliceBytes, readOnly: true, lock: withBacking }, withBacking);
 }
 
-async function openEngine(cowPath: string, options: OpenCowOptions, withBacking: boolean): Promise<CowReader> {
-  const fs = options.fs ?? nodeFileSystem;
+async function openEngine(cowPath: string, options: OpenCowOptions & { fs: FileSystem }, withBacking: boolean): Promise<CowReader> {
+  const { fs } = options;
   const readOnly = options.readOnly ?? false;
   // The lock is held until the COW file is closed (close()), so not withImage's scope. Readers of
   // the disk's bytes take a read lock: a COW a running UML holds changes under them, so they refuse it.
