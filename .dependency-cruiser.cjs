@@ -6,7 +6,8 @@
  *   journal -> engine -> bitmap -> image -> lock -> file (no cycles keeps that order).
  *   os (koffi bindings) is reached from io, and from nbd and cli for sendfile/splice to sockets
  *   and pipes; commands, guestfs and format go through io.
- * src/index.ts (the public API) may import any layer but cli. docs/architecture.md explains them.
+ * src/index.ts (the public API) may import any layer but cli. Outside src/nbd, src/nbd is reached
+ * through its door, src/nbd/index.ts (tests may import its internals). docs/architecture.md explains them.
  */
 module.exports = {
   forbidden: [
@@ -44,6 +45,13 @@ module.exports = {
       comment: 'src/nbd speaks the protocol over any NbdBlockDevice; what is served is decided in commands/serve.ts.',
       from: { path: '^src/nbd/' },
       to: { path: '^src/(cli|commands|guestfs)/' },
+    },
+    {
+      name: 'nbd-through-its-door',
+      severity: 'error',
+      comment: 'Outside src/nbd, the NBD server is reached through src/nbd/index.ts only (tests may reach inside).',
+      from: { path: '^src/', pathNot: '^src/nbd/' },
+      to: { path: '^src/nbd/', pathNot: '^src/nbd/index\\.ts$' },
     },
     {
       name: 'guestfs-below-commands',

@@ -31,7 +31,7 @@ export { rebaseCow, type RebaseOptions, type RebaseResult } from './commands/reb
 export { rebaseRewrite, type RebaseRewriteOptions, type RebaseRewriteResult, type RebasedCow } from './commands/rebase-rewrite.js';
 export { sparsifyCow, type SparsifyOptions, type SparsifyResult } from './commands/sparsify.js';
 export type { CloneRange } from './io/file/index.js';
-export { serveNbd, BLOCK_SIZES as NBD_BLOCK_SIZES, type NbdBlockDevice, type NbdServeOptions, type NbdServer } from './nbd/server.js';
+export { serveNbd, BLOCK_SIZES as NBD_BLOCK_SIZES, type NbdBlockDevice, type NbdServeOptions, type NbdServer } from './nbd/index.js';
 export { serveImage, type ServeOptions, type ServeHandle } from './commands/serve.js';
 export { convertImage, CONVERT_FORMATS, type ConvertOptions, type ConvertResult, type ConvertFormat } from './commands/convert.js';
 export { importImage, type ImportOptions, type ImportResult } from './commands/import.js';

@@ -10,8 +10,7 @@ import { UbdcowError, fromSystemError } from '../errors.js';
 import { type CowDevice, looksLikeCow, openCow } from '../io/engine/index.js';
 import { type FileHandleLike, nodeFileSystem, writeAll, writeNewFile } from '../io/file/index.js';
 import { ExtentList } from '../format/extent-list.js';
-import { type NbdBlockDevice, type NbdServer, serveNbd } from '../nbd/server.js';
-import { STATE_HOLE, type StatusDescriptor } from '../nbd/protocol.js';
+import { type NbdBlockDevice, type NbdServer, STATE_HOLE, type StatusDescriptor, serveNbd } from '../nbd/index.js';
 import { type OptionKeys, checkOptions } from '../options.js';
 
 export interface ServeOptions {

@@ -15,18 +15,11 @@ import * as fs from 'node:fs';
 import * as net from 'node:net';
 import { UbdcowError, fromSystemError } from '../errors.js';
 import * as P from './protocol.js';
-import type { FileRange } from './reply-writer.js';
-
-export type { FileRange };
-
-export { BLOCK_SIZES };
+import { type OptionKeys, checkOptions } from '../options.js';
 import { Connection } from './connection.js';
 import { BLOCK_SIZES } from './request-checks.js';
 import { TransmissionSlots } from './slots.js';
 import type { NbdBlockDevice, NbdServeOptions, ServerState } from './server-state.js';
-
-export type { NbdBlockDevice, NbdServeOptions };
-import { type OptionKeys, checkOptions } from '../options.js';
 
 export interface NbdServer {
   /** `unix:PATH` or `HOST:PORT`. */
