@@ -2,9 +2,12 @@
  * The dependency rules `npm test` enforces (npm run lint:deps): no import cycles, type-only
  * imports included, and the layers only import downwards:
  *   cli -> commands -> guestfs -> io, nbd -> format -> (nothing but errors/options)
+ *   src/io is six folders, each entered through its index.ts only:
+ *   journal -> engine -> bitmap -> image -> lock -> file (no cycles keeps that order).
  *   os (koffi bindings) is reached from io, and from nbd and cli for sendfile/splice to sockets
  *   and pipes; commands, guestfs and format go through io.
- * src/index.ts (the public API) may import any layer but cli. docs/architecture.md explains them.
+ * src/index.ts (the public API) may import any layer but cli. Outside src/nbd, src/nbd is reached
+ * through its door, src/nbd/index.ts (tests may import its internals). docs/architecture.md explains them.
  */
 module.exports = {
   forbidden: [
@@ -44,10 +47,31 @@ module.exports = {
       to: { path: '^src/(cli|commands|guestfs)/' },
     },
     {
+      name: 'nbd-through-its-door',
+      severity: 'error',
+      comment: 'Outside src/nbd, the NBD server is reached through src/nbd/index.ts only (tests may reach inside).',
+      from: { path: '^src/', pathNot: '^src/nbd/' },
+      to: { path: '^src/nbd/', pathNot: '^src/nbd/index\\.ts$' },
+    },
+    {
       name: 'guestfs-below-commands',
       severity: 'error',
       from: { path: '^src/guestfs/' },
       to: { path: '^src/(cli|commands)/' },
+    },
+    {
+      name: 'io-folder-doors-from-outside',
+      severity: 'error',
+      comment: 'Each folder of src/io (file, lock, image, bitmap, engine, journal) is entered through its index.ts only.',
+      from: { path: '^src/', pathNot: '^src/io/' },
+      to: { path: '^src/io/', pathNot: '^src/io/[^/]+/index\\.ts$' },
+    },
+    {
+      name: 'io-folder-doors-between-folders',
+      severity: 'error',
+      comment: 'Inside src/io a file imports its own folder directly and another folder through that folder\'s index.ts only.',
+      from: { path: '^src/io/([^/]+)/' },
+      to: { path: '^src/io/', pathNot: ['^src/io/$1/', '^src/io/[^/]+/index\\.ts$'] },
     },
     {
       name: 'cli-on-top',

@@ -18,7 +18,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { createCow } from '../src/commands/create.js';
-import { type CowDevice, openCow } from '../src/io/engine.js';
+import { type CowDevice, openCow } from '../src/io/engine/engine.js';
 import { describeMachine, hasTool } from './util.js';
 
 const KiB = 1024;

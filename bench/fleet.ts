@@ -13,7 +13,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { createCow } from '../src/commands/create.js';
-import { openImage } from '../src/io/image.js';
+import { openImage } from '../src/io/image/image.js';
 import { type Measurement, describeMachine, ensureBuilt, hasTool, measure, measureCli, seconds, table } from './util.js';
 import { seededRandom } from '../test/helpers/cow-writes.js';
 

@@ -23,7 +23,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { createCow } from '../src/commands/create.js';
-import { openCow } from '../src/io/engine.js';
+import { openCow } from '../src/io/engine/engine.js';
 import { type Measurement, describeMachine, ensureBuilt, hasTool, measure, measureCli, mebibytes, repoRoot, seconds, table } from './util.js';
 import { seededRandom } from '../test/helpers/cow-writes.js';
 

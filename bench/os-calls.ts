@@ -11,8 +11,8 @@ import { randomBytes } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { nodeFileSystem } from '../src/io/node-fs.js';
-import { cloneFile, copyRange } from '../src/io/file-ops.js';
+import { nodeFileSystem } from '../src/io/file/node-fs.js';
+import { cloneFile, copyRange } from '../src/io/file/file-ops.js';
 
 const args = process.argv.slice(2);
 const option = (name: string, fallback: number) => {

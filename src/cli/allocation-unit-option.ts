@@ -1,6 +1,6 @@
 /*
  * `--allocation-unit BYTES` of the commands that write COWs (write, serve, import): what a write
- * allocates at once (src/io/allocation-unit.ts). Checked before anything runs, so a bad value
+ * allocates at once (src/io/engine/allocation-unit.ts). Checked before anything runs, so a bad value
  * never leaves a half-done import behind.
  */
 import type { Argv } from 'yargs';

@@ -1,7 +1,6 @@
 import { fileEndsEarly } from '../errors.js';
-import type { OpenedFile } from '../io/backing.js';
-import { type DataExtent, dataExtents } from '../io/extents.js';
-import { type FileHandleLike, readExactlySync } from '../io/file.js';
+import { type FileHandleLike, dataExtents, readExactlySync } from '../io/file/index.js';
+import type { OpenedFile } from '../io/image/index.js';
 import type { WindowAnswer } from './compare-worker.js';
 import { readBase } from './disk-pages.js';
 
@@ -33,6 +32,12 @@ export interface ComparedWindow {
   fresh: Uint8Array;
   /** Per old base: its bytes (valid where it differs, or everywhere) and the window offsets of the pages that differ. */
   old: Map<OpenedFile, { data: Uint8Array; differs: number[] }>;
+}
+
+/** Bytes [start, end) of a file that may hold data (as dataExtents yields them). */
+interface DataExtent {
+  start: number;
+  end: number;
 }
 
 /** Walks a file's data extents front to back, a window at a time: is there data in [start, end)? */

@@ -1,6 +1,6 @@
 import { checkByteRange } from '../errors.js';
 import type { ReadOptions } from './engine-io.js';
-import { openVirtualDisk } from '../io/virtual-disk.js';
+import { openVirtualDisk } from '../io/engine/index.js';
 import { type OptionKeys, checkOptions } from '../options.js';
 
 /** `read`'s options (cat reads through the same engine read path), and the chunk size. */

@@ -1,12 +1,10 @@
 import { CowFormatError, fromSystemError } from '../errors.js';
 import { describeBitmapOverlap, describeHangingDisk } from '../format/kernel-traps.js';
-import { allocatedExtents } from '../io/allocation.js';
-import { type BackingReport, checkBacking } from '../io/backing.js';
-import { commitJournalExists, interruptedCommitMessage } from '../io/commit-journal.js';
-import { type FileSystem, readExactly, writeAll } from '../io/file.js';
-import { nodeFileSystem } from '../io/node-fs.js';
-import { type CowImage, withImage } from '../io/image.js';
-import { isCowFileLocked } from '../io/lock.js';
+import { allocatedExtents } from '../io/bitmap/index.js';
+import { type BackingReport, checkBacking, type CowImage, withImage } from '../io/image/index.js';
+import { commitJournalExists, interruptedCommitMessage } from '../io/journal/index.js';
+import { type FileSystem, nodeFileSystem, readExactly, writeAll } from '../io/file/index.js';
+import { isCowFileLocked } from '../io/lock/index.js';
 import { type OptionKeys, checkOptions } from '../options.js';
 
 export interface CheckOptions {

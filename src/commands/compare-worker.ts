@@ -1,6 +1,6 @@
 import { MessageChannel, type MessagePort, Worker } from 'node:worker_threads';
-import type { OpenedFile } from '../io/backing.js';
-import { dataExtents } from '../io/extents.js';
+import { dataExtents } from '../io/file/index.js';
+import type { OpenedFile } from '../io/image/index.js';
 
 /*
  * The back part of a `rebase --rewrite` compare on a second thread. Copying the bases out of the

@@ -6,16 +6,18 @@
  * OUT appears only when qemu-img succeeded (written beside it through writeNewFile: synced, then
  * linked, or renamed with -f), and never over IMAGE, its backing file or BASE (by identity).
  */
-import * as fsSync from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { refuseExisting, writeNewFile } from '../io/atomic.js';
-import { resolveBackingPath } from '../io/backing.js';
-import type { FileSystem } from '../io/file.js';
-import { type ProtectedFile, refuseOutputOverInput } from '../io/file-identity.js';
-import { openImageFile, probeHeader } from '../io/image.js';
-import { nodeFileSystem } from '../io/node-fs.js';
-import { removeOnSignal } from '../io/signal-cleanup.js';
+import {
+  type FileSystem,
+  nodeFileSystem,
+  type ProtectedFile,
+  refuseExisting,
+  refuseOutputOverInput,
+  removeOnSignal,
+  writeNewFile,
+} from '../io/file/index.js';
+import { openImageFile, probeHeader, resolveBackingPath } from '../io/image/index.js';
 import { UbdcowError, backingMismatch } from '../errors.js';
 import { qemuImageInfo, qemuSizeFits, runToolOk } from './qemu-img.js';
 import { serveImage } from './serve.js';
@@ -69,7 +71,7 @@ export async function convertImage(image: string, output: string, options: Conve
     // Fails early, with the install hint, when qemu-img is missing.
     await runToolOk('qemu-img', ['--version'], 'convert', 'qemu-img');
   }
-  const folder = fsSync.mkdtempSync(path.join(os.tmpdir(), 'ubdcow-convert-'));
+  const folder = await fs.makeTempFolder(path.join(os.tmpdir(), 'ubdcow-convert-'));
   const socket = path.join(folder, 'nbd.sock');
   // Ctrl-C or SIGTERM mid-convert leaves no socket folder (writeNewFile takes care of OUT's temporary).
   const keepFolder = removeOnSignal(folder);
@@ -92,7 +94,7 @@ export async function convertImage(image: string, output: string, options: Conve
     }
     return { input: image, output, format: options.format, base: options.base, baseFormat, size: served.size, warnings: served.warnings };
   } finally {
-    fsSync.rmSync(folder, { recursive: true, force: true });
+    await fs.removeTree(folder);
     keepFolder();
   }
 }

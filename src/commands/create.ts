@@ -10,12 +10,16 @@ import {
 } from '../format/header.js';
 import { type CowGeometry, computeGeometry } from '../format/geometry.js';
 import { describeBitmapOverlap, describeHangingDisk } from '../format/kernel-traps.js';
-import { type FileHandleLike, type FileSystem } from '../io/file.js';
-import { nodeFileSystem } from '../io/node-fs.js';
-import { imageSize, probeReadable, statImageFile } from '../io/image.js';
-import { refuseExisting, writeNewFile } from '../io/atomic.js';
-import { looksLikeCow } from '../io/virtual-disk.js';
-import { sameFile } from '../io/file-identity.js';
+import {
+  type FileHandleLike,
+  type FileSystem,
+  nodeFileSystem,
+  refuseExisting,
+  sameFile,
+  writeNewFile,
+} from '../io/file/index.js';
+import { imageSize, probeReadable, statImageFile } from '../io/image/index.js';
+import { looksLikeCow } from '../io/engine/index.js';
 import { ubdOptionWarnings } from './ubd-option.js';
 import { type OptionKeys, checkOptions } from '../options.js';
 

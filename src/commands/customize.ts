@@ -9,12 +9,19 @@
  */
 import { createRequire } from 'node:module';
 import { UbdcowError } from '../errors.js';
-import { nodeFileSystem } from '../io/node-fs.js';
-import type { FileSystem } from '../io/file.js';
-import { type LockedDisk, openLockedDisk } from '../io/locked-disk.js';
-import { type Recovery, applyPages, recoverCustomizeJournal } from '../io/redo-apply.js';
-import { RedoJournalWriter, customizeJournalExists, customizeJournalPath, removeCustomizeJournal } from '../io/redo-journal.js';
-import { StagedPages, anonymousSpill } from '../io/staged-pages.js';
+import { type FileSystem, nodeFileSystem } from '../io/file/index.js';
+import { type LockedDisk, openLockedDisk } from '../io/engine/index.js';
+import {
+  anonymousSpill,
+  applyPages,
+  customizeJournalExists,
+  customizeJournalPath,
+  recoverCustomizeJournal,
+  type Recovery,
+  RedoJournalWriter,
+  removeCustomizeJournal,
+  StagedPages,
+} from '../io/journal/index.js';
 import { type CustomizeOperation, describeOperation } from '../guestfs/customize-spec.js';
 import { OperationRunner } from '../guestfs/customize-ops.js';
 import { SUPERBLOCK_OFFSET, SUPERBLOCK_SIZE } from '../guestfs/ext-layout.js';

@@ -1,9 +1,9 @@
 import { createHash } from 'node:crypto';
-import * as fsp from 'node:fs/promises';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { openCow } from '../io/engine.js';
+import { openCow } from '../io/engine/index.js';
+import { type FileSystem, nodeFileSystem, readWholeFile } from '../io/file/index.js';
 import { createCow } from './create.js';
 import { inspectCow } from './inspect.js';
 import { diffImages } from './diff.js';
@@ -35,8 +35,8 @@ export function bundledImage(): string {
   return fileURLToPath(new URL('../../fixtures/base.img', import.meta.url));
 }
 
-async function sha256(file: string): Promise<string> {
-  return createHash('sha256').update(await fsp.readFile(file)).digest('hex');
+async function sha256(fs: FileSystem, file: string): Promise<string> {
+  return createHash('sha256').update(await readWholeFile(fs, file)).digest('hex');
 }
 
 const runDemoOptionKeys: OptionKeys<DemoOptions> = { keep: true };
@@ -48,24 +48,25 @@ const runDemoOptionKeys: OptionKeys<DemoOptions> = { keep: true };
  */
 export async function runDemo(backing = bundledImage(), folder?: string, options: DemoOptions = {}): Promise<DemoResult> {
   checkOptions('runDemo', options, runDemoOptionKeys);
-  const dir = folder ?? (await fsp.mkdtemp(path.join(os.tmpdir(), 'ubdcow-demo-')));
+  const fs = nodeFileSystem;
+  const dir = folder ?? (await fs.makeTempFolder(path.join(os.tmpdir(), 'ubdcow-demo-')));
   let result: DemoResult | undefined;
   try {
-    result = await demoSteps(backing, dir);
+    result = await demoSteps(fs, backing, dir);
     // A failed step's files are kept, so what went wrong can be looked at.
     result.kept = folder !== undefined || options.keep === true || !result.ok;
     return result;
   } finally {
-    if (folder === undefined && !result?.kept) await fsp.rm(dir, { recursive: true, force: true });
+    if (folder === undefined && !result?.kept) await fs.removeTree(dir);
   }
 }
 
-async function demoSteps(backing: string, dir: string): Promise<DemoResult> {
+async function demoSteps(fs: FileSystem, backing: string, dir: string): Promise<DemoResult> {
   const cow = path.join(dir, 'demo.cow');
   const merged = path.join(dir, 'merged.img');
   const steps: DemoStep[] = [];
   const step = (title: string, detail: string, ok = true) => steps.push({ title, detail, ok });
-  const backingHash = await sha256(backing);
+  const backingHash = await sha256(fs, backing);
 
   const created = await createCow(cow, backing);
   step('create', `${cow}: ${created.header.size} bytes over ${created.header.backingFile}, data at offset ${created.geometry.dataOffset}`);
@@ -99,14 +100,14 @@ async function demoSteps(backing: string, dir: string): Promise<DemoResult> {
   step('diff', `${diff.extents} ranges, ${diff.differingBytes} bytes, differ from the backing: ${shownRanges.join(', ')}${more}`, !diff.identical);
 
   const commit = await commitCow(cow, { output: merged });
-  const mergedBytes = await fsp.readFile(merged);
-  const expected = Buffer.from(await fsp.readFile(backing));
+  const mergedBytes = Buffer.from(await readWholeFile(fs, merged));
+  const expected = Buffer.from(await readWholeFile(fs, backing));
   expected.set(block, 4096);
   expected.set(message, messageOffset + 100);
   const mergedOk = mergedBytes.equals(expected);
   step('commit', `${merged}: ${commit.size} bytes, ${commit.allocatedBytes} taken from the COW; contents ${mergedOk ? 'as expected' : 'WRONG'}`, mergedOk);
 
-  const untouched = (await sha256(backing)) === backingHash;
+  const untouched = (await sha256(fs, backing)) === backingHash;
   step('backing untouched', untouched ? `${backing} has the same SHA-256 as before` : `${backing} CHANGED`, untouched);
 
   return { backing, folder: dir, kept: true, steps, ok: steps.every((s) => s.ok) };

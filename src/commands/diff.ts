@@ -1,6 +1,6 @@
 import { notACow, usageError } from '../errors.js';
-import type { FileSystem } from '../io/file.js';
-import { type CowDisk, type FileIdentity, type VirtualDisk, allocatedByteExtents, openVirtualDisk } from '../io/virtual-disk.js';
+import type { FileSystem } from '../io/file/index.js';
+import { type CowDisk, type VirtualDisk, allocatedByteExtents, openVirtualDisk, sameBaseFile } from '../io/engine/index.js';
 import { ExtentList } from '../format/extent-list.js';
 import { type OptionKeys, checkOptions } from '../options.js';
 
@@ -166,15 +166,10 @@ async function diffCowWithBacking(disk: CowDisk, chunkBytes: number, exact: bool
   return resultOf(collector, 'cow-vs-backing', disk.sectorSize, disk.size, disk.base.size, disk.warnings, exact);
 }
 
-/** By (dev, ino) where both bases were opened (a hard link is the same file), else by real path. */
-function sameFileOf(a: FileIdentity, b: FileIdentity): boolean {
-  return a.identity !== undefined && b.identity !== undefined ? a.identity === b.identity : a.realPath === b.realPath;
-}
-
 function sameBase(a: VirtualDisk, b: VirtualDisk): boolean {
   if (a.size !== b.size) return false;
   const { size, mtime } = a.base;
-  if (!sameFileOf(a.base, b.base) || size !== b.base.size || mtime !== b.base.mtime) return false;
+  if (!sameBaseFile(a.base, b.base) || size !== b.base.size || mtime !== b.base.mtime) return false;
   // Only the view through the backing matters, but a COW whose header disagrees with its backing
   // may have been made over another file at that path: compare it in full to be safe.
   return [a, b].every((disk) => disk.kind === 'raw' || (disk.cow.header.size === size && disk.cow.header.mtime === mtime));

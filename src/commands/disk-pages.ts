@@ -1,9 +1,8 @@
 import { SectorBitmap } from '../format/bitmap.js';
-import { DEFAULT_ALLOCATION_UNIT, defaultUnitSectors } from '../io/allocation-unit.js';
-import type { OpenedFile } from '../io/backing.js';
+import { DEFAULT_ALLOCATION_UNIT, defaultUnitSectors } from '../io/engine/index.js';
+import type { CowImage, OpenedFile } from '../io/image/index.js';
 import { fileEndsEarly, fromSystemError } from '../errors.js';
-import { readExactly, writeAll } from '../io/file.js';
-import type { CowImage } from '../io/image.js';
+import { readExactly, writeAll } from '../io/file/index.js';
 import { planRead } from '../format/read-plan.js';
 import { readCowRun } from './commit/shared.js';
 

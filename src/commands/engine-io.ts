@@ -1,9 +1,8 @@
 import type { Writable } from 'node:stream';
 import { checkByteRange } from '../errors.js';
-import { openCow } from '../io/engine.js';
-import { refuseInterruptedCustomize } from '../io/redo-journal.js';
-import { nodeFileSystem } from '../io/node-fs.js';
-import type { FileSystem } from '../io/file.js';
+import { openCow } from '../io/engine/index.js';
+import { refuseInterruptedCustomize } from '../io/journal/index.js';
+import { type FileSystem, nodeFileSystem } from '../io/file/index.js';
 import { type OptionKeys, checkOptions } from '../options.js';
 
 const CHUNK = 1 << 20;

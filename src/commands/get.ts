@@ -5,8 +5,7 @@
  * A path is a string (UTF-8) or bytes (guest names are bytes).
  */
 import { type GuestFsOptions, type GuestPath, openGuestFs } from '../guestfs/guest-fs.js';
-import { nodeFileSystem } from '../io/node-fs.js';
-import { writeNewFile } from '../io/atomic.js';
+import { nodeFileSystem, writeNewFile } from '../io/file/index.js';
 import { type OptionKeys, checkOptions } from '../options.js';
 
 export interface GetOptions extends GuestFsOptions {

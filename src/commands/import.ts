@@ -8,15 +8,21 @@
  */
 import * as path from 'node:path';
 import { UbdcowError, backingMismatch, fileEndsEarly } from '../errors.js';
-import { openCow } from '../io/engine.js';
-import { refuseExisting, removeStaleTemporaries, temporaryNameFor, writeNewFile } from '../io/atomic.js';
-import { type FileHandleLike, type FileSystem, readExactly } from '../io/file.js';
-import { refuseOutputOverInput } from '../io/file-identity.js';
-import { nodeFileSystem } from '../io/node-fs.js';
-import { removeOnSignal } from '../io/signal-cleanup.js';
+import { openCow, sectorsPerUnit } from '../io/engine/index.js';
+import {
+  type FileHandleLike,
+  type FileSystem,
+  nodeFileSystem,
+  readExactly,
+  refuseExisting,
+  refuseOutputOverInput,
+  removeOnSignal,
+  removeStaleTemporaries,
+  temporaryNameFor,
+  writeNewFile,
+} from '../io/file/index.js';
 import { planCow, writeCowHeader } from './create.js';
 import { qemuImageInfo, qemuSizeFits, runToolOk } from './qemu-img.js';
-import { sectorsPerUnit } from '../io/allocation-unit.js';
 import { type OptionKeys, checkOptions } from '../options.js';
 
 export interface ImportOptions {

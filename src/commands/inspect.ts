@@ -1,10 +1,9 @@
 import type { CowGeometry } from '../format/geometry.js';
 import type { CowHeader, HeaderLayout } from '../format/header.js';
-import type { FileSystem } from '../io/file.js';
+import type { FileSystem } from '../io/file/index.js';
 import { describeBitmapOverlap, describeHangingDisk } from '../format/kernel-traps.js';
-import { allocatedExtents } from '../io/allocation.js';
-import { type BackingReport, checkBacking } from '../io/backing.js';
-import { isoTime, openImage } from '../io/image.js';
+import { allocatedExtents } from '../io/bitmap/index.js';
+import { type BackingReport, checkBacking, isoTime, openImage } from '../io/image/index.js';
 import { type OptionKeys, checkOptions } from '../options.js';
 
 export interface InspectOptions {

@@ -1,5 +1,5 @@
-import type { FileSystem } from '../io/file.js';
-import { allocatedByteExtents, openVirtualDisk } from '../io/virtual-disk.js';
+import type { FileSystem } from '../io/file/index.js';
+import { allocatedByteExtents, openVirtualDisk } from '../io/engine/index.js';
 import { notACow } from '../errors.js';
 import { type OptionKeys, checkOptions } from '../options.js';
 

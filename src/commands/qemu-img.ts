@@ -7,7 +7,7 @@
  */
 import { spawn } from 'node:child_process';
 import { UbdcowError, oneLine } from '../errors.js';
-import { killOnSignal } from '../io/signal-cleanup.js';
+import { killOnSignal } from '../io/file/index.js';
 
 export interface ToolRun {
   status: number | null;

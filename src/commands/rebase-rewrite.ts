@@ -1,14 +1,29 @@
-import * as fsp from 'node:fs/promises';
 import { UbdcowError, backingMismatch, fromSystemError } from '../errors.js';
 import { serializeSameLayout } from '../format/header.js';
-import { writeNewFile } from '../io/atomic.js';
-import { type OpenedFile, backingError, checkBacking, openBacking } from '../io/backing.js';
-import { commitJournalExists, interruptedCommitError } from '../io/commit-journal.js';
-import { type FileHandleLike, type FileSystem, writeAll } from '../io/file.js';
-import { fileIdentity } from '../io/file-identity.js';
-import { cloneOrCopyFile, punchHole, syncRange } from '../io/file-ops.js';
-import { type CowImage, imageSize, openLockedImage, probeReadable, rewriteHeader, statImageFile } from '../io/image.js';
-import { nodeFileSystem } from '../io/node-fs.js';
+import {
+  cloneOrCopyFile,
+  type FileHandleLike,
+  fileIdentity,
+  type FileSystem,
+  nodeFileSystem,
+  punchHole,
+  syncRange,
+  writeAll,
+  writeNewFile,
+} from '../io/file/index.js';
+import {
+  backingError,
+  checkBacking,
+  type CowImage,
+  imageSize,
+  openBacking,
+  type OpenedFile,
+  openLockedImage,
+  probeReadable,
+  rewriteHeader,
+  statImageFile,
+} from '../io/image/index.js';
+import { commitJournalExists, interruptedCommitError } from '../io/journal/index.js';
 import { type OptionKeys, checkOptions } from '../options.js';
 import { summarizeAllocation } from './commit/shared.js';
 import { BaseComparer } from './base-compare.js';
@@ -140,7 +155,7 @@ export async function rebaseRewrite(cowPaths: string[], newBase: string, options
     const differing = { bytes: 0 };
     if (active.length > 0) {
       await withTargets(fs, active, 0, async () => {
-        for (const job of active) await startTarget(job, stored, stat.mtime);
+        for (const job of active) await startTarget(fs, job, stored, stat.mtime);
         await rewriteWindows(active, fresh!, size, options, differing);
       });
     }
@@ -211,10 +226,11 @@ function blockingWrites(file: FileHandleLike): FileHandleLike {
 }
 
 /** The new COW starts as the old one (shared extents or an in-kernel sparse copy) with the new header. */
-async function startTarget(job: Job, stored: string, mtime: number): Promise<void> {
+async function startTarget(fs: FileSystem, job: Job, stored: string, mtime: number): Promise<void> {
   const { image, target, targetPath } = job;
-  const mode = await fsp.stat(image.path).then((s) => s.mode & 0o7777, () => undefined);
-  if (mode !== undefined) await fsp.chmod(targetPath!, mode).catch(() => undefined);
+  // The rebuilt COW keeps the permissions of the one it replaces (best effort, as cp -p).
+  const mode = await fs.stat(image.path).then((s) => s.mode, () => undefined);
+  if (mode !== undefined) await fs.chmod(targetPath!, mode).catch(() => undefined);
   await cloneOrCopyFile(target!, image.handle).catch((err) => {
     throw fromSystemError(err, image.path, 'copy');
   });

@@ -1,9 +1,15 @@
 import { UbdcowError, backingMismatch, fromSystemError } from '../errors.js';
-import { backingMismatches, resolveBackingPath } from '../io/backing.js';
-import { interruptedCommitError, readCommitJournal } from '../io/commit-journal.js';
-import { type FileHandleLike, type FileSystem } from '../io/file.js';
-import { nodeFileSystem } from '../io/node-fs.js';
-import { imageSize, probeReadable, rewriteHeader, statImageFile, withImage } from '../io/image.js';
+import {
+  backingMismatches,
+  imageSize,
+  probeReadable,
+  resolveBackingPath,
+  rewriteHeader,
+  statImageFile,
+  withImage,
+} from '../io/image/index.js';
+import { interruptedCommitError, readCommitJournal } from '../io/journal/index.js';
+import { type FileHandleLike, type FileSystem, nodeFileSystem } from '../io/file/index.js';
 import { absoluteBackingPath } from './create.js';
 import { type OptionKeys, checkOptions } from '../options.js';
 

@@ -6,15 +6,11 @@
  * own allocation. The spec lets a client treat such a hole's contents as undefined and qemu-img
  * compare takes them for zeros, hence `allocation: 'merged'` (everything reported as data).
  */
-import * as fs from 'node:fs';
 import { UbdcowError, fromSystemError } from '../errors.js';
-import { type CowDevice, openCow } from '../io/engine.js';
-import { nodeFileSystem } from '../io/node-fs.js';
-import type { FileHandleLike } from '../io/file.js';
-import { looksLikeCow } from '../io/virtual-disk.js';
+import { type CowDevice, looksLikeCow, openCow } from '../io/engine/index.js';
+import { type FileHandleLike, nodeFileSystem, writeAll, writeNewFile } from '../io/file/index.js';
 import { ExtentList } from '../format/extent-list.js';
-import { type NbdBlockDevice, type NbdServer, serveNbd } from '../nbd/server.js';
-import { STATE_HOLE, type StatusDescriptor } from '../nbd/protocol.js';
+import { type NbdBlockDevice, type NbdServer, STATE_HOLE, type StatusDescriptor, serveNbd } from '../nbd/index.js';
 import { type OptionKeys, checkOptions } from '../options.js';
 
 export interface ServeOptions {
@@ -83,7 +79,12 @@ export async function serveImage(image: string, options: ServeOptions = {}): Pro
   }
   if (options.pidFile !== undefined) {
     try {
-      await fs.promises.writeFile(options.pidFile, `${process.pid}\n`);
+      const pidFile = options.pidFile;
+      // Whole or not at all: a supervisor never reads a half-written pid.
+      await writeNewFile(nodeFileSystem, pidFile, true, async (file) => {
+        const text = new TextEncoder().encode(`${process.pid}\n`);
+        await writeAll(file, pidFile, 'write the pid file', { buffer: text, offset: 0, length: text.length, position: 0 });
+      });
     } catch (err) {
       await server.close().catch(() => undefined);
       await device.close().catch(() => undefined);
@@ -103,7 +104,7 @@ export async function serveImage(image: string, options: ServeOptions = {}): Pro
           await server.close();
         } finally {
           await device.close();
-          if (options.pidFile !== undefined) await fs.promises.unlink(options.pidFile).catch(() => undefined);
+          if (options.pidFile !== undefined) await nodeFileSystem.unlink(options.pidFile).catch(() => undefined);
         }
       })();
       return closing;

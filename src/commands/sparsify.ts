@@ -1,11 +1,16 @@
 import { UbdcowError, fromSystemError } from '../errors.js';
-import { allocatedWindows } from '../io/allocation.js';
-import { type OpenedFile, backingError, checkBacking, mtimeMismatchFix, openBacking } from '../io/backing.js';
-import { commitJournalExists, interruptedCommitError } from '../io/commit-journal.js';
-import type { FileSystem } from '../io/file.js';
-import { punchHole } from '../io/file-ops.js';
-import { type CowImage, withImage } from '../io/image.js';
-import { nodeFileSystem } from '../io/node-fs.js';
+import { allocatedWindows } from '../io/bitmap/index.js';
+import {
+  backingError,
+  checkBacking,
+  type CowImage,
+  mtimeMismatchFix,
+  openBacking,
+  type OpenedFile,
+  withImage,
+} from '../io/image/index.js';
+import { commitJournalExists, interruptedCommitError } from '../io/journal/index.js';
+import { type FileSystem, nodeFileSystem, punchHole } from '../io/file/index.js';
 import type { GuestDisk } from '../guestfs/disk-adapter.js';
 import { type FreeBlocks, readFreeBlocks } from '../guestfs/ext-free-blocks.js';
 import { openVolume } from '../guestfs/guest-fs.js';
@@ -157,7 +162,7 @@ async function guestFreeBlocks(image: CowImage, backing: OpenedFile, options: Sp
     path: image.path,
     kind: 'cow',
     size: image.header.size,
-    basePath: backing.path,
+    base: { realPath: backing.path },
     warnings: [],
     async read(offset, length, into) {
       const target = into ?? new Uint8Array(length);

@@ -17,7 +17,7 @@
  */
 import { createHash } from 'node:crypto';
 import { UbdcowError } from '../errors.js';
-import { type ByteRange, type GuestDisk, openGuestDisk } from './disk-adapter.js';
+import { type ByteRange, type GuestDisk, openGuestDisk, sameBase } from './disk-adapter.js';
 import type { DirEntry, FileType, Inode } from './ext-layout.js';
 import type { BlockMap, ExtVolume } from './ext-reader.js';
 import { type OpenedVolume, openVolume } from './guest-fs.js';
@@ -137,7 +137,7 @@ export async function diffFiles(a: string, b?: string, options: DiffFilesOptions
     } else {
       diskB = await openGuestDisk(b, { backing: options.backingB });
       opened.push(diskB);
-      if (diskA.basePath === diskB.basePath && (diskA.writtenRanges || diskB.writtenRanges)) {
+      if (sameBase(diskA, diskB) && (diskA.writtenRanges || diskB.writtenRanges)) {
         written = [...((await diskA.writtenRanges?.()) ?? []), ...((await diskB.writtenRanges?.()) ?? [])];
       } else {
         fullReason = 'the two images do not share a backing file';

@@ -1,12 +1,12 @@
 /**
- * The one place the guest file-system code touches the virtual disk (src/io/virtual-disk.ts):
+ * The one place the guest file-system code touches the virtual disk (src/io/engine/virtual-disk.ts):
  * a COW seen through its backing file, or a raw image, as a read-only byte source. If the virtual
  * disk's shape changes, only this file adapts.
  *
  * Invariant: nothing here can write: the only operations offered are reads.
  */
 import { UbdcowError } from '../errors.js';
-import { allocatedByteExtents, openVirtualDisk, type VirtualDisk } from '../io/virtual-disk.js';
+import { allocatedByteExtents, type BaseFile, openVirtualDisk, sameBaseFile, type VirtualDisk } from '../io/engine/index.js';
 
 export interface ByteRange {
   start: number;
@@ -18,8 +18,8 @@ export interface GuestDisk {
   path: string;
   kind: 'raw' | 'cow';
   size: number;
-  /** The real path of the file unwritten sectors come from (the raw file itself, or the COW's backing). */
-  basePath: string;
+  /** The file unwritten sectors come from (the raw file itself, or the COW's backing), compared with sameBaseFile. */
+  base: BaseFile;
   warnings: string[];
   read(offset: number, length: number, into?: Uint8Array): Promise<Uint8Array>;
   /** COW only: the byte ranges of the virtual disk the COW holds (everything else is the backing's). */
@@ -29,12 +29,17 @@ export interface GuestDisk {
   close(): Promise<void>;
 }
 
+/** Whether two guest disks read their unwritten sectors from the same file (by identity, hard links included). */
+export function sameBase(a: GuestDisk, b: GuestDisk): boolean {
+  return sameBaseFile(a.base, b.base);
+}
+
 function wrap(disk: VirtualDisk, owner?: VirtualDisk): GuestDisk {
   const guest: GuestDisk = {
     path: disk.path,
     kind: disk.kind,
     size: disk.size,
-    basePath: disk.base.realPath,
+    base: disk.base,
     warnings: disk.warnings,
     read: (offset, length, into) => disk.read(offset, length, into),
     // The backing is closed with its COW.

@@ -217,10 +217,6 @@ export async function openVolume(disk: GuestDisk, partition: number | undefined)
   return { source: replayedSource, location, label, volume, warnings, journal, replayedRanges };
 }
 
-function sameBytes(x: Uint8Array, y: Uint8Array): boolean {
-  return x.length === y.length && x.every((byte, i) => byte === y[i]);
-}
-
 /** Case-insensitive key of a name in a casefold directory (Unicode NFD, then lower case, as the kernel's utf8 casefold approximately). */
 function foldName(name: string): string {
   return name.normalize('NFD').toLowerCase();

@@ -1,10 +1,10 @@
 /**
  * The disk object libext2fs (npm `ext2fs`) writes to during `ubdcow customize`: reads see the
  * image's current bytes overlaid with the pages staged so far, writes go to staged 4 KiB pages
- * (src/io/staged-pages.ts) and never to the image. Whatever libext2fs does, the image is unchanged
+ * (src/io/journal/staged-pages.ts) and never to the image. Whatever libext2fs does, the image is unchanged
  * until the run has finished and its redo journal is durable (src/commands/customize.ts).
  */
-import type { StagedPages } from '../io/staged-pages.js';
+import type { StagedPages } from '../io/journal/index.js';
 import type { GuestDisk } from './disk-adapter.js';
 
 function ioError(message: string, code: string): Error {
@@ -52,7 +52,7 @@ export function stagedGuestDisk(image: string, kind: 'raw' | 'cow', pages: Stage
     path: image,
     kind,
     size: pages.size,
-    basePath: image,
+    base: { realPath: image },
     warnings,
     async read(offset, length, into) {
       const buffer = into ?? new Uint8Array(length);

@@ -16,13 +16,18 @@ const ALLOWED_FLAGS = new Map<number, number>([
   [P.CMD_BLOCK_STATUS, P.CMD_FLAG_FUA | P.CMD_FLAG_REQ_ONE],
 ]);
 
-/** What a check needs to know of the export and of what the handshake agreed. */
+/** What a check needs to know of the export and of what the handshake agreed (see negotiated.ts). */
 export interface RequestContext {
-  size: number;
-  readOnly: boolean;
-  structured: boolean;
-  /** base:allocation was selected for this export. */
-  blockStatusOn: boolean;
+  /** The export's size in bytes, as advertised. */
+  readonly size: number;
+  /** NBD_FLAG_READ_ONLY was advertised: writes are refused with EPERM. */
+  readonly readOnly: boolean;
+  /** Structured replies were agreed (NBD_OPT_STRUCTURED_REPLY). */
+  readonly structured: boolean;
+  /** The id of base:allocation when it was selected for this export (NBD_CMD_BLOCK_STATUS allowed); else undefined. */
+  readonly baseAllocationId: number | undefined;
+  /** The block size constraints the server enforces (advertised with NBD_OPT_GO/INFO). */
+  readonly blockSizes: Readonly<P.BlockSizes>;
 }
 
 /** Why a request is refused, as an NBD error value and a message, or undefined when it may run. */
@@ -42,13 +47,13 @@ export function requestProblem(r: P.Request, c: RequestContext): { error: number
       if (r.offset !== 0 || r.length !== 0) return { error: P.NBD_EINVAL, message: 'NBD_CMD_FLUSH needs offset and length 0' };
       return undefined;
     case P.CMD_BLOCK_STATUS:
-      if (!c.blockStatusOn) return { error: P.NBD_EINVAL, message: 'no metadata context was selected' };
+      if (c.baseAllocationId === undefined) return { error: P.NBD_EINVAL, message: 'no metadata context was selected' };
       if (r.length === 0) return { error: P.NBD_EINVAL, message: 'block status of 0 bytes' };
       if (end > size) return { error: P.NBD_EINVAL, message: `range ends at ${end}, past the export size ${size}` };
       return undefined;
     default:
       if (end > size) return { error: writes ? P.NBD_ENOSPC : P.NBD_EINVAL, message: `range ends at ${end}, past the export size ${size}` };
-      if (r.length > BLOCK_SIZES.maximum) return { error: P.NBD_EINVAL, message: `length ${r.length} is above the maximum block size ${BLOCK_SIZES.maximum}` };
+      if (r.length > c.blockSizes.maximum) return { error: P.NBD_EINVAL, message: `length ${r.length} is above the maximum block size ${c.blockSizes.maximum}` };
       return undefined;
   }
 }

@@ -1,6 +1,7 @@
 /**
- * An NBD server (fixed newstyle) over a small block-device interface. Each connection runs the
- * handshake as a state machine, then reads requests as fast as the in-flight budget allows and
+ * An NBD server (fixed newstyle) over a small block-device interface. Each connection
+ * (connection.ts) runs the handshake (handshake.ts), which settles the options once, then the
+ * request loop (request-loop.ts), which reads requests as fast as the in-flight budget allows and
  * answers each as soon as the device settles it (replies may be out of order, as the protocol
  * permits). Every request is validated before it touches the device: a hostile or broken client
  * gets the protocol's error value or a closed connection, never a crashed server and never a
@@ -14,17 +15,11 @@ import * as fs from 'node:fs';
 import * as net from 'node:net';
 import { UbdcowError, fromSystemError } from '../errors.js';
 import * as P from './protocol.js';
-import type { FileRange } from './reply-writer.js';
-
-export type { FileRange };
-
-export { BLOCK_SIZES };
-import { BLOCK_SIZES, Connection } from './connection.js';
+import { type OptionKeys, checkOptions } from '../options.js';
+import { Connection } from './connection.js';
+import { BLOCK_SIZES } from './request-checks.js';
 import { TransmissionSlots } from './slots.js';
 import type { NbdBlockDevice, NbdServeOptions, ServerState } from './server-state.js';
-
-export type { NbdBlockDevice, NbdServeOptions };
-import { type OptionKeys, checkOptions } from '../options.js';
 
 export interface NbdServer {
   /** `unix:PATH` or `HOST:PORT`. */

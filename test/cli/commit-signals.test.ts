@@ -4,7 +4,7 @@ import * as path from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { createCow } from '../../src/commands/create.js';
 import { serveImage } from '../../src/commands/serve.js';
-import { openCow } from '../../src/io/engine.js';
+import { openCow } from '../../src/io/engine/engine.js';
 import { useTempDir } from '../helpers/tmp.js';
 import { ensureBuiltCli, missingTools, titleWithSkipReason } from '../helpers/tools.js';
 

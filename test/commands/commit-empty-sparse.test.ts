@@ -4,8 +4,8 @@ import { describe, expect, it } from 'vitest';
 import { commitCow } from '../../src/commands/commit/index.js';
 import { createCow } from '../../src/commands/create.js';
 import { inspectCow } from '../../src/commands/inspect.js';
-import { nonZeroRuns } from '../../src/io/bitmap-clear.js';
-import { openCow } from '../../src/io/engine.js';
+import { nonZeroRuns } from '../../src/io/bitmap/bitmap-clear.js';
+import { openCow } from '../../src/io/engine/engine.js';
 import { useTempDir } from '../helpers/tmp.js';
 
 /*

@@ -6,10 +6,10 @@ import { beforeAll, describe, expect, it } from 'vitest';
 import { commitCow, commitJournalPath, readCommitJournal } from '../../src/commands/commit/index.js';
 import { parseHeader } from '../../src/format/header.js';
 import type { HeaderLayout } from '../../src/format/header.js';
-import { openImage } from '../../src/io/image.js';
-import { checkBacking } from '../../src/io/backing.js';
-import { type FileSystem } from '../../src/io/file.js';
-import { nodeFileSystem } from '../../src/io/node-fs.js';
+import { openImage } from '../../src/io/image/image.js';
+import { checkBacking } from '../../src/io/image/backing.js';
+import { type FileSystem } from '../../src/io/file/file.js';
+import { nodeFileSystem } from '../../src/io/file/node-fs.js';
 import { UbdcowError } from '../../src/errors.js';
 import {
   type BuiltCow,
@@ -177,6 +177,20 @@ describe('commitCow to a new file', () => {
     const result = await commitCow(built.cowPath, { output, backing: moved });
     expect(result.backing).toBe(moved);
     expectSameBytes(readFile(output), built.expected);
+  });
+
+  it('OUT that is the COW by another name (hard link, symlink) is refused even with -f, and the COW is unchanged', async () => {
+    const built = buildCow(tmp.path, { size: 512 << 10, extents: [{ start: 1, end: 40 }] });
+    const hardLink = path.join(tmp.path, 'hard-link.img');
+    const symlink = path.join(tmp.path, 'sym-link.img');
+    fs.linkSync(built.cowPath, hardLink);
+    fs.symlinkSync(built.cowPath, symlink);
+    const before = fs.readFileSync(built.cowPath);
+    for (const output of [hardLink, symlink]) {
+      await expectUbdcowError(commitCow(built.cowPath, { output, force: true }), 'output-is-cow', /is the COW file itself/);
+    }
+    expect(fs.readFileSync(built.cowPath).equals(before)).toBe(true);
+    expect(fs.statSync(hardLink).nlink).toBe(2);
   });
 
   it('refusals change nothing: existing OUT, backing changed, backing resized, locked, OUT is the COW', async () => {
@@ -410,7 +424,7 @@ describe('commitCow in place', () => {
         [
           `import { commitCow } from ${JSON.stringify(path.join(repoRoot, 'src/commands/commit/index.ts'))};`,
           `import { FaultyFileSystem } from ${JSON.stringify(path.join(repoRoot, 'test/hostile/faulty-fs.ts'))};`,
-          `import { nodeFileSystem } from ${JSON.stringify(path.join(repoRoot, 'src/io/node-fs.ts'))};`,
+          `import { nodeFileSystem } from ${JSON.stringify(path.join(repoRoot, 'src/io/file/node-fs.ts'))};`,
           `await commitCow(${JSON.stringify(built.cowPath)}, { fs: new FaultyFileSystem(nodeFileSystem, { kind: 'write', at: ${killAt}, code: 'EIO', kill: true }), chunkBytes: 16384 });`,
         ].join('\n'),
       );

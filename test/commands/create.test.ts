@@ -4,8 +4,8 @@ import { describe, expect, it } from 'vitest';
 import { UbdcowError } from '../../src/errors.js';
 import { parseHeader, serializeV3 } from '../../src/format/header.js';
 import { absoluteBackingPath, createCow } from '../../src/commands/create.js';
-import { type FileSystem } from '../../src/io/file.js';
-import { nodeFileSystem } from '../../src/io/node-fs.js';
+import { type FileSystem } from '../../src/io/file/file.js';
+import { nodeFileSystem } from '../../src/io/file/node-fs.js';
 import { inFolder, useTempDir } from '../helpers/tmp.js';
 import { wrapHandle } from '../helpers/wrap-handle.js';
 

@@ -18,8 +18,8 @@ import { buildCow, holdLockInChild, snapshot } from '../helpers/cow-fixtures.js'
 import { writeCowSectors } from '../helpers/cow-writes.js';
 import { useTempDir } from '../helpers/tmp.js';
 import { wrapHandle } from '../helpers/wrap-handle.js';
-import { nodeFileSystem } from '../../src/io/node-fs.js';
-import type { FileSystem } from '../../src/io/file.js';
+import { nodeFileSystem } from '../../src/io/file/node-fs.js';
+import type { FileSystem } from '../../src/io/file/file.js';
 import { missingTools, titleWithSkipReason } from '../helpers/tools.js';
 
 const missing = missingTools('uml_moo', 'mke2fs', 'debugfs', 'e2fsck', 'dumpe2fs');

@@ -7,7 +7,7 @@ import { createCow } from '../../src/commands/create.js';
 import { UbdcowError } from '../../src/errors.js';
 import { serializeV3 } from '../../src/format/header.js';
 import { computeGeometry } from '../../src/format/geometry.js';
-import { openCow } from '../../src/io/engine.js';
+import { openCow } from '../../src/io/engine/engine.js';
 import { useTempDir } from '../helpers/tmp.js';
 
 /*

@@ -5,8 +5,8 @@ import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { commitCow } from '../../src/commands/commit/index.js';
 import { createCow } from '../../src/commands/create.js';
 import { findSiblingCows } from '../../src/commands/commit/siblings.js';
-import { openCow } from '../../src/io/engine.js';
-import { nodeFileSystem } from '../../src/io/node-fs.js';
+import { openCow } from '../../src/io/engine/engine.js';
+import { nodeFileSystem } from '../../src/io/file/node-fs.js';
 import { UbdcowError } from '../../src/errors.js';
 
 describe('in-place commit into a backing file other COWs use', () => {

@@ -7,8 +7,8 @@ import { CowFormatError, UbdcowError } from '../../src/errors.js';
 import { serializeV1, serializeV2, serializeV3 } from '../../src/format/header.js';
 import { computeGeometry } from '../../src/format/geometry.js';
 import { parseHeader } from '../../src/format/header.js';
-import { openImage } from '../../src/io/image.js';
-import { allocatedExtents, bitmapSlices, readWholeBitmap } from '../../src/io/allocation.js';
+import { openImage } from '../../src/io/image/image.js';
+import { allocatedExtents, bitmapSlices, readWholeBitmap } from '../../src/io/bitmap/allocation.js';
 import { useTempDir } from '../helpers/tmp.js';
 
 const tmp = useTempDir();

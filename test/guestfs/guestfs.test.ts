@@ -9,7 +9,7 @@ import * as path from 'node:path';
 import { crc32 } from 'node:zlib';
 import { describe, expect, it } from 'vitest';
 import { createCow } from '../../src/commands/create.js';
-import { openCow } from '../../src/io/engine.js';
+import { openCow } from '../../src/io/engine/engine.js';
 import { diffFiles } from '../../src/guestfs/diff-files.js';
 import { openGuestFs } from '../../src/guestfs/guest-fs.js';
 import { parseGroupDescriptors, parseSuperblock, descriptorBlocks } from '../../src/guestfs/ext-layout.js';
@@ -157,6 +157,24 @@ describe.skipIf(missing.length > 0)(titleWithSkipReason('guest file systems buil
         expect(raw.changes).toEqual(smart.changes);
         // The smart path never read the untouched files.
         expect(smart.stats.filesRead).toBeLessThan(deep.stats.filesRead);
+        // Two COWs whose backings are one file by two names (a hard link) share a base: the
+        // candidates still come from what the COWs hold. A copy of the base is another file.
+        const hardLink = path.join(tmp.path, 'base-link.img');
+        fs.linkSync(base, hardLink);
+        const linked = path.join(tmp.path, 'over-link.cow');
+        await createCow(linked, hardLink);
+        const viaLink = await diffFiles(cow, linked);
+        expect(viaLink.mode).toBe('smart');
+        expect(viaLink.changes).toEqual(smart.changes);
+        const copy = path.join(tmp.path, 'base-copy.img');
+        fs.copyFileSync(base, copy, fs.constants.COPYFILE_FICLONE);
+        fs.utimesSync(copy, fs.statSync(base).atime, fs.statSync(base).mtime);
+        const overCopy = path.join(tmp.path, 'over-copy.cow');
+        await createCow(overCopy, copy);
+        const viaCopy = await diffFiles(cow, overCopy);
+        expect(viaCopy.mode).toBe('full');
+        expect(viaCopy.fullReason).toMatch(/do not share a backing file/);
+        expect(viaCopy.changes).toEqual(smart.changes);
 
         const guest = await openGuestFs(cow);
         try {

@@ -16,8 +16,6 @@ import {
   serializeLayout,
 } from '../../src/format/header.js';
 import { SectorBitmap } from '../../src/format/bitmap.js';
-import type { FileHandleLike, FileSystem } from '../../src/io/file.js';
-import { nodeFileSystem } from '../../src/io/node-fs.js';
 import { seededRandom } from './cow-writes.js';
 
 export { seededRandom };

@@ -1,7 +1,7 @@
 /* Test fixtures: COW files with chosen contents, and reproducible randomness. The benchmarks use them too. */
 import { randomFillSync } from 'node:crypto';
 import * as fs from 'node:fs';
-import { openImage } from '../../src/io/image.js';
+import { openImage } from '../../src/io/image/image.js';
 
 /** Sectors to put into a COW: `data.length` must be a whole number of sectors (the last may be partial at the disk end). */
 export interface SectorWrite {

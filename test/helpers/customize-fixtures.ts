@@ -3,7 +3,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { expect } from 'vitest';
 import { createCow } from '../../src/commands/create.js';
-import { openVirtualDisk } from '../../src/io/virtual-disk.js';
+import { openVirtualDisk } from '../../src/io/engine/virtual-disk.js';
 import { runProgram } from '../uml/harness.js';
 
 export interface FsConfig {

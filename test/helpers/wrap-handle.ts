@@ -1,4 +1,4 @@
-import type { FileHandleLike } from '../../src/io/file.js';
+import type { FileHandleLike } from '../../src/io/file/file.js';
 
 /** A handle that forwards everything to `handle` except the methods given in `overrides`. */
 export function wrapHandle(handle: FileHandleLike, overrides: Partial<FileHandleLike>): FileHandleLike {

@@ -15,7 +15,7 @@ import { createCow } from '../../src/commands/create.js';
 import { rebaseCow } from '../../src/commands/rebase.js';
 import { UbdcowError } from '../../src/errors.js';
 import { parseHeader, serializeV3 } from '../../src/format/header.js';
-import { nodeFileSystem } from '../../src/io/node-fs.js';
+import { nodeFileSystem } from '../../src/io/file/node-fs.js';
 import { type BuiltCow, buildCow, countSetBits, readRange, sha256 } from '../helpers/cow-fixtures.js';
 import { makeTempDir, removeTempDir } from '../helpers/tmp.js';
 import { type FaultPlan, FaultyFileSystem, mentionsErrno } from './faulty-fs.js';

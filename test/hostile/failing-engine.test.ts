@@ -11,7 +11,7 @@ import { writeThroughEngine } from '../../src/commands/engine-io.js';
 import { UbdcowError } from '../../src/errors.js';
 import { computeGeometry } from '../../src/format/geometry.js';
 import { parseHeader } from '../../src/format/header.js';
-import { type CowDevice, openCow } from '../../src/io/engine.js';
+import { type CowDevice, openCow } from '../../src/io/engine/engine.js';
 import { BASE, COW, bitSet, bitmapOnDisk, memoryImage, randomBytes, seededRandom } from '../io/engine-setup.js';
 import { watchInvariants } from '../io/invariants.js';
 import type { MemoryFileSystem } from '../io/memory-fs.js';

@@ -9,7 +9,7 @@
  * and logs.
  */
 import * as path from 'node:path';
-import type { FileHandleLike, FileSystem, OpenMode } from '../../src/io/file.js';
+import type { FileHandleLike, FileSystem, OpenMode } from '../../src/io/file/file.js';
 
 export type StepKind = 'read' | 'write';
 
@@ -130,6 +130,18 @@ export class FaultyFileSystem implements FileSystem {
 
   utimes(file: string, atime: number, mtime: number) {
     return this.counted('write', `utimes ${path.basename(file)}`, () => this.inner.utimes(file, atime, mtime));
+  }
+
+  chmod(file: string, mode: number) {
+    return this.counted('write', `chmod ${path.basename(file)}`, () => this.inner.chmod(file, mode));
+  }
+
+  makeTempFolder(prefix: string) {
+    return this.counted('write', `mkdtemp ${path.basename(prefix)}`, () => this.inner.makeTempFolder(prefix));
+  }
+
+  removeTree(folder: string) {
+    return this.counted('write', `rm -r ${path.basename(folder)}`, () => this.inner.removeTree(folder));
   }
 }
 

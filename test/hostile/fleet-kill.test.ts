@@ -11,7 +11,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { createCow } from '../../src/commands/create.js';
-import { openImage } from '../../src/io/image.js';
+import { openImage } from '../../src/io/image/image.js';
 import { ubdcow, ubdcowToFile } from '../uml/harness.js';
 import { seededRandom } from '../helpers/cow-writes.js';
 import { useTempDir } from '../helpers/tmp.js';

@@ -19,7 +19,7 @@ import { inspectCow } from '../../src/commands/inspect.js';
 import { mapCow } from '../../src/commands/map.js';
 import { UbdcowError } from '../../src/errors.js';
 import { type HeaderFields, type HeaderLayout, serializeV1, serializeV2, serializeV3, serializeV3Broken } from '../../src/format/header.js';
-import { openCow } from '../../src/io/engine.js';
+import { openCow } from '../../src/io/engine/engine.js';
 import { buildCow, sha256 } from '../helpers/cow-fixtures.js';
 import { makeTempDir, removeTempDir } from '../helpers/tmp.js';
 import { ensureBuiltCli } from '../helpers/tools.js';
@@ -369,7 +369,7 @@ describe('fuzzed COW files', () => {
     const problems: string[] = [];
     results.forEach((result, index) => {
       const command = commands[index % commands.length];
-      const { file, layout, mutations } = files[Math.floor(index / commands.length)];
+      const { layout, mutations } = files[Math.floor(index / commands.length)];
       const found = basicProblems(result);
       const errorCode = command.answers ? 2 : 1;
       const lines = nonWarningLines(result, command.cli);

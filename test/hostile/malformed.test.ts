@@ -9,7 +9,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { UbdcowError } from '../../src/errors.js';
-import { openCow } from '../../src/io/engine.js';
+import { openCow } from '../../src/io/engine/engine.js';
 import { ensureBuiltCli } from '../helpers/tools.js';
 import { makeTempDir, removeTempDir } from '../helpers/tmp.js';
 import type { BatchResult } from './cli-batch.js';

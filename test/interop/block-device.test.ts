@@ -5,7 +5,7 @@ import * as path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { createCow } from '../../src/commands/create.js';
 import { inspectCow } from '../../src/commands/inspect.js';
-import { openCow } from '../../src/io/engine.js';
+import { openCow } from '../../src/io/engine/engine.js';
 import { missingTools, run } from '../helpers/tools.js';
 
 /** A loop device over a small file, when this machine lets us make one (root, /dev/loop*). */

@@ -3,7 +3,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createCow } from '../../src/commands/create.js';
-import { openCow } from '../../src/io/engine.js';
+import { openCow } from '../../src/io/engine/engine.js';
 import { missingTools, run, titleWithSkipReason } from '../helpers/tools.js';
 import { randomBytes, seededRandom } from '../io/engine-setup.js';
 

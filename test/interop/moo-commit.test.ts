@@ -18,7 +18,7 @@ import { commitCow } from '../../src/commands/commit/index.js';
 import { createCow } from '../../src/commands/create.js';
 import { SectorBitmap } from '../../src/format/bitmap.js';
 import type { HeaderLayout } from '../../src/format/header.js';
-import { openImage } from '../../src/io/image.js';
+import { openImage } from '../../src/io/image/image.js';
 import { allocatedBytes, buildCow, randomBytes, seededRandom, sha256, snapshot } from '../helpers/cow-fixtures.js';
 import { type SectorWrite, writeCowSectors } from '../helpers/cow-writes.js';
 import { useTempDir } from '../helpers/tmp.js';

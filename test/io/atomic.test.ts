@@ -4,8 +4,8 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { createCow } from '../../src/commands/create.js';
-import { removeStaleTemporaries } from '../../src/io/atomic.js';
-import { nodeFileSystem } from '../../src/io/node-fs.js';
+import { removeStaleTemporaries } from '../../src/io/file/atomic.js';
+import { nodeFileSystem } from '../../src/io/file/node-fs.js';
 
 /** The pid of a process that has already exited. */
 function deadPid(): number {

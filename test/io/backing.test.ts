@@ -3,11 +3,11 @@ import * as path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { createCow } from '../../src/commands/create.js';
 import { CowFormatError, UbdcowError } from '../../src/errors.js';
-import { checkBacking, resolveBackingPath } from '../../src/io/backing.js';
-import { openCow } from '../../src/io/engine.js';
-import { type FileSystem } from '../../src/io/file.js';
-import { nodeFileSystem } from '../../src/io/node-fs.js';
-import { openImage } from '../../src/io/image.js';
+import { checkBacking, resolveBackingPath } from '../../src/io/image/backing.js';
+import { openCow } from '../../src/io/engine/engine.js';
+import { type FileSystem } from '../../src/io/file/file.js';
+import { nodeFileSystem } from '../../src/io/file/node-fs.js';
+import { openImage } from '../../src/io/image/image.js';
 import { useTempDir } from '../helpers/tmp.js';
 
 /** The real file system, except that `device` looks like a block device whose size sysfs cannot tell. */

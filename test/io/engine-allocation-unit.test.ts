@@ -1,7 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import { computeGeometry } from '../../src/format/geometry.js';
 import { parseHeader } from '../../src/format/header.js';
-import type { OpenCowOptions } from '../../src/io/engine.js';
+import type { OpenCowOptions } from '../../src/io/engine/engine.js';
 import { BASE, COW, bitSet, bitmapOnDisk, memoryImage, openMemoryCow, randomBytes, seededRandom } from './engine-setup.js';
 import type { LoggedWrite, MemoryFileSystem } from './memory-fs.js';
 

@@ -3,7 +3,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { createCow } from '../../src/commands/create.js';
-import { openCow } from '../../src/io/engine.js';
+import { openCow } from '../../src/io/engine/engine.js';
 import { UbdcowError } from '../../src/errors.js';
 import { holdLockInChild } from '../helpers/cow-fixtures.js';
 

@@ -4,7 +4,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { createCow } from '../../src/commands/create.js';
-import { openCow } from '../../src/io/engine.js';
+import { openCow } from '../../src/io/engine/engine.js';
 import { BASE, COW, bitSet, bitmapOnDisk, memoryImage, openMemoryCow, randomBytes, seededRandom } from './engine-setup.js';
 import { type LoggedWrite, MemoryFileSystem, stateAt } from './memory-fs.js';
 
@@ -164,7 +164,7 @@ describe('crash consistency: the recorded I/O cut at every point', () => {
 
   it('a child process killed with SIGKILL mid-workload leaves every acknowledged write and no unbacked bit', async () => {
     const dir = await fsp.mkdtemp(path.join(os.tmpdir(), 'ubdcow-kill-'));
-    const engineUrl = new URL('../../dist/io/engine.js', import.meta.url).href;
+    const engineUrl = new URL('../../dist/io/engine/engine.js', import.meta.url).href;
     try {
       for (let round = 0; round < 5; round++) {
         const base = path.join(dir, `base${round}.img`);

@@ -9,7 +9,7 @@ import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createCow } from '../../src/commands/create.js';
 import { UbdcowError } from '../../src/errors.js';
-import { openCow } from '../../src/io/engine.js';
+import { openCow } from '../../src/io/engine/engine.js';
 
 const TIB = 1024 ** 4;
 

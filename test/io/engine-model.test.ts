@@ -1,7 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import { computeGeometry } from '../../src/format/geometry.js';
 import { parseHeader } from '../../src/format/header.js';
-import type { CowDevice, OpenCowOptions } from '../../src/io/engine.js';
+import type { CowDevice, OpenCowOptions } from '../../src/io/engine/engine.js';
 import { COW, bitSet, bitmapOnDisk, memoryImage, openMemoryCow, randomBytes, seededRandom } from './engine-setup.js';
 import { watchInvariants } from './invariants.js';
 import type { MemoryFileSystem } from './memory-fs.js';

@@ -1,5 +1,5 @@
 import { createCow } from '../../src/commands/create.js';
-import { openCow, type CowDevice, type OpenCowOptions } from '../../src/io/engine.js';
+import { openCow, type CowDevice, type OpenCowOptions } from '../../src/io/engine/engine.js';
 import { computeGeometry } from '../../src/format/geometry.js';
 import { parseHeader } from '../../src/format/header.js';
 import { MemoryFileSystem } from './memory-fs.js';

@@ -1,9 +1,9 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { type DataExtent, dataExtents, isHole } from '../../src/io/extents.js';
-import { type FileHandleLike } from '../../src/io/file.js';
-import { nodeFileSystem } from '../../src/io/node-fs.js';
+import { type DataExtent, dataExtents, isHole } from '../../src/io/file/extents.js';
+import { type FileHandleLike } from '../../src/io/file/file.js';
+import { nodeFileSystem } from '../../src/io/file/node-fs.js';
 import { overrideOsCalls } from '../../src/os/libc.js';
 import { useTempDir } from '../helpers/tmp.js';
 import { dataSegments } from '../helpers/tools.js';

@@ -7,8 +7,8 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { UbdcowError } from '../../src/errors.js';
-import { refuseOutputOverInput, sameFile } from '../../src/io/file-identity.js';
-import { nodeFileSystem } from '../../src/io/node-fs.js';
+import { refuseOutputOverInput, sameFile } from '../../src/io/file/file-identity.js';
+import { nodeFileSystem } from '../../src/io/file/node-fs.js';
 import { useTempDir } from '../helpers/tmp.js';
 
 describe('sameFile', () => {

@@ -5,9 +5,9 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { DIRECT_IO_ALIGNMENT, type FileHandleLike, type FileSystem, alignedBuffer } from '../../src/io/file.js';
-import { nodeFileSystem } from '../../src/io/node-fs.js';
-import { ImageWriter } from '../../src/io/image-writer.js';
+import { DIRECT_IO_ALIGNMENT, type FileHandleLike, type FileSystem, alignedBuffer } from '../../src/io/file/file.js';
+import { nodeFileSystem } from '../../src/io/file/node-fs.js';
+import { ImageWriter } from '../../src/io/file/image-writer.js';
 import { useTempDir } from '../helpers/tmp.js';
 import { wrapHandle } from '../helpers/wrap-handle.js';
 

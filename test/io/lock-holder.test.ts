@@ -8,7 +8,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { describeLockHolder, procSource } from '../../src/io/lock-holder.js';
+import { describeLockHolder, procSource } from '../../src/io/lock/lock-holder.js';
 import { useTempDir } from '../helpers/tmp.js';
 
 describe('describeLockHolder', () => {

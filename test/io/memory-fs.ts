@@ -4,7 +4,7 @@
  * at completion. It records a log of completed operations (for crash tests), checks invariants
  * as I/O happens, and can inject failures.
  */
-import type { FileHandleLike, FileStat, FileSystem, OpenMode } from '../../src/io/file.js';
+import type { FileHandleLike, FileStat, FileSystem, OpenMode } from '../../src/io/file/file.js';
 
 export interface MemoryFile {
   data: Uint8Array;
@@ -290,6 +290,20 @@ export class MemoryFileSystem implements FileSystem {
 
   async utimes(path: string, _atime: number, mtime: number): Promise<void> {
     this.get(path).mtime = mtime;
+  }
+
+  async chmod(path: string): Promise<void> {
+    this.get(path);
+  }
+
+  private folders = 0;
+
+  async makeTempFolder(prefix: string): Promise<string> {
+    return `${prefix}${++this.folders}`;
+  }
+
+  async removeTree(folder: string): Promise<void> {
+    for (const path of [...this.files.keys()]) if (path.startsWith(`${folder}/`)) this.files.delete(path);
   }
 
   /** A new file system holding a copy of the given files' contents (e.g. a crash state). */

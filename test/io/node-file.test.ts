@@ -5,7 +5,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { nodeFileSystem } from '../../src/io/node-fs.js';
+import { nodeFileSystem } from '../../src/io/file/node-fs.js';
 import { useTempDir } from '../helpers/tmp.js';
 
 /** A new empty file opened read-write ('wx' opens write-only, as O_EXCL creation does). */

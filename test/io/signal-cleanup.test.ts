@@ -1,7 +1,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { removeOnSignal } from '../../src/io/signal-cleanup.js';
+import { removeOnSignal } from '../../src/io/file/signal-cleanup.js';
 import { useTempDir } from '../helpers/tmp.js';
 
 describe('removeOnSignal', () => {
@@ -40,7 +40,7 @@ describe('removeOnSignal', () => {
 describe('killOnSignal', () => {
   it('kills a registered child on a signal (so no qemu-img outlives ubdcow), and listens only while one is registered', async () => {
     const { spawn } = await import('node:child_process');
-    const { killOnSignal } = await import('../../src/io/signal-cleanup.js');
+    const { killOnSignal } = await import('../../src/io/file/signal-cleanup.js');
     const before = process.listenerCount('SIGTERM');
     const child = spawn('sleep', ['60'], { stdio: 'ignore' });
     const ended = new Promise<NodeJS.Signals | null>((resolve) => child.on('exit', (_code, signal) => resolve(signal)));

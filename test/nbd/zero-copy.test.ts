@@ -9,7 +9,7 @@ import * as path from 'node:path';
 import fc from 'fast-check';
 import { afterEach, describe, expect, it } from 'vitest';
 import { createCow } from '../../src/commands/create.js';
-import { type CowDevice, openCow } from '../../src/io/engine.js';
+import { type CowDevice, openCow } from '../../src/io/engine/engine.js';
 import { memoryImage, openMemoryCow } from '../io/engine-setup.js';
 import { type NbdServer, serveNbd } from '../../src/nbd/server.js';
 import * as P from '../../src/nbd/protocol.js';

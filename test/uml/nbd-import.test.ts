@@ -9,7 +9,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { spawn } from 'node:child_process';
 import { missingTools } from '../helpers/tools.js';
 import { nbdUri, pollUntil, startServe } from '../nbd/serve-harness.js';
-import { UmlLab, expectGuestOk, markersNamed, md5, md5OfFile, missingUmlTools, runProgram, ubdcow, ubdcowJson, ubdcowToFile, umlSuiteTitle, umlTestTimeout } from './harness.js';
+import { UmlLab, expectGuestOk, markersNamed, md5OfFile, missingUmlTools, runProgram, ubdcow, ubdcowJson, ubdcowToFile, umlSuiteTitle, umlTestTimeout } from './harness.js';
 
 const missing = [...missingUmlTools(), ...missingTools('qemu-img', 'qemu-io')];
 

@@ -1,12 +1,22 @@
 import * as path from 'node:path';
 import { UbdcowError, fromSystemError } from '../../errors.js';
-import { type WindowRuns, allocatedWindows } from '../../io/allocation.js';
-import { clearNonZeroBytes } from '../../io/bitmap-clear.js';
-import { type BackingReport, checkBacking, openBacking } from '../../io/backing.js';
-import { type CommitJournal, readCommitJournal, removeCommitJournal, writeCommitJournal } from '../../io/commit-journal.js';
-import { type FileHandleLike, type FileSystem, writeAll, writeAllSync } from '../../io/file.js';
-import { nodeFileSystem } from '../../io/node-fs.js';
-import { type CowImage, rewriteHeader, statImageFile, withImage } from '../../io/image.js';
+import { allocatedWindows, clearNonZeroBytes, type WindowRuns } from '../../io/bitmap/index.js';
+import {
+  type BackingReport,
+  checkBacking,
+  type CowImage,
+  openBacking,
+  rewriteHeader,
+  statImageFile,
+  withImage,
+} from '../../io/image/index.js';
+import { type CommitJournal, readCommitJournal, removeCommitJournal, writeCommitJournal } from '../../io/journal/index.js';
+import {
+  type FileHandleLike,
+  type FileSystem,
+  writeAll,
+  writeAllSync,
+} from '../../io/file/index.js';
 import { type CommitOptions, type InPlaceCommitResult, judgeBacking, readCowRun, readCowRunSync, roundChunk, summarizeAllocation } from './shared.js';
 import { findSiblingCows } from './siblings.js';
 
@@ -64,9 +74,9 @@ async function refuseSharedBacking(fs: FileSystem, cowPath: string, backingPath:
   return risks;
 }
 
-export async function commitInPlace(cowPath: string, options: CommitOptions): Promise<InPlaceCommitResult> {
+export async function commitInPlace(cowPath: string, options: CommitOptions & { fs: FileSystem }): Promise<InPlaceCommitResult> {
   const started = Date.now();
-  const fs = options.fs ?? nodeFileSystem;
+  const { fs } = options;
   const chunkBytes = roundChunk(options.chunkBytes);
   return withImage(cowPath, { fs, mode: 'r+', lock: 'write' }, async (image) => {
     const report = await checkBacking(image.header, options.backing, fs);

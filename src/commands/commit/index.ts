@@ -3,8 +3,8 @@ import { commitInPlace } from './in-place.js';
 import { commitToNewFile } from './new-file.js';
 import type { CommitOptions, CommitResult } from './shared.js';
 import { type OptionKeys, checkOptions } from '../../options.js';
-import { refuseInterruptedCustomize } from '../../io/redo-journal.js';
-import { nodeFileSystem } from '../../io/node-fs.js';
+import { refuseInterruptedCustomize } from '../../io/journal/index.js';
+import { nodeFileSystem } from '../../io/file/index.js';
 
 /*
  * `ubdcow commit`: the dispatch between the two merges. new-file.ts writes a new image (what
@@ -13,7 +13,7 @@ import { nodeFileSystem } from '../../io/node-fs.js';
  */
 
 export { COMMIT_CHUNK_BYTES, type CommitOptions, type CommitResult, type InPlaceCommitResult, type NewFileCommitResult } from './shared.js';
-export { commitJournalPath, readCommitJournal, interruptedCommitMessage, type CommitJournal } from '../../io/commit-journal.js';
+export { commitJournalPath, readCommitJournal, interruptedCommitMessage, type CommitJournal } from '../../io/journal/index.js';
 
 const commitCowOptionKeys: OptionKeys<CommitOptions> = { output: true, backing: true, keep: true, force: true, checkSiblings: true, onProgress: true, fs: true, chunkBytes: true };
 
@@ -27,6 +27,8 @@ export async function commitCow(cowPath: string, options: CommitOptions = {}): P
   if (options.output !== undefined && options.keep) {
     throw usageError(`${options.output}: --keep only applies to an in-place commit (no OUT); a new image never changes the COW`);
   }
-  await refuseInterruptedCustomize(options.fs ?? nodeFileSystem, cowPath);
-  return options.output === undefined ? commitInPlace(cowPath, options) : commitToNewFile(cowPath, options.output, options);
+  // The file system is chosen once, here at the API's edge; everything below takes it as given.
+  const resolved = { ...options, fs: options.fs ?? nodeFileSystem };
+  await refuseInterruptedCustomize(resolved.fs, cowPath);
+  return resolved.output === undefined ? commitInPlace(cowPath, resolved) : commitToNewFile(cowPath, resolved.output, resolved);
 }

@@ -1,16 +1,29 @@
-import * as path from 'node:path';
 import { UbdcowError, fileEndsEarly, fromSystemError } from '../../errors.js';
-import { type WindowRuns, allocatedExtents, allocatedWindows, extentBytes } from '../../io/allocation.js';
-import { existsError, writeNewFile } from '../../io/atomic.js';
-import { type OpenedFile, checkBacking, openBacking } from '../../io/backing.js';
-import { interruptedCommitError, readCommitJournal } from '../../io/commit-journal.js';
-import { dataExtents } from '../../io/extents.js';
+import { type WindowRuns, allocatedExtents, allocatedWindows, extentBytes } from '../../io/bitmap/index.js';
+import {
+  cloneFile,
+  copyRange,
+  dataExtents,
+  existsError,
+  fileIdentityOrUndefined,
+  type FileHandleLike,
+  type FileSystem,
+  ImageWriter,
+  readExactly,
+  syncRange,
+  writeAll,
+  writeAllSync,
+  writeNewFile,
+} from '../../io/file/index.js';
+import {
+  checkBacking,
+  type CowImage,
+  openBacking,
+  type OpenedFile,
+  withImage,
+} from '../../io/image/index.js';
+import { interruptedCommitError, readCommitJournal } from '../../io/journal/index.js';
 import { ExtentList } from '../../format/extent-list.js';
-import { cloneFile, copyRange, syncRange } from '../../io/file-ops.js';
-import { type FileHandleLike, type FileSystem, readExactly, writeAll, writeAllSync } from '../../io/file.js';
-import { nodeFileSystem } from '../../io/node-fs.js';
-import { type CowImage, withImage } from '../../io/image.js';
-import { ImageWriter } from '../../io/image-writer.js';
 import { type CommitOptions, HOLE_BLOCK_BYTES, type NewFileCommitResult, judgeBacking, readCowRun, readCowRunSync, roundChunk, summarizeAllocation } from './shared.js';
 import { isAllZero } from '../../format/zero-bytes.js';
 
@@ -28,19 +41,17 @@ import { isAllZero } from '../../format/zero-bytes.js';
 
 /** Refuses to write the merged image over the COW file it is made from; true when `output` exists. */
 async function refuseOutputOverCow(fs: FileSystem, cowPath: string, output: string): Promise<boolean> {
-  const [cowReal, outputReal] = await Promise.all([
-    fs.realpath(cowPath).catch(() => path.resolve(cowPath)),
-    fs.realpath(output).catch(() => undefined),
-  ]);
-  if (outputReal === cowReal) {
+  // By identity, as the kernel tells files apart: a hard link to the COW is the COW.
+  const [cow, existing] = await Promise.all([fileIdentityOrUndefined(fs, cowPath), fileIdentityOrUndefined(fs, output)]);
+  if (existing !== undefined && existing === cow) {
     throw new UbdcowError('output-is-cow', `${output}: is the COW file itself; write the merged image to another file`, { file: output });
   }
-  return outputReal !== undefined;
+  return existing !== undefined;
 }
 
-export async function commitToNewFile(cowPath: string, output: string, options: CommitOptions): Promise<NewFileCommitResult> {
+export async function commitToNewFile(cowPath: string, output: string, options: CommitOptions & { fs: FileSystem }): Promise<NewFileCommitResult> {
   const started = Date.now();
-  const fs = options.fs ?? nodeFileSystem;
+  const { fs } = options;
   const force = options.force ?? false;
   const chunkBytes = roundChunk(options.chunkBytes);
   const outputExists = await refuseOutputOverCow(fs, cowPath, output);

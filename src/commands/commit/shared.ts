@@ -1,8 +1,7 @@
 import { CowFormatError, fileEndsEarly } from '../../errors.js';
-import { allocatedExtents, extentBytes } from '../../io/allocation.js';
-import { type BackingReport, backingError } from '../../io/backing.js';
-import { type FileHandleLike, type FileSystem, readExactly, readExactlySync } from '../../io/file.js';
-import type { CowImage } from '../../io/image.js';
+import { allocatedExtents, extentBytes } from '../../io/bitmap/index.js';
+import { backingError, type BackingReport, type CowImage } from '../../io/image/index.js';
+import { type FileHandleLike, type FileSystem, readExactly, readExactlySync } from '../../io/file/index.js';
 
 /*
  * What both commit paths share: options and result, the checks made before anything is written

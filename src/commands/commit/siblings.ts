@@ -1,9 +1,7 @@
 import * as path from 'node:path';
 import { UbdcowError, fromSystemError } from '../../errors.js';
-import { resolveBackingPath } from '../../io/backing.js';
-import type { FileSystem } from '../../io/file.js';
-import { fileIdentityOrUndefined, foldersOfKnownNames } from '../../io/file-identity.js';
-import { probeHeader } from '../../io/image.js';
+import { probeHeader, resolveBackingPath } from '../../io/image/index.js';
+import { fileIdentity, type FileSystem, foldersOfKnownNames } from '../../io/file/index.js';
 
 /** Errors that mean "this is not something we could read anyway", not "we could not look". */
 const skippable = new Set(['ENOENT', 'EACCES', 'EPERM', 'ELOOP', 'ENOTDIR']);
@@ -25,8 +23,12 @@ export async function findSiblingCows(fs: FileSystem, cowPath: string, backingPa
   // Files are told apart by (dev, ino), as the kernel does (issue 15 item 1): a sibling may name
   // the base through a symlink, a hard link or a symlinked folder. The folders of every known
   // name of the base (as written, real path) are searched besides the ones given.
-  const self = await namesOf(fs, cowPath);
-  const backing = await namesOf(fs, backingPath);
+  const self = await fileIdentity(fs, cowPath).catch((err) => {
+    throw fromSystemError(err, cowPath, 'read');
+  });
+  const backing = await fileIdentity(fs, backingPath).catch((err) => {
+    throw fromSystemError(err, backingPath, 'read');
+  });
   const found = new Set<string>();
   const seen = new Set<string>();
   const unreadable: UbdcowError[] = [];
@@ -41,11 +43,12 @@ export async function findSiblingCows(fs: FileSystem, cowPath: string, backingPa
     }
     for (const name of names) {
       const candidate = path.join(folder, name);
-      // One file seen under two names (a folder and its symlink, two hard links) counts once.
-      const names = await namesOf(fs, candidate);
-      if (sameFile(names, self) || seen.has(names.identity ?? names.real)) continue;
-      seen.add(names.identity ?? names.real);
       try {
+        // One file seen under two names (a folder and its symlink, two hard links) counts once;
+        // a name that reaches no file (a dangling link) is nothing a UML could open.
+        const identity = await fileIdentity(fs, candidate);
+        if (identity === self || seen.has(identity)) continue;
+        seen.add(identity);
         if (await namesBacking(fs, candidate, backing)) found.add(candidate);
       } catch (err) {
         const code = (err as NodeJS.ErrnoException).code;
@@ -56,26 +59,7 @@ export async function findSiblingCows(fs: FileSystem, cowPath: string, backingPa
   return { siblings: [...found].sort(), unreadable };
 }
 
-/** A file's (dev, ino) identity and its real path: either matching means the same file. */
-interface FileNames {
-  identity?: string;
-  real: string;
-}
-
-async function namesOf(fs: FileSystem, file: string): Promise<FileNames> {
-  const [identity, real] = await Promise.all([
-    fileIdentityOrUndefined(fs, file),
-    fs.realpath(file).catch(() => path.resolve(file)),
-  ]);
-  return { identity, real };
-}
-
-/** Same (dev, ino), or (where a stat failed) the same real path, as before identities were compared. */
-function sameFile(a: FileNames, b: FileNames): boolean {
-  return (a.identity !== undefined && a.identity === b.identity) || a.real === b.real;
-}
-
-async function namesBacking(fs: FileSystem, file: string, backing: FileNames): Promise<boolean> {
+async function namesBacking(fs: FileSystem, file: string, backing: string): Promise<boolean> {
   const stat = await fs.stat(file);
   if (stat.kind !== 'file' || stat.size < 8) return false;
   const handle = await fs.open(file, 'r');
@@ -89,5 +73,10 @@ async function namesBacking(fs: FileSystem, file: string, backing: FileNames): P
   if (!('parsed' in probe)) return false;
   // Where the kernel would look for it (resolveBackingPath), so a sibling is what a UML would read.
   const named = resolveBackingPath(probe.parsed.header);
-  return sameFile(await namesOf(fs, named), backing);
+  // A backing that is not there is not this one; any other failure to look is the caller's to report.
+  const identity = await fileIdentity(fs, named).catch((err: NodeJS.ErrnoException) => {
+    if (err.code && skippable.has(err.code)) return undefined;
+    throw err;
+  });
+  return identity === backing;
 }

@@ -5,24 +5,23 @@
  *
  * Invariants:
  * - A cached slice holds the bitmap as the file has it, plus the bits set or cleared since (which
- *   make it dirty). A dirty slice is never evicted: it leaves memory only after writeBack wrote
- *   it and nothing changed it meanwhile (a generation count per slice tells). A slice pinned by a
- *   view, or being written, is never evicted either. Clean slices are evicted least recently
+ *   make it dirty). A dirty slice is never evicted: it leaves memory only after its writer (the
+ *   engine's BitmapWriter) wrote its bytes and said so (markWritten). A slice pinned by a view is
+ *   never evicted either. Clean slices are evicted least recently
  *   used first once the cache holds more than `maxCachedBytes`; dirty and pinned slices may keep
  *   it above that bound, which `overBudget` shows.
  * - The cache never writes on its own. The engine's order stays the caller's: data first, then
- *   the bitmap bytes that claim it (BitmapWriter sets bits just before writing their slice).
- *   writeBack writes a snapshot of the bytes, so bits set while the write is in flight are not
- *   torn and keep their slice dirty.
+ *   the bitmap bytes that claim it (BitmapWriter sets bits just before writing their slice, and
+ *   keeps the slice pinned until the write is done, so no bit changes under it).
  * - Bits past `coveredSectors` do not exist: views refuse them, as SectorBitmap does.
  *
  * Sector numbers are whole disk sectors (up to 2^35 and beyond for a 16 TiB disk); within a slice
  * they are below 2^31 (slices are at most 2^24 bytes), where SectorBitmap is fastest.
  */
-import { CowFormatError, fromSystemError } from '../errors.js';
-import { SectorBitmap, type SectorRun } from '../format/bitmap.js';
-import type { FileHandleLike } from './file.js';
-import type { CowImage } from './image.js';
+import { CowFormatError, fromSystemError } from '../../errors.js';
+import { SectorBitmap, type SectorRun } from '../../format/bitmap.js';
+import type { FileHandleLike } from '../file/index.js';
+import type { CowImage } from '../image/index.js';
 import { type BitmapView, type Slice, sliceView } from './bitmap-view.js';
 import { allocatedRunsSkippingHoles, countSetSkippingHoles } from './bitmap-scan.js';
 
@@ -104,7 +103,7 @@ export class LazyBitmap {
     return this.slices.size;
   }
 
-  /** True when dirty or pinned slices keep the cache above its bound (time to writeBack). */
+  /** True when dirty or pinned slices keep the cache above its bound (time for their writer to write them). */
   get overBudget(): boolean {
     return this.cached > this.maxCachedBytes;
   }
@@ -254,6 +253,7 @@ export class LazyBitmap {
       slice.dirtyStart = 0;
       slice.dirtyEnd = 0;
     }
+    this.evict();
   }
 
   /** Dirty slices in slice order, each with the changed bytes and where they go. */
@@ -267,21 +267,6 @@ export class LazyBitmap {
         bytes: slice.bitmap.bytes.subarray(slice.dirtyStart, slice.dirtyEnd),
       };
     }
-  }
-
-  /**
-   * Writes the changed bytes of the slices holding sectors [start, end) (default: all), and
-   * marks a slice clean when nothing changed it during its write. Call only after the data the
-   * bits claim is written.
-   */
-  async writeBack(start = 0, end = this.coveredSectors): Promise<void> {
-    this.checkRange(start, end);
-    if (end <= start) return;
-    const first = Math.floor(start / this.sliceSectors);
-    const last = Math.floor((end - 1) / this.sliceSectors);
-    const targets = [...this.slices.values()].filter((slice) => slice.index >= first && slice.index <= last && slice.dirtyEnd > slice.dirtyStart);
-    await Promise.all(targets.map((slice) => this.writeSlice(slice)));
-    this.evict();
   }
 
   /** Sectors set in [start, end); slices the file has as holes are counted as 0 without reading. */
@@ -314,26 +299,6 @@ export class LazyBitmap {
   /** The file the bitmap lives in, and its bytes there (for scans that look for holes). */
   get region(): { file: FileHandleLike; offset: number; length: number } {
     return { file: this.options.file, offset: this.options.bitmapOffset, length: this.options.bitmapLength };
-  }
-
-  private async writeSlice(slice: Slice): Promise<void> {
-    const { file, bitmapOffset } = this.options;
-    const generation = slice.generation;
-    const from = slice.dirtyStart;
-    const snapshot = slice.bitmap.bytes.slice(from, slice.dirtyEnd);
-    slice.writes++;
-    try {
-      await file.write(snapshot, 0, snapshot.length, bitmapOffset + slice.index * this.sliceBytes + from);
-    } catch (err) {
-      // The slice stays dirty: its bits are still only in memory.
-      throw fromSystemError(err, this.options.path, 'write the bitmap of');
-    } finally {
-      slice.writes--;
-    }
-    if (slice.generation === generation) {
-      slice.dirtyStart = 0;
-      slice.dirtyEnd = 0;
-    }
   }
 
   /**
@@ -397,19 +362,19 @@ export class LazyBitmap {
     }
     const firstSector = index * this.sliceSectors;
     const bitCount = Math.max(0, Math.min(this.sliceSectors, this.coveredSectors - firstSector));
-    const slice: Slice = { index, bitmap: new SectorBitmap(bytes, bitCount, firstSector), pins: 0, writes: 0, generation: 0, dirtyStart: 0, dirtyEnd: 0 };
+    const slice: Slice = { index, bitmap: new SectorBitmap(bytes, bitCount, firstSector), pins: 0, dirtyStart: 0, dirtyEnd: 0 };
     this.stats.loads++;
     this.slices.set(index, slice);
     this.cached += length;
     return slice;
   }
 
-  /** Drops least recently used clean, unpinned, idle slices while over the bound. */
+  /** Drops least recently used clean, unpinned slices while over the bound. */
   private evict(): void {
     if (this.cached <= this.maxCachedBytes) return;
     for (const slice of this.slices.values()) {
       if (this.cached <= this.maxCachedBytes) break;
-      if (slice.pins > 0 || slice.writes > 0 || slice.dirtyEnd > slice.dirtyStart) continue;
+      if (slice.pins > 0 || slice.dirtyEnd > slice.dirtyStart) continue;
       this.slices.delete(slice.index);
       this.cached -= slice.bitmap.bytes.length;
       this.stats.evictions++;

@@ -1,10 +1,17 @@
-import { CowFormatError, fromSystemError, notAFile, usageError } from '../errors.js';
-import { type CowHeader, MAX_HEADER_SIZE, type ParsedHeader, hasCowMagic, parseHeader, serializeSameLayout } from '../format/header.js';
-import { type CowGeometry, computeGeometry } from '../format/geometry.js';
-import { type FileHandleLike, type FileStat, type FileSystem, type OpenMode, describeKind, sizeOf } from './file.js';
-import { nodeFileSystem } from './node-fs.js';
-import { type OptionKeys, checkOptions } from '../options.js';
-import { lockCowFile } from './lock.js';
+import { CowFormatError, fromSystemError, notAFile, usageError } from '../../errors.js';
+import { type CowHeader, MAX_HEADER_SIZE, type ParsedHeader, hasCowMagic, parseHeader, serializeSameLayout } from '../../format/header.js';
+import { type CowGeometry, computeGeometry } from '../../format/geometry.js';
+import {
+  describeKind,
+  type FileHandleLike,
+  type FileStat,
+  type FileSystem,
+  nodeFileSystem,
+  type OpenMode,
+  sizeOf,
+} from '../file/index.js';
+import { type OptionKeys, checkOptions } from '../../options.js';
+import { lockCowFile } from '../lock/index.js';
 
 /*
  * Opening COW files (and the other image files commands touch): refuse what cannot be an image

@@ -1,7 +1,7 @@
-import { UbdcowError } from '../errors.js';
-import type { LockedDisk } from './locked-disk.js';
+import { UbdcowError } from '../../errors.js';
+import type { LockedDisk } from '../engine/index.js';
 import { JOURNAL_PAGE, type JournalState, type RedoEntry, inspectCustomizeJournal, removeCustomizeJournal } from './redo-journal.js';
-import type { FileSystem } from './file.js';
+import type { FileSystem } from '../file/index.js';
 
 /*
  * Applying a redo journal's pages to the disk they belong to, and finishing or discarding a

@@ -1,100 +1,27 @@
 /*
- * The async block device over a COW file. Invariants: data is written before the bitmap bytes
- * that claim it; overlapping bitmap writes are queued (BitmapWriter); a read that finds a clear
- * bit with an update pending waits for it. The bitmap is a LazyBitmap: slices loaded on demand
- * and evicted when clean, so opening costs the same for any disk size (a 15 TiB COW has a
- * 3.75 GiB bitmap). A write pins its slices from before its data is written until its bits are.
+ * The engine itself: one COW file and its backing file as an async block device. Invariants:
+ * data is written before the bitmap bytes that claim it; overlapping bitmap writes are queued
+ * (BitmapWriter); a read that finds a clear bit with an update pending waits for it. The bitmap
+ * is a LazyBitmap: slices loaded on demand and evicted when clean, so opening costs the same for
+ * any disk size (a 15 TiB COW has a 3.75 GiB bitmap). A write pins its slices from before its
+ * data is written until its bits are. Opening (locks, backing policy) is engine.ts's.
  */
-import { UbdcowError, checkByteRange, fileEndsEarly, fileTooShort, fromSystemError } from '../errors.js';
-import { SectorBitmap } from '../format/bitmap.js';
-import type { CowGeometry } from '../format/geometry.js';
-import type { CowHeader } from '../format/header.js';
-import { type OpenedFile, backingPolicy, checkBacking, openBacking } from './backing.js';
-import { type BitmapView, type LazyBitmap, lazyBitmapOf } from './bitmap-cache.js';
-import { BitmapWriter } from './bitmap-writer.js';
-import { type FileHandleLike, type FileSystem, readExactly, readExactlySync } from './file.js';
-import { nodeFileSystem } from './node-fs.js';
+import { UbdcowError, checkByteRange, fileEndsEarly, fileTooShort, fromSystemError } from '../../errors.js';
+import { SectorBitmap } from '../../format/bitmap.js';
+import type { CowGeometry } from '../../format/geometry.js';
+import type { CowHeader } from '../../format/header.js';
+import type { CowImage, OpenedFile } from '../image/index.js';
+import { type BitmapView, BitmapWriter, type LazyBitmap } from '../bitmap/index.js';
+import { type FileHandleLike, readExactly, readExactlySync } from '../file/index.js';
 import { GroupSync } from './group-sync.js';
-import { type CowImage, openLockedImage } from './image.js';
-import { type ReadSpan, planRead, planReadInto, readSpans } from '../format/read-plan.js';
-import { ExtentList } from '../format/extent-list.js';
+import { type ReadSpan, planRead, planReadInto, readSpans } from '../../format/read-plan.js';
+import { ExtentList } from '../../format/extent-list.js';
 import { RangeLock } from './range-lock.js';
-import { type UnitLayout, type WriteSpan, sectorsPerUnit, unitRange, writeSpan } from './allocation-unit.js';
-import { type OptionKeys, checkOptions } from '../options.js';
-import type { AllocatedRun, CowDevice, FileRange, OpenCowOptions } from './cow-device.js';
+import { type UnitLayout, type WriteSpan, unitRange, writeSpan } from './allocation-unit.js';
+import type { AllocatedRun, CowDevice, FileRange } from './cow-device.js';
 
-export type { AllocatedRun, CowDevice, FileRange, OpenCowOptions } from './cow-device.js';
-
-const openCowOptionKeys: OptionKeys<OpenCowOptions> = {
-  backing: true,
-  readOnly: true,
-  sync: true,
-  fs: true,
-  lock: true,
-  blockingReads: true,
-  maxBitmapCacheBytes: true,
-  bitmapSliceBytes: true,
-  allocationUnit: true,
-};
 /** No bits: plans the sectors past the bitmap's cover, which always read from the backing file. */
 const NO_BITS = new SectorBitmap(new Uint8Array(0), 0, 0);
-
-export async function openCow(cowPath: string, options: OpenCowOptions = {}): Promise<CowDevice> {
-  checkOptions('openCow', options, openCowOptionKeys);
-  return (await openEngine(cowPath, options, true)).device;
-}
-
-/** What the read-only virtual disk needs besides the device: the image and the backing file as opened. */
-export interface CowReader {
-  device: CowDevice;
-  image: CowImage;
-  /** Undefined when it was not opened (`openBacking: false`). */
-  backing: OpenedFile | undefined;
-}
-
-/**
- * The engine's read-only mode, as the virtual disk (cat, diff, ls, get) uses it: the same read
- * lock, backing policy, bitmap and read path as `openCow(path, { readOnly: true })`. Without
- * `openBacking` (map, diff --allocated: only the header and the bitmap are wanted, as inspect
- * reads them) the backing file is neither checked nor opened, no lock is taken, and a read of a
- * byte the COW does not hold is `no-backing`.
- */
-export async function openCowReader(
-  cowPath: string,
-  options: Pick<OpenCowOptions, 'backing' | 'fs' | 'bitmapSliceBytes'> & { openBacking?: boolean },
-): Promise<CowReader> {
-  const withBacking = options.openBacking ?? true;
-  return openEngine(cowPath, { backing: options.backing, fs: options.fs, bitmapSliceBytes: options.bitmapSliceBytes, readOnly: true, lock: withBacking }, withBacking);
-}
-
-async function openEngine(cowPath: string, options: OpenCowOptions, withBacking: boolean): Promise<CowReader> {
-  const fs = options.fs ?? nodeFileSystem;
-  const readOnly = options.readOnly ?? false;
-  // The lock is held until the COW file is closed (close()), so not withImage's scope. Readers of
-  // the disk's bytes take a read lock: a COW a running UML holds changes under them, so they refuse it.
-  const lock = (options.lock ?? true) ? (readOnly ? 'read' : 'write') : 'none';
-  const image = await openLockedImage(cowPath, { fs, mode: readOnly ? 'r' : 'r+', lock });
-  let backing: OpenedFile | undefined;
-  try {
-    const warnings: string[] = [];
-    if (withBacking) {
-      if (options.backing === undefined && image.header.backingFile === '') {
-        throw new UbdcowError('no-backing', `${cowPath}: the header names no backing file (give one with a backing option)`, { file: cowPath });
-      }
-      const report = await checkBacking(image.header, options.backing, fs);
-      warnings.push(...backingPolicy(cowPath, report, readOnly ? 'read' : 'write'));
-      backing = await openBacking(fs, report.path, 'r');
-    }
-    const unitSectors = sectorsPerUnit(cowPath, options.allocationUnit, image.header.sectorSize);
-    const bitmap = lazyBitmapOf(image, { maxCachedBytes: options.maxBitmapCacheBytes, sliceBytes: options.bitmapSliceBytes });
-    const device = new Engine(image, backing, bitmap, { readOnly, sync: options.sync ?? false, blockingReads: options.blockingReads ?? false, warnings, unitSectors });
-    return { device, image, backing };
-  } catch (err) {
-    await image.handle.close().catch(() => undefined);
-    await backing?.handle.close().catch(() => undefined);
-    throw err;
-  }
-}
 
 /** The largest read `blockingReads` does on the calling thread. */
 const BLOCKING_READ_MAX = 64 << 10;
@@ -105,7 +32,7 @@ const BLOCKING_WRITE_MAX = 64 << 10;
 /** The page-cache page: a write of whole, aligned pages never reads the file first. */
 const PAGE_BYTES = 4096;
 
-interface EngineOptions {
+export interface EngineOptions {
   readOnly: boolean;
   sync: boolean;
   blockingReads: boolean;
@@ -114,7 +41,7 @@ interface EngineOptions {
   unitSectors: number;
 }
 
-class Engine implements CowDevice {
+export class Engine implements CowDevice {
   readonly size: number;
   readonly sectorSize: number;
   readonly header: CowHeader;

@@ -1,8 +1,8 @@
-import { SectorBitmap } from '../format/bitmap.js';
+import { SectorBitmap } from '../../format/bitmap.js';
 import { lazyBitmapOf } from './bitmap-cache.js';
 import { slicesSkippingHoles } from './bitmap-scan.js';
-import type { CowImage } from './image.js';
-import type { Extent } from '../format/extent-list.js';
+import type { CowImage } from '../image/index.js';
+import type { Extent } from '../../format/extent-list.js';
 
 /*
  * Reading a COW's allocation from its bitmap on disk, as streams (slices, extents in sectors,

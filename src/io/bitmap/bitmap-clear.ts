@@ -1,5 +1,5 @@
-import { fromSystemError } from '../errors.js';
-import { type FileHandleLike, writeAll } from './file.js';
+import { fromSystemError } from '../../errors.js';
+import { type FileHandleLike, writeAll } from '../file/index.js';
 
 /*
  * Clearing a bitmap without filling its holes. A COW's bitmap is sparse like the rest of the file:

@@ -1,8 +1,14 @@
 import * as path from 'node:path';
-import { UbdcowError, backingMismatch, fromSystemError } from '../errors.js';
-import type { CowHeader } from '../format/header.js';
-import { type FileHandleLike, type FileStat, type FileSystem, type OpenMode, describeKind } from './file.js';
-import { nodeFileSystem } from './node-fs.js';
+import { UbdcowError, backingMismatch, fromSystemError } from '../../errors.js';
+import type { CowHeader } from '../../format/header.js';
+import {
+  describeKind,
+  type FileHandleLike,
+  type FileStat,
+  type FileSystem,
+  nodeFileSystem,
+  type OpenMode,
+} from '../file/index.js';
 import { imageSize, isoTime, openImageFile } from './image.js';
 
 /*

@@ -1,5 +1,5 @@
 import * as path from 'node:path';
-import { UbdcowError } from '../errors.js';
+import { UbdcowError } from '../../errors.js';
 import type { FileSystem } from './file.js';
 
 /*

@@ -1,7 +1,7 @@
 import * as path from 'node:path';
 import { crc32 } from 'node:zlib';
-import { UbdcowError, fromSystemError } from '../errors.js';
-import type { FileHandleLike, FileSystem } from './file.js';
+import { UbdcowError, fromSystemError } from '../../errors.js';
+import type { FileHandleLike, FileSystem } from '../file/index.js';
 
 /*
  * The redo journal of `ubdcow customize`, `IMAGE.ubdcow-customize`: every 4 KiB page of the

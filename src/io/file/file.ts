@@ -1,6 +1,6 @@
 import * as fsp from 'node:fs/promises';
 
-import { fromSystemError } from '../errors.js';
+import { fileEndsEarly, fromSystemError } from '../../errors.js';
 
 
 /**
@@ -36,8 +36,8 @@ export interface FileHandleLike {
   readonly fd?: number;
   /*
    * System calls Node lacks (src/os), optional so injected file systems may leave them out and
-   * tests may make them fail. Callers go through the helpers in src/io/extents.ts and
-   * src/io/file-ops.ts, which fall back to plain reads and writes when a method is absent or
+   * tests may make them fail. Callers go through the helpers in src/io/file/extents.ts and
+   * src/io/file/file-ops.ts, which fall back to plain reads and writes when a method is absent or
    * throws "not supported here" (ENOSYS when the bindings are unavailable).
    */
   /** lseek SEEK_DATA: the first data byte at or after `position`; undefined when only holes follow. */
@@ -144,6 +144,8 @@ export interface FileStat {
    */
   dev?: number;
   ino?: number;
+  /** Permission bits (st_mode & 0o7777), when the file system has them: a file rebuilt beside another keeps them. */
+  mode?: number;
 }
 
 /**
@@ -183,6 +185,12 @@ export interface FileSystem {
   syncDirectory(dir: string): Promise<void>;
   /** Sets a file's modification time, seconds. */
   utimes(path: string, atime: number, mtime: number): Promise<void>;
+  /** Sets a file's permission bits. */
+  chmod(path: string, mode: number): Promise<void>;
+  /** Makes a new, empty folder whose name starts with `prefix` (mkdtemp), and returns its path. */
+  makeTempFolder(prefix: string): Promise<string>;
+  /** Removes a folder and everything in it; nothing there is not an error. */
+  removeTree(path: string): Promise<void>;
 }
 
 /** "a directory", "a character device or socket": how messages name a kind of file. */
@@ -215,6 +223,19 @@ export async function blockDeviceSize(rdev: number): Promise<number> {
   const minor = (rdev & 0xff) | (Math.floor(rdev / 4096) & 0xfff00);
   const sectors = await fsp.readFile(`/sys/dev/block/${major}:${minor}/size`, 'utf8');
   return Number(sectors.trim()) * 512;
+}
+
+/** The whole of a (small) file's contents, read through `fs`. */
+export async function readWholeFile(fs: FileSystem, path: string): Promise<Uint8Array> {
+  const handle = await fs.open(path, 'r');
+  try {
+    const size = (await handle.stat()).size;
+    const bytes = new Uint8Array(size);
+    await readExactly(handle, path, 'read', { buffer: bytes, offset: 0, length: size, position: 0 }, (got) => fileEndsEarly(path, 0, got, size, 'the file'));
+    return bytes;
+  } finally {
+    await handle.close();
+  }
 }
 
 /** Size in bytes of a regular file or block device. */

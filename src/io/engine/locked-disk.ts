@@ -1,7 +1,7 @@
-import { UbdcowError, fileEndsEarly, fromSystemError } from '../errors.js';
+import { UbdcowError, fileEndsEarly, fromSystemError } from '../../errors.js';
 import { openCow } from './engine.js';
-import { type FileHandleLike, type FileSystem, readExactly, sizeOf, writeAll } from './file.js';
-import { lockCowFile } from './lock.js';
+import { type FileHandleLike, type FileSystem, readExactly, sizeOf, writeAll } from '../file/index.js';
+import { lockCowFile } from '../lock/index.js';
 import { looksLikeCow } from './virtual-disk.js';
 
 /*

@@ -1,9 +1,9 @@
 import * as fs from 'node:fs';
-import { UbdcowError, fromSystemError } from '../errors.js';
-import { osCalls, osCallsUnavailable } from '../os/libc.js';
-import type { FileHandleLike } from './file.js';
+import { UbdcowError, fromSystemError } from '../../errors.js';
+import { osCalls, osCallsUnavailable } from '../../os/libc.js';
+import type { FileHandleLike } from '../file/index.js';
 import { describeLockHolder } from './lock-holder.js';
-import { type OptionKeys, checkOptions } from '../options.js';
+import { type OptionKeys, checkOptions } from '../../options.js';
 
 export interface CowLockOptions {
   /**

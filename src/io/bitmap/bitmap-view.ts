@@ -1,19 +1,16 @@
 /**
  * Synchronous access to the bitmap slices a LazyBitmap pinned for one sector range: reads and
  * changes of single bits, ranges and runs across slice boundaries. A change marks the bytes it
- * touched dirty (and bumps the slice's generation) so writeBack knows what to write; release()
+ * touched dirty, so its writer knows what to write (dirtySlices); release()
  * unpins the slices, after which the view refuses every call.
  */
-import type { SectorBitmap, SectorRun } from '../format/bitmap.js';
+import type { SectorBitmap, SectorRun } from '../../format/bitmap.js';
 
 /** One cached slice of the bitmap (owned by LazyBitmap; views change its bits and dirty range). */
 export interface Slice {
   readonly index: number;
   readonly bitmap: SectorBitmap;
   pins: number;
-  writes: number;
-  /** Bumped by every change; writeBack cleans a slice only if it is unchanged since its snapshot. */
-  generation: number;
   /** Bytes changed since the file last had them: [dirtyStart, dirtyEnd) within the slice; empty when clean. */
   dirtyStart: number;
   dirtyEnd: number;
@@ -71,7 +68,6 @@ export function sliceView(start: number, end: number, pinned: Slice[], first: nu
   const touch = (slice: Slice, localFrom: number, localTo: number) => {
     const byteFrom = Math.floor(localFrom / 8);
     const byteTo = Math.ceil(localTo / 8);
-    slice.generation++;
     if (slice.dirtyEnd > slice.dirtyStart) {
       slice.dirtyStart = Math.min(slice.dirtyStart, byteFrom);
       slice.dirtyEnd = Math.max(slice.dirtyEnd, byteTo);

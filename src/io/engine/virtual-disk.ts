@@ -1,12 +1,22 @@
-import { UbdcowError, checkByteRange, fileEndsEarly, fileTooShort, fromSystemError, notACow } from '../errors.js';
-import type { SectorExtent } from './allocation.js';
-import { type OpenedFile, openBacking, resolveBackingPath } from './backing.js';
+import { UbdcowError, checkByteRange, fileEndsEarly, fileTooShort, fromSystemError, notACow } from '../../errors.js';
+import type { SectorExtent } from '../bitmap/index.js';
+import {
+  type CowImage,
+  openBacking,
+  type OpenedFile,
+  openImageFile,
+  probeHeader,
+  resolveBackingPath,
+} from '../image/index.js';
 import { openCowReader } from './engine.js';
-import { type FileHandleLike, type FileSystem, readExactly } from './file.js';
-import { nodeFileSystem } from './node-fs.js';
-import { type CowImage, openImageFile, probeHeader } from './image.js';
-import { fileIdentityOrUndefined } from './file-identity.js';
-import { type OptionKeys, checkOptions } from '../options.js';
+import {
+  type FileHandleLike,
+  fileIdentityOrUndefined,
+  type FileSystem,
+  nodeFileSystem,
+  readExactly,
+} from '../file/index.js';
+import { type OptionKeys, checkOptions } from '../../options.js';
 
 /*
  * A read-only view of the disk a guest would see: a raw image file as it is (RawDisk), or a COW
@@ -20,12 +30,23 @@ export interface FileIdentity {
   /** The path with symlinks resolved. */
   realPath: string;
   /**
-   * `dev:ino` of the file when it was opened (fileIdentity): the same for every name of it, hard
-   * links included. Absent when the backing file was not opened (`openBacking: false`).
+   * `dev:ino` of the file (fileIdentity): the same for every name of it, hard links included.
+   * Absent only when the file cannot be reached (a missing backing with `openBacking: false`).
    */
   identity?: string;
   size: number;
   mtime: number;
+}
+
+/** What sameBaseFile needs of a disk's base. */
+export type BaseFile = Pick<FileIdentity, 'realPath' | 'identity'>;
+
+/**
+ * Whether two disks' unwritten sectors come from the same file: by identity, as the kernel tells
+ * files apart; by path only where a file could not be reached (then nothing better is known).
+ */
+export function sameBaseFile(a: BaseFile, b: BaseFile): boolean {
+  return a.identity !== undefined && b.identity !== undefined ? a.identity === b.identity : a.realPath === b.realPath;
 }
 
 interface DiskBase {
@@ -171,7 +192,8 @@ async function openCowDisk(file: string, options: OpenVirtualDiskOptions, fs: Fi
   const { device, image, backing } = await openCowReader(file, { fs, backing: options.backing, openBacking: options.openBacking, bitmapSliceBytes });
   try {
     const { header } = image;
-    let base: FileIdentity = { realPath: resolveBackingPath(header, options.backing), size: header.size, mtime: header.mtime };
+    const backingPath = resolveBackingPath(header, options.backing);
+    let base: FileIdentity = { realPath: backingPath, identity: await fileIdentityOrUndefined(fs, backingPath), size: header.size, mtime: header.mtime };
     let backingDisk: RawDisk | undefined;
     if (backing) {
       // The engine owns the backing file's handle: this view of it is closed with the COW.

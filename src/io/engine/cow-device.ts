@@ -2,10 +2,10 @@
  * The interface of the async block device `openCow` returns, and its options: what callers (the
  * CLI, the NBD server, programs using the library) may rely on. The engine implements it.
  */
-import type { CowGeometry } from '../format/geometry.js';
-import type { CowHeader } from '../format/header.js';
-import type { FileSystem } from './file.js';
-import type { Extent } from '../format/extent-list.js';
+import type { CowGeometry } from '../../format/geometry.js';
+import type { CowHeader } from '../../format/header.js';
+import type { FileSystem } from '../file/index.js';
+import type { Extent } from '../../format/extent-list.js';
 
 export interface OpenCowOptions {
   /** Backing file to use instead of the header's path (like UML's `ubdN=cow,backing`). */

@@ -6,7 +6,7 @@
  * keeps the kernel's own sector granularity. Units are aligned on the virtual disk; the last one
  * ends with the bitmap's cover.
  */
-import { UbdcowError } from '../errors.js';
+import { UbdcowError } from '../../errors.js';
 
 export const DEFAULT_ALLOCATION_UNIT = 4096;
 

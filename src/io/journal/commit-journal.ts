@@ -1,7 +1,6 @@
 import * as path from 'node:path';
-import { UbdcowError, commitInterrupted, fromSystemError, interruptedCommitText } from '../errors.js';
-import { writeNewFile } from './atomic.js';
-import type { FileHandleLike, FileSystem } from './file.js';
+import { UbdcowError, commitInterrupted, fromSystemError, interruptedCommitText } from '../../errors.js';
+import { type FileHandleLike, type FileSystem, writeNewFile } from '../file/index.js';
 
 /*
  * The journal of an in-place commit, `COW.ubdcow-commit`: written (atomically, synced) before the

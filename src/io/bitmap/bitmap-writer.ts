@@ -1,5 +1,5 @@
 import type { BitmapView, LazyBitmap } from './bitmap-cache.js';
-import type { FileHandleLike } from './file.js';
+import type { FileHandleLike } from '../file/index.js';
 
 /** One request to record sectors [sectorStart, sectorEnd) as living in the COW file. */
 interface BitmapUpdate {

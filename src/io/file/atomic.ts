@@ -1,5 +1,5 @@
 import * as path from 'node:path';
-import { UbdcowError, fromSystemError } from '../errors.js';
+import { UbdcowError, fromSystemError } from '../../errors.js';
 import type { FileHandleLike, FileSystem } from './file.js';
 import { removeOnSignal } from './signal-cleanup.js';
 

@@ -5,7 +5,7 @@
 import * as fs from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import { type CloneRange, type FileHandleLike, type FileStat, type FileSystem, type OpenMode, unavailableError } from './file.js';
-import { type OsCalls, osCalls, osCallsUnavailable, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, SYNC_FILE_RANGE_WAIT_AFTER, SYNC_FILE_RANGE_WAIT_BEFORE, SYNC_FILE_RANGE_WRITE } from '../os/libc.js';
+import { type OsCalls, osCalls, osCallsUnavailable, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, SYNC_FILE_RANGE_WAIT_AFTER, SYNC_FILE_RANGE_WAIT_BEFORE, SYNC_FILE_RANGE_WRITE } from '../../os/libc.js';
 
 function nodeOpenFlags(mode: OpenMode): string | number {
   return mode === 'w-direct' ? fs.constants.O_WRONLY | fs.constants.O_DIRECT : mode;
@@ -29,6 +29,7 @@ function toFileStat(stats: fs.Stats): FileStat {
     rdev: stats.rdev,
     dev: stats.dev,
     ino: stats.ino,
+    mode: stats.mode & 0o7777,
   };
 }
 
@@ -218,5 +219,8 @@ export const nodeFileSystem: FileSystem = {
     }
   },
   utimes: (path, atime, mtime) => fsp.utimes(path, atime, mtime),
+  chmod: (path, mode) => fsp.chmod(path, mode),
+  makeTempFolder: (prefix) => fsp.mkdtemp(prefix),
+  removeTree: (path) => fsp.rm(path, { recursive: true, force: true }),
 };
 

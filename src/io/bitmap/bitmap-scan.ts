@@ -3,11 +3,10 @@
  * empty 10 TiB COW costs what its allocated part costs. Each slice is visited through a view
  * pinned only while it is visited, so a scan never holds more than one slice in memory of its own.
  */
-import type { SectorBitmap, SectorRun } from '../format/bitmap.js';
+import type { SectorBitmap, SectorRun } from '../../format/bitmap.js';
 import type { BitmapView } from './bitmap-view.js';
-import type { FileHandleLike } from './file.js';
-import { dataExtents } from './extents.js';
-import { ExtentList } from '../format/extent-list.js';
+import { dataExtents, type FileHandleLike } from '../file/index.js';
+import { ExtentList } from '../../format/extent-list.js';
 
 /**
  * What a scan needs of a sliced bitmap (LazyBitmap in bitmap-cache.ts is one): its slices, where

@@ -1,0 +1,10 @@
+export { existsError, refuseExisting, removeStaleTemporaries, temporaryNameFor, writeNewFile } from './atomic.js';
+export { dataExtents, isHole } from './extents.js';
+export { describeKind, readExactly, readExactlySync, readWholeFile, sizeOf, writeAll, writeAllSync } from './file.js';
+export type { CloneRange, FileHandleLike, FileStat, FileSystem, OpenMode } from './file.js';
+export { fileIdentity, fileIdentityOrUndefined, foldersOfKnownNames, refuseOutputOverInput, sameFile } from './file-identity.js';
+export type { ProtectedFile } from './file-identity.js';
+export { cloneFile, cloneOrCopyFile, copyRange, punchHole, syncRange } from './file-ops.js';
+export { ImageWriter } from './image-writer.js';
+export { nodeFileSystem } from './node-fs.js';
+export { killOnSignal, removeOnSignal } from './signal-cleanup.js';
