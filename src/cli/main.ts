@@ -171,7 +171,21 @@ export function buildParser(argv: string[]): Argv {
       throw usageError(`${message} (see --help)`);
     });
   for (const command of commands) parser = parser.command(command);
+  skipHelpCaching(parser);
   return parser;
+}
+
+/**
+ * yargs lays out the whole help text (every command, option and word width) as each command's
+ * handler starts, kept for a failure that shows help. Ours never do (.fail above throws, with no
+ * help), so the text is never printed; laying it out cost ~15 ms of every command's start-up.
+ * An internal of yargs: where a future yargs lacks it, nothing changes.
+ */
+function skipHelpCaching(parser: Argv): void {
+  type Usage = { cacheHelpMessage?: () => void };
+  const internal = parser as unknown as { getInternalMethods?: () => { getUsageInstance?: () => Usage | undefined } };
+  const usage = internal.getInternalMethods?.()?.getUsageInstance?.();
+  if (usage && typeof usage.cacheHelpMessage === 'function') usage.cacheHelpMessage = () => undefined;
 }
 
 /** True when yargs may print help: -h/--help, or `ubdcow help`/`ubdcow` alone. */
