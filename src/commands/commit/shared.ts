@@ -1,5 +1,5 @@
 import { CowFormatError, fileEndsEarly } from '../../errors.js';
-import { allocatedExtents, extentBytes } from '../../io/bitmap/index.js';
+import { allocatedExtents, bitmapSlices, extentBytes } from '../../io/bitmap/index.js';
 import { backingError, type BackingReport, type CowImage } from '../../io/image/index.js';
 import { type FileHandleLike, type FileSystem, readExactly, readExactlySync } from '../../io/file/index.js';
 
@@ -82,8 +82,55 @@ export interface AllocationSummary {
   dataEnd: number;
 }
 
-/** First pass over the bitmap: totals for progress, and a refusal if data lies past the file's end. */
+/** Set bits in each byte value. */
+const BITS_SET = Uint8Array.from({ length: 256 }, (_, byte) => {
+  let count = 0;
+  for (let value = byte; value !== 0; value >>= 1) count += value & 1;
+  return count;
+});
+
+/**
+ * First pass over the bitmap: totals for progress, and a refusal if data lies past the file's end.
+ * Counted a byte at a time over the bitmap's slices (runs start where a set bit follows a clear
+ * one), with no object per extent: this pass meets the code cold, before the copy, and walking
+ * ~10,000 extents one by one took 15-40 ms of a 0.5 s commit. Where the last sector is partial,
+ * the extent walk gives the exact byte counts.
+ */
 export async function summarizeAllocation(image: CowImage): Promise<AllocationSummary> {
+  const { sectorSize, size } = image.header;
+  let extents = 0;
+  let setSectors = 0;
+  let lastSet = -1;
+  let nextSector = 0;
+  let carry = 0;
+  for await (const slice of bitmapSlices(image)) {
+    const { bytes, bitCount, firstSector } = slice;
+    // A run continues across slices only where they are contiguous (scans skip holes of the file).
+    if (firstSector !== nextSector) carry = 0;
+    const wholeBytes = bitCount >>> 3;
+    // The last byte may hold bits of fewer sectors than 8: those past bitCount are not counted.
+    const byteCount = wholeBytes + ((bitCount & 7) === 0 ? 0 : 1);
+    for (let index = 0; index < byteCount; index++) {
+      let byte = bytes[index];
+      if (index === wholeBytes) byte &= (1 << (bitCount & 7)) - 1;
+      if (byte === 0) {
+        carry = 0;
+        continue;
+      }
+      extents += BITS_SET[byte & ~((byte << 1) | carry) & 0xff];
+      setSectors += BITS_SET[byte];
+      carry = byte >>> 7;
+      lastSet = firstSector + index * 8 + 31 - Math.clz32(byte);
+    }
+    nextSector = firstSector + bitCount;
+  }
+  if ((lastSet + 1) * sectorSize > size) return summarizeByExtents(image);
+  const summary: AllocationSummary = { extents, allocatedBytes: setSectors * sectorSize, dataEnd: lastSet < 0 ? 0 : image.geometry.dataOffset + (lastSet + 1) * sectorSize };
+  return refuseDataPastEnd(image, summary);
+}
+
+/** summarizeAllocation extent by extent (byte counts clipped to the disk's size). */
+export async function summarizeByExtents(image: CowImage): Promise<AllocationSummary> {
   const summary: AllocationSummary = { extents: 0, allocatedBytes: 0, dataEnd: 0 };
   for await (const extent of allocatedExtents(image)) {
     const bytes = extentBytes(extent, image);
@@ -91,6 +138,10 @@ export async function summarizeAllocation(image: CowImage): Promise<AllocationSu
     summary.allocatedBytes += bytes.end - bytes.start;
     summary.dataEnd = image.geometry.dataOffset + bytes.end;
   }
+  return refuseDataPastEnd(image, summary);
+}
+
+function refuseDataPastEnd(image: CowImage, summary: AllocationSummary): AllocationSummary {
   if (summary.dataEnd > image.fileSize) {
     throw new CowFormatError(
       'truncated',
