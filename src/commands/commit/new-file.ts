@@ -23,7 +23,6 @@ import {
   withImage,
 } from '../../io/image/index.js';
 import { interruptedCommitError, readCommitJournal } from '../../io/journal/index.js';
-import { ExtentList } from '../../format/extent-list.js';
 import { type CommitOptions, HOLE_BLOCK_BYTES, type NewFileCommitResult, judgeBacking, readCowRun, readCowRunSync, roundChunk, summarizeAllocation } from './shared.js';
 import { isAllZeroAt } from '../../format/zero-bytes.js';
 
@@ -310,15 +309,27 @@ interface Span {
 
 /**
  * The union of two sorted lists of spans, each widened to whole HOLE_BLOCK_BYTES blocks (window
- * starts are block-aligned) and clipped to `length`, merged where they touch.
+ * starts are block-aligned) and clipped to `length`, merged where they touch. A merge of the two
+ * lists in one pass (not a sort of both: the copy calls this for every window while its code is
+ * still cold, where ~80 comparator calls a window added up to ~15 ms).
  */
 export function liveSpans(a: Span[], b: Span[], length: number): Span[] {
-  const all = [...a, ...b].sort((x, y) => x.start - y.start);
-  const out = new ExtentList();
-  for (const span of all) {
-    out.add(Math.floor(span.start / HOLE_BLOCK_BYTES) * HOLE_BLOCK_BYTES, Math.min(length, Math.ceil(span.end / HOLE_BLOCK_BYTES) * HOLE_BLOCK_BYTES));
+  const out: Span[] = [];
+  let i = 0;
+  let j = 0;
+  while (i < a.length || j < b.length) {
+    const span = j >= b.length || (i < a.length && a[i].start <= b[j].start) ? a[i++] : b[j++];
+    const start = Math.floor(span.start / HOLE_BLOCK_BYTES) * HOLE_BLOCK_BYTES;
+    const end = Math.min(length, Math.ceil(span.end / HOLE_BLOCK_BYTES) * HOLE_BLOCK_BYTES);
+    if (end <= start) continue;
+    const last = out[out.length - 1];
+    if (last !== undefined && start <= last.end) {
+      if (end > last.end) last.end = end;
+    } else {
+      out.push({ start, end });
+    }
   }
-  return out.extents.map(({ start, end }) => ({ start, end }));
+  return out;
 }
 
 interface WrittenBytes {
