@@ -2,9 +2,9 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { createCow } from '../../src/commands/create.js';
-import { type WindowRuns, allocatedExtents, allocatedWindows, extentBytes } from '../../src/io/allocation.js';
-import { type CowImage, withImage } from '../../src/io/image.js';
-import { nodeFileSystem } from '../../src/io/node-fs.js';
+import { type WindowRuns, allocatedExtents, allocatedWindows, extentBytes } from '../../src/io/bitmap/allocation.js';
+import { type CowImage, withImage } from '../../src/io/image/image.js';
+import { nodeFileSystem } from '../../src/io/file/node-fs.js';
 import { type SectorWrite, seededRandom, writeCowSectors } from '../helpers/cow-writes.js';
 import { useTempDir } from '../helpers/tmp.js';
 
