@@ -71,9 +71,12 @@ export async function measureCli(args: string[], options: { cwd?: string } = {})
   return { ...result, maxRssKiB: rss ? Number(rss[1]) : NaN, stderr: result.stderr.replace(/\nmaxRSS=\d+\n$/, '') };
 }
 
+/** Builds dist/ as `npm run build` does: tsc, then the CLI bundle that bin/ubdcow runs. */
 export function ensureBuilt(): void {
   const result = spawnSync('npx', ['tsc', '-p', 'tsconfig.build.json'], { cwd: repoRoot, encoding: 'utf8' });
   if (result.status !== 0) throw new Error(`build failed:\n${result.stdout}${result.stderr}`);
+  const bundled = spawnSync(process.execPath, ['scripts/bundle-cli.mjs'], { cwd: repoRoot, encoding: 'utf8' });
+  if (bundled.status !== 0) throw new Error(`bundling the CLI failed:\n${bundled.stdout}${bundled.stderr}`);
 }
 
 export interface Machine {

@@ -59,15 +59,23 @@ function newestSourceMtime(dir: string): number {
   return newest;
 }
 
-/** Path of the CLI entry point; builds dist/ first when it is missing or older than src/. */
+/**
+ * Path of the CLI entry point; builds dist/ first when it is missing or older than src/. bin/ubdcow
+ * runs the bundle (dist/cli/bundle.cjs), which only the bundle script makes: tsc alone would leave
+ * tests running the CLI as it was before the last change.
+ */
 export function ensureBuiltCli(): string {
-  const built = path.join(repoRoot, 'dist', 'cli', 'main.js');
-  const stale = !fs.existsSync(built) || fs.statSync(built).mtimeMs < newestSourceMtime(path.join(repoRoot, 'src'));
+  const outputs = [path.join(repoRoot, 'dist', 'cli', 'main.js'), path.join(repoRoot, 'dist', 'cli', 'bundle.cjs')];
+  const newestSource = newestSourceMtime(path.join(repoRoot, 'src'));
+  const stale = outputs.some((built) => !fs.existsSync(built) || fs.statSync(built).mtimeMs < newestSource);
   if (stale) {
     // tsc still emits when it finds type errors; those fail `npm test`'s build step, not this.
     const result = run('npx', ['tsc', '-p', 'tsconfig.build.json'], { cwd: repoRoot });
     if (result.status !== 0) console.warn(`tsc reported problems while building dist/:\n${result.stdout}${result.stderr}`);
-    if (!fs.existsSync(built)) throw new Error(`building dist/ failed:\n${result.stdout}${result.stderr}`);
+    const bundled = run(process.execPath, [path.join(repoRoot, 'scripts', 'bundle-cli.mjs')], { cwd: repoRoot });
+    if (outputs.some((built) => !fs.existsSync(built)) || bundled.status !== 0) {
+      throw new Error(`building dist/ failed:\n${result.stdout}${result.stderr}${bundled.stdout}${bundled.stderr}`);
+    }
   }
   return path.join(repoRoot, 'bin', 'ubdcow');
 }
