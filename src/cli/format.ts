@@ -51,10 +51,6 @@ export function setQuiet(value: boolean): void {
   quiet = value;
 }
 
-export function isQuiet(): boolean {
-  return quiet;
-}
-
 /** A line of the data the command was asked for (a report, ranges, JSON): printed even with -q. */
 export function out(text: string): void {
   process.stdout.write(text.endsWith('\n') ? text : `${text}\n`);

@@ -114,7 +114,3 @@ export function joinPathBytes(dir: Uint8Array, name: Uint8Array): Uint8Array {
   return joined;
 }
 
-/** Byte order (as `LC_ALL=C ls` sorts). */
-export function compareBytes(x: Uint8Array, y: Uint8Array): number {
-  return Buffer.compare(x, y);
-}

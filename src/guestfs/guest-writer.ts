@@ -70,11 +70,6 @@ export function guestPath(path: string, what = 'guest path'): string {
   return `/${parts.join('/')}`;
 }
 
-export function parentOf(path: string): string {
-  const at = path.lastIndexOf('/');
-  return at <= 0 ? '/' : path.slice(0, at);
-}
-
 export function baseName(path: string): string {
   return path.slice(path.lastIndexOf('/') + 1);
 }
