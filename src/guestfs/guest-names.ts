@@ -113,4 +113,3 @@ export function joinPathBytes(dir: Uint8Array, name: Uint8Array): Uint8Array {
   joined.set(name, rootOnly ? 1 : dir.length + 1);
   return joined;
 }
-
