@@ -1,11 +1,8 @@
-import * as fs from 'node:fs';
-import * as path from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { createCow } from '../../src/commands/create.js';
 import { summarizeAllocation, summarizeByExtents } from '../../src/commands/commit/shared.js';
 import { withImage } from '../../src/io/image/image.js';
 import { nodeFileSystem } from '../../src/io/file/node-fs.js';
-import { type SectorWrite, seededRandom, writeCowSectors } from '../helpers/cow-writes.js';
+import { cowOverEmptyBase, type SectorWrite, seededRandom } from '../helpers/cow-writes.js';
 import { useTempDir } from '../helpers/tmp.js';
 
 /*
@@ -18,13 +15,7 @@ describe('summarizeAllocation', () => {
   const tmp = useTempDir();
 
   async function summaries(size: number, writes: SectorWrite[]) {
-    const backing = path.join(tmp.path, 'base.img');
-    fs.writeFileSync(backing, '');
-    fs.truncateSync(backing, size);
-    const cow = path.join(tmp.path, 'disk.cow');
-    fs.rmSync(cow, { force: true });
-    await createCow(cow, backing);
-    await writeCowSectors(cow, writes);
+    const cow = await cowOverEmptyBase(tmp.path, size, writes);
     return withImage(cow, { fs: nodeFileSystem, mode: 'r', lock: 'read' }, async (image) => [await summarizeAllocation(image), await summarizeByExtents(image)]);
   }
 

@@ -1,6 +1,8 @@
 /* Test fixtures: COW files with chosen contents, and reproducible randomness. The benchmarks use them too. */
 import { randomFillSync } from 'node:crypto';
 import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { createCow } from '../../src/commands/create.js';
 import { openImage } from '../../src/io/image/image.js';
 
 /** Sectors to put into a COW: `data.length` must be a whole number of sectors (the last may be partial at the disk end). */
@@ -31,6 +33,18 @@ export async function writeCowSectors(cowPath: string, writes: Iterable<SectorWr
   } finally {
     await image.handle.close();
   }
+}
+
+/** A fresh COW (folder/disk.cow) over a sparse, all-zero base of `size` bytes, holding `writes`. */
+export async function cowOverEmptyBase(folder: string, size: number, writes: Iterable<SectorWrite>): Promise<string> {
+  const backing = path.join(folder, 'base.img');
+  fs.writeFileSync(backing, '');
+  fs.truncateSync(backing, size);
+  const cow = path.join(folder, 'disk.cow');
+  fs.rmSync(cow, { force: true });
+  await createCow(cow, backing);
+  await writeCowSectors(cow, writes);
+  return cow;
 }
 
 /** A reproducible pseudo-random generator (mulberry32), so runs place extents alike. */

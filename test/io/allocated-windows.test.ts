@@ -1,11 +1,8 @@
-import * as fs from 'node:fs';
-import * as path from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { createCow } from '../../src/commands/create.js';
 import { type WindowRuns, allocatedExtents, allocatedWindows, extentBytes } from '../../src/io/bitmap/allocation.js';
 import { type CowImage, withImage } from '../../src/io/image/image.js';
 import { nodeFileSystem } from '../../src/io/file/node-fs.js';
-import { type SectorWrite, seededRandom, writeCowSectors } from '../helpers/cow-writes.js';
+import { cowOverEmptyBase, type SectorWrite, seededRandom } from '../helpers/cow-writes.js';
 import { useTempDir } from '../helpers/tmp.js';
 
 /*
@@ -39,13 +36,7 @@ describe('allocatedWindows', () => {
   const tmp = useTempDir();
 
   async function compare(size: number, writes: SectorWrite[], windowSizes: number[]): Promise<number> {
-    const backing = path.join(tmp.path, 'base.img');
-    fs.writeFileSync(backing, '');
-    fs.truncateSync(backing, size);
-    const cow = path.join(tmp.path, 'disk.cow');
-    fs.rmSync(cow, { force: true });
-    await createCow(cow, backing);
-    await writeCowSectors(cow, writes);
+    const cow = await cowOverEmptyBase(tmp.path, size, writes);
     return withImage(cow, { fs: nodeFileSystem, mode: 'r', lock: 'read' }, async (image) => {
       let runs = 0;
       for (const windowBytes of windowSizes) {
