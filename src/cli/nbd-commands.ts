@@ -26,7 +26,7 @@ const serve: CommandModule = {
       .option('allocation', {
         choices: ['cow', 'merged'],
         default: 'cow',
-        describe: 'base:allocation reports the COW\'s own sectors as data and the rest as holes (cow), or the whole disk as data (merged; for qemu-img compare)',
+        describe: 'base:allocation reports the COW\'s own sectors as data and the rest as holes (cow), or the disk as one image (merged: data where the COW or the backing file holds it, zeros where neither does; for qemu-img compare and whole-disk copies)',
       })
       .option('pid-file', { type: 'string', describe: 'Write the process id here once listening (removed on exit)' })
       .option('json', { type: 'boolean', describe: 'Print the "listening" line as JSON' })

@@ -1,7 +1,7 @@
 /**
  * `ubdcow convert IMAGE OUT -O FMT [-B BASE]`: qemu-img convert reading the disk from a private,
- * read-only `serve` on a temporary Unix socket. Without -B the export reports the whole disk as
- * data (qemu-img reads it in large requests and finds zeros itself); with -B, qemu-img asks the
+ * read-only `serve` on a temporary Unix socket. Without -B the export describes the disk as one
+ * image (data, or zeros where the backing file is a hole: qemu-img skips those); with -B, qemu-img asks the
  * export for its allocation (base:allocation) and writes only what the COW holds into a qcow2
  * overlay over BASE: ranges reported as holes without the zero flag are left to the backing file.
  * OUT appears only when qemu-img succeeded (written beside it through writeNewFile: synced, then
@@ -77,10 +77,11 @@ export async function convertImage(image: string, output: string, options: Conve
   // Ctrl-C or SIGTERM mid-convert leaves no socket folder (writeNewFile takes care of OUT's temporary).
   const keepFolder = removeOnSignal(folder);
   try {
-    // Without -B the output is the whole disk, so the export says so ('merged': all data). The
-    // COW's own allocation ('cow') matters only to -B, and a COW of scattered pages reports tens of
-    // thousands of extents, each then a separate read and write in qemu-img: 22 s instead of 0.5 s
-    // for a 512 MiB disk with a 4 KiB page every 48 KiB.
+    // Without -B the output is the whole disk, so the export describes it as one image ('merged':
+    // data, or zeros where the backing is a hole). The COW's own allocation ('cow') matters only to
+    // -B, and a COW of scattered pages reports tens of thousands of extents, each then a separate
+    // read and write in qemu-img: 22 s instead of 1 s for a 512 MiB disk with a 4 KiB page every
+    // 48 KiB; and an empty COW over a sparse 4 GiB base took 13.7 s instead of 0.2 s.
     const allocation = baseAbsolute === undefined ? 'merged' : 'cow';
     const served = await serveImage(image, { socket, readOnly: true, backing: options.backing, allocation });
     try {

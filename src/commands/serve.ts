@@ -4,13 +4,15 @@
  * reads through to the backing file as a hole (without the zero flag: the backing's bytes are
  * not known to be zero), so qemu-img map, nbdinfo --map and qemu-img convert -B see the COW's
  * own allocation. The spec lets a client treat such a hole's contents as undefined and qemu-img
- * compare takes them for zeros, hence `allocation: 'merged'` (everything reported as data).
+ * compare takes them for zeros, hence `allocation: 'merged'` (the disk as one image: data, or
+ * zeros where neither the COW nor the backing file holds anything).
  */
 import { UbdcowError, fromSystemError } from '../errors.js';
 import { type CowDevice, looksLikeCow, openCow } from '../io/engine/index.js';
-import { type FileHandleLike, nodeFileSystem, writeAll, writeNewFile } from '../io/file/index.js';
+import { dataExtents, type FileHandleLike, nodeFileSystem, writeAll, writeNewFile } from '../io/file/index.js';
+import { openBacking, type OpenedFile, resolveBackingPath } from '../io/image/index.js';
 import { ExtentList } from '../format/extent-list.js';
-import { type NbdBlockDevice, type NbdServer, STATE_HOLE, type StatusDescriptor, serveNbd } from '../nbd/index.js';
+import { type NbdBlockDevice, type NbdServer, STATE_HOLE, STATE_ZERO, type StatusDescriptor, serveNbd } from '../nbd/index.js';
 import { type OptionKeys, checkOptions } from '../options.js';
 
 export interface ServeOptions {
@@ -30,8 +32,10 @@ export interface ServeOptions {
   /**
    * What base:allocation describes. 'cow' (default): sectors the COW holds are data, sectors that
    * read through to the backing are holes (NBD_STATE_HOLE without NBD_STATE_ZERO), so map tools
-   * and `qemu-img convert -B` see the COW's own allocation. 'merged': the whole disk is data, for
-   * clients that take a hole without the zero flag to read as zeros (qemu-img compare does).
+   * and `qemu-img convert -B` see the COW's own allocation. 'merged': the disk as one image, for
+   * clients that take a hole without the zero flag to read as zeros (qemu-img compare does) and
+   * for whole-disk copies: what the COW holds and the backing's data are data, the backing's holes
+   * (where the COW holds nothing) are holes that read as zeros (NBD_STATE_HOLE | NBD_STATE_ZERO).
    */
   allocation?: 'cow' | 'merged';
   log?: (line: string) => void;
@@ -116,6 +120,15 @@ type ClosableDevice = NbdBlockDevice & { close(): Promise<void>; warnings?: stri
 
 async function cowExport(image: string, options: ServeOptions): Promise<ClosableDevice> {
   const cow = await openCow(image, { backing: options.backing, readOnly: options.readOnly, sync: options.sync, blockingReads: true, allocationUnit: options.allocationUnit });
+  let backing: OpenedFile | undefined;
+  if (options.allocation === 'merged') {
+    // A second, read-only descriptor of the backing file, only to find its holes (SEEK_DATA).
+    backing = await openBacking(nodeFileSystem, resolveBackingPath(cow.header, options.backing), 'r').catch(async (err) => {
+      await cow.close().catch(() => undefined);
+      throw err;
+    });
+  }
+  const merged = backing;
   return {
     size: cow.size,
     readOnly: cow.readOnly,
@@ -123,8 +136,16 @@ async function cowExport(image: string, options: ServeOptions): Promise<Closable
     withFileRanges: (offset, length, send) => cow.withFileRanges(offset, length, send),
     write: (offset, data) => cow.write(offset, data),
     flush: () => cow.flush(),
-    blockStatus: options.allocation === 'merged' ? undefined : (offset, length, maxExtents) => cowAllocationFromRuns(cow, offset, length, maxExtents),
-    close: () => cow.close(),
+    blockStatus: merged
+      ? (offset, length, maxExtents) => mergedAllocation(cow, merged, offset, length, maxExtents)
+      : (offset, length, maxExtents) => cowAllocationFromRuns(cow, offset, length, maxExtents),
+    close: async () => {
+      try {
+        await cow.close();
+      } finally {
+        await merged?.handle.close().catch(() => undefined);
+      }
+    },
     warnings: cow.warnings,
   };
 }
@@ -166,6 +187,55 @@ export async function cowAllocationFromRuns(
   }
   reach(end, STATE_HOLE);
   return descriptors();
+}
+
+/**
+ * base:allocation of the disk as one image ('merged'): what the COW holds is data; elsewhere the
+ * backing file's data extents are data and its holes read as zeros (NBD_STATE_HOLE |
+ * NBD_STATE_ZERO), so a whole-disk copy (convert, nbdcopy) skips them as it skips a sparse raw
+ * file's. Past the backing file's end (a backing shorter than the disk) nothing is claimed: data,
+ * so reads there answer (and fail) as they do.
+ */
+export async function mergedAllocation(
+  cow: Pick<CowDevice, 'sectorSize' | 'allocatedRuns'> & { geometry: Pick<CowDevice['geometry'], 'coveredSectors'> },
+  backing: { handle: FileHandleLike; size: number },
+  offset: number,
+  length: number,
+  maxExtents: number,
+): Promise<StatusDescriptor[]> {
+  const answer = new ExtentList<number>();
+  let at = offset;
+  const reach = (to: number, flags: number): boolean => {
+    if (to <= at) return true;
+    if (!answer.joinsLast(at, flags) && answer.length >= maxExtents) return false;
+    answer.add(at, to, flags);
+    at = to;
+    return true;
+  };
+  // The stretch [at, to) the COW does not hold: the backing's data, holes, and what lies past it.
+  const throughBacking = async (to: number): Promise<boolean> => {
+    const backingEnd = Math.min(to, Math.max(at, backing.size));
+    for await (const extent of dataExtents(backing.handle, at, backingEnd)) {
+      if (!reach(extent.start, STATE_HOLE | STATE_ZERO) || !reach(extent.end, 0)) return false;
+    }
+    return reach(backingEnd, STATE_HOLE | STATE_ZERO) && reach(to, 0);
+  };
+  const done = () => answer.extents.map((extent): StatusDescriptor => ({ length: extent.end - extent.start, flags: extent.label }));
+  // The COW's runs are walked directly (not as cowAllocationFromRuns' capped answer): a run and
+  // the backing data around it are one data extent, and a client asking for one descriptor
+  // (REQ_ONE) must get all of it, not the first COW run.
+  const sectorSize = cow.sectorSize;
+  const end = offset + length;
+  const first = Math.floor(offset / sectorSize);
+  const covered = Math.min(Math.ceil(end / sectorSize), cow.geometry.coveredSectors);
+  if (first < covered) {
+    for await (const run of cow.allocatedRuns(first, covered)) {
+      if (!(await throughBacking(Math.max(offset, run.start * sectorSize)))) return done();
+      if (!reach(Math.min(end, run.end * sectorSize), 0)) return done();
+    }
+  }
+  await throughBacking(end);
+  return done();
 }
 
 async function rawExport(image: string, options: ServeOptions): Promise<ClosableDevice> {

@@ -166,6 +166,50 @@ describe.skipIf(missing.length > 0)(titleWithSkipReason('ubdcow serve with real 
     expect(qmap.filter((x) => x.data).map((x) => [x.start, x.length])).toEqual(expected);
   });
 
+  it('--allocation merged is the disk as one image: data where the COW or the backing holds it, zeros where neither does (nbdinfo, qemu-img map, convert stays sparse)', async () => {
+    const dir = tmp.path;
+    const MiB = 1 << 20;
+    const base = path.join(dir, 'sparse-base.img');
+    fs.writeFileSync(base, '');
+    fs.truncateSync(base, 8 * MiB);
+    const fd = fs.openSync(base, 'r+');
+    fs.writeSync(fd, Buffer.alloc(MiB, 0x5a), 0, MiB, 2 * MiB);
+    fs.closeSync(fd);
+    const cow = path.join(dir, 'sparse.cow');
+    expect(ubdcow(['create', cow, base]).status).toBe(0);
+    const sock = socketIn(dir);
+    server = await startServe([cow, '--socket', sock]);
+    // A page in a hole of the base, and one inside its data (which must not split the data extent).
+    const w = qemuIo(nbdUri(sock), ['write -P 1 4096 8192', `write -P 2 ${2 * MiB + 65536} 4096`, 'flush']);
+    expect(w.failed, w.stdout).toBe(false);
+    await server.stop('SIGTERM');
+    server = await startServe([cow, '--socket', sock, '--read-only', '--allocation', 'merged']);
+    const nbdMap = JSON.parse(run('nbdinfo', ['--map', '--json', nbdUri(sock)]).stdout) as { offset: number; length: number; type: number }[];
+    expect(nbdMap.map((x) => [x.offset, x.length, x.type])).toEqual([
+      [0, 4096, 3],
+      [4096, 8192, 0],
+      [12288, 2 * MiB - 12288, 3],
+      [2 * MiB, MiB, 0],
+      [3 * MiB, 5 * MiB, 3],
+    ]);
+    const qmap = JSON.parse(run('qemu-img', ['map', '-f', 'raw', '--output=json', nbdUri(sock)]).stdout) as { start: number; length: number; data: boolean; zero: boolean }[];
+    expect(qmap.filter((x) => x.data).map((x) => [x.start, x.length])).toEqual([
+      [4096, 8192],
+      [2 * MiB, MiB],
+    ]);
+    const out = path.join(dir, 'out.qcow2');
+    const conv = run('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', nbdUri(sock), out]);
+    expect(conv.status, conv.stderr).toBe(0);
+    const merged = catOf(cow, dir);
+    const flat = path.join(dir, 'flat.raw');
+    fs.writeFileSync(flat, merged);
+    const cmp = run('qemu-img', ['compare', '-F', 'raw', out, flat]);
+    expect(cmp.status, cmp.stdout + cmp.stderr).toBe(0);
+    // Only the data was written: the zero ranges are unallocated in the qcow2.
+    const outMap = JSON.parse(run('qemu-img', ['map', '--output=json', out]).stdout) as { start: number; length: number; data: boolean }[];
+    expect(outMap.filter((x) => x.data).reduce((sum, x) => sum + x.length, 0)).toBeLessThanOrEqual(MiB + 128 * 1024);
+  });
+
   it('serves one client after another, and TCP on 127.0.0.1 with --port 0', async () => {
     const { cow } = setup();
     server = await startServe([cow, '--port', '0', '--json']);

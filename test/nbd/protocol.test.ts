@@ -2,7 +2,8 @@
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
 import * as P from '../../src/nbd/protocol.js';
-import { cowAllocationFromRuns } from '../../src/commands/serve.js';
+import { cowAllocationFromRuns, mergedAllocation } from '../../src/commands/serve.js';
+import type { FileHandleLike } from '../../src/io/file/index.js';
 import type { StatusDescriptor } from '../../src/nbd/protocol.js';
 
 describe('NBD codec', () => {
@@ -243,6 +244,71 @@ describe('base:allocation over a COW bitmap', () => {
       { length: 512, flags: 0 },
       { length: 5 * 512, flags: P.STATE_HOLE },
     ]);
+  });
+
+  it('merged allocation: data where the COW or the backing holds it, zero holes elsewhere, data past the backing; a one-descriptor answer spans COW runs and backing data alike (property)', async () => {
+    const SECTORS = 64;
+    const withRuns = (set: number[]) => ({
+      sectorSize: 512,
+      geometry: { coveredSectors: SECTORS },
+      async *allocatedRuns(start = 0, end = SECTORS) {
+        for (let s = start; s < end; s++) {
+          if (!set.includes(s)) continue;
+          const runStart = s;
+          while (s < end && set.includes(s)) s++;
+          yield { start: runStart, end: s };
+        }
+      },
+    });
+    // A sparse backing of `sizeSectors` whose data lies in the sectors of `data` (SEEK_DATA/SEEK_HOLE as Linux answers them).
+    const backingOf = (data: number[], sizeSectors: number) => {
+      const size = sizeSectors * 512;
+      const isData = (byte: number) => data.includes(Math.floor(byte / 512));
+      return {
+        size,
+        handle: {
+          seekData: (from: number) => {
+            for (let at = from; at < size; at += 512 - (at % 512)) if (isData(at)) return at;
+            return undefined;
+          },
+          seekHole: (from: number) => {
+            let at = from;
+            while (at < size && isData(at)) at += 512 - (at % 512);
+            return Math.min(at, size);
+          },
+        } as unknown as FileHandleLike,
+      };
+    };
+    const reference = (set: number[], data: number[], sizeSectors: number, offset: number, length: number, max: number): StatusDescriptor[] => {
+      const runs: StatusDescriptor[] = [];
+      for (let at = offset; at < offset + length; ) {
+        const sector = Math.floor(at / 512);
+        const next = Math.min((sector + 1) * 512, offset + length);
+        const flags = set.includes(sector) || data.includes(sector) || sector >= sizeSectors ? 0 : P.STATE_HOLE | P.STATE_ZERO;
+        const last = runs[runs.length - 1];
+        if (last && last.flags === flags) last.length += next - at;
+        else runs.push({ length: next - at, flags });
+        at = next;
+      }
+      return runs.slice(0, max);
+    };
+    await fc.assert(
+      fc.asyncProperty(
+        fc.array(fc.nat(SECTORS - 1)),
+        fc.array(fc.nat(SECTORS - 1)),
+        fc.integer({ min: 0, max: SECTORS }),
+        fc.nat(SECTORS * 512 - 1),
+        fc.integer({ min: 1, max: SECTORS * 512 }),
+        fc.integer({ min: 1, max: 6 }),
+        async (set, data, sizeSectors, offset, length, max) => {
+          const len = Math.min(length, SECTORS * 512 - offset);
+          const got = await mergedAllocation(withRuns(set), backingOf(data, sizeSectors), offset, len, max);
+          expect(got).toEqual(reference(set, data, sizeSectors, offset, len, max));
+        },
+      ),
+    );
+    // One descriptor asked for: a COW page inside the backing's data does not cut the data short.
+    expect(await mergedAllocation(withRuns([4]), backingOf([2, 3, 5, 6], SECTORS), 1024, 8 * 512, 1)).toEqual([{ length: 5 * 512, flags: 0 }]);
   });
 
   it('descriptors always cover a prefix of the request exactly (property)', () => {
