@@ -150,92 +150,91 @@ async function cowExport(image: string, options: ServeOptions): Promise<Closable
   };
 }
 
+type RunQuery = Pick<CowDevice, 'sectorSize' | 'allocatedRuns'> & { geometry: Pick<CowDevice['geometry'], 'coveredSectors'> };
+
+/** Descriptors from a start offset on, joined while their flags match, at most `maxExtents`. */
+class StatusAnswer {
+  private readonly extents = new ExtentList<number>();
+
+  constructor(
+    public at: number,
+    private readonly maxExtents: number,
+  ) {}
+
+  /** Extends the answer to `to` with `flags`; false once a new descriptor would pass maxExtents. */
+  reach(to: number, flags: number): boolean {
+    if (to <= this.at) return true;
+    if (!this.extents.joinsLast(this.at, flags) && this.extents.length >= this.maxExtents) return false;
+    this.extents.add(this.at, to, flags);
+    this.at = to;
+    return true;
+  }
+
+  descriptors(): StatusDescriptor[] {
+    return this.extents.extents.map((extent) => ({ length: extent.end - extent.start, flags: extent.label }));
+  }
+}
+
 /**
- * base:allocation over the COW bitmap: runs of sectors the COW holds (status 0) and runs that read
- * through to the backing (NBD_STATE_HOLE), clipped to [offset, offset + length), at most
- * `maxExtents` descriptors. Asked through the device's run query, which skips the bitmap's holes,
- * so mapping a nearly empty multi-TiB COW costs what its allocated part costs. Sectors past the
- * bitmap's cover (V1/V2 files) read from the backing: holes.
+ * The one walk behind both base:allocation answers: the COW's runs of held sectors are data
+ * (status 0), and `between(answer, to)` describes each stretch up to `to` that reads through to
+ * the backing (and what lies past the bitmap's cover: V1/V2 files). Asked through the device's
+ * run query, which skips the bitmap's holes, so mapping a nearly empty multi-TiB COW costs what
+ * its allocated part costs. A full answer stops where it is: the client asks again from there.
  */
-export async function cowAllocationFromRuns(
-  cow: Pick<CowDevice, 'sectorSize' | 'allocatedRuns'> & { geometry: Pick<CowDevice['geometry'], 'coveredSectors'> },
+async function allocationOverRuns(
+  cow: RunQuery,
   offset: number,
   length: number,
   maxExtents: number,
+  between: (answer: StatusAnswer, to: number) => Promise<boolean> | boolean,
 ): Promise<StatusDescriptor[]> {
   const sectorSize = cow.sectorSize;
   const end = offset + length;
-  const answer = new ExtentList<number>();
-  let at = offset;
-  /** Extends the answer to `to` with `flags`; false once a new descriptor would pass maxExtents. */
-  const reach = (to: number, flags: number): boolean => {
-    if (to <= at) return true;
-    if (!answer.joinsLast(at, flags) && answer.length >= maxExtents) return false;
-    answer.add(at, to, flags);
-    at = to;
-    return true;
-  };
+  const answer = new StatusAnswer(offset, maxExtents);
   const first = Math.floor(offset / sectorSize);
   const covered = Math.min(Math.ceil(end / sectorSize), cow.geometry.coveredSectors);
-  const descriptors = () => answer.extents.map((extent): StatusDescriptor => ({ length: extent.end - extent.start, flags: extent.label }));
   if (first < covered) {
     for await (const run of cow.allocatedRuns(first, covered)) {
-      // A full answer stops where it is: the client asks again from there.
-      if (!reach(Math.max(offset, run.start * sectorSize), STATE_HOLE)) return descriptors();
-      if (!reach(Math.min(end, run.end * sectorSize), 0)) return descriptors();
+      if (!(await between(answer, Math.max(offset, run.start * sectorSize)))) return answer.descriptors();
+      if (!answer.reach(Math.min(end, run.end * sectorSize), 0)) return answer.descriptors();
     }
   }
-  reach(end, STATE_HOLE);
-  return descriptors();
+  await between(answer, end);
+  return answer.descriptors();
+}
+
+/**
+ * base:allocation of the COW's own allocation ('cow'): what the COW holds is data, what reads
+ * through to the backing a hole without the zero flag (NBD_STATE_HOLE), clipped to
+ * [offset, offset + length), at most `maxExtents` descriptors.
+ */
+export function cowAllocationFromRuns(cow: RunQuery, offset: number, length: number, maxExtents: number): Promise<StatusDescriptor[]> {
+  return allocationOverRuns(cow, offset, length, maxExtents, (answer, to) => answer.reach(to, STATE_HOLE));
 }
 
 /**
  * base:allocation of the disk as one image ('merged'): what the COW holds is data; elsewhere the
  * backing file's data extents are data and its holes read as zeros (NBD_STATE_HOLE |
  * NBD_STATE_ZERO), so a whole-disk copy (convert, nbdcopy) skips them as it skips a sparse raw
- * file's. Past the backing file's end (a backing shorter than the disk) nothing is claimed: data,
- * so reads there answer (and fail) as they do.
+ * file's. A COW run and the backing data around it are one data extent, so a client asking for
+ * one descriptor (REQ_ONE) gets all of it. Past the backing file's end (a backing shorter than the
+ * disk) nothing is claimed: data, so reads there answer (and fail) as they do.
  */
-export async function mergedAllocation(
-  cow: Pick<CowDevice, 'sectorSize' | 'allocatedRuns'> & { geometry: Pick<CowDevice['geometry'], 'coveredSectors'> },
+export function mergedAllocation(
+  cow: RunQuery,
   backing: { handle: FileHandleLike; size: number },
   offset: number,
   length: number,
   maxExtents: number,
 ): Promise<StatusDescriptor[]> {
-  const answer = new ExtentList<number>();
-  let at = offset;
-  const reach = (to: number, flags: number): boolean => {
-    if (to <= at) return true;
-    if (!answer.joinsLast(at, flags) && answer.length >= maxExtents) return false;
-    answer.add(at, to, flags);
-    at = to;
-    return true;
-  };
-  // The stretch [at, to) the COW does not hold: the backing's data, holes, and what lies past it.
-  const throughBacking = async (to: number): Promise<boolean> => {
-    const backingEnd = Math.min(to, Math.max(at, backing.size));
-    for await (const extent of dataExtents(backing.handle, at, backingEnd)) {
-      if (!reach(extent.start, STATE_HOLE | STATE_ZERO) || !reach(extent.end, 0)) return false;
+  return allocationOverRuns(cow, offset, length, maxExtents, async (answer, to) => {
+    const backingEnd = Math.min(to, Math.max(answer.at, backing.size));
+    for await (const extent of dataExtents(backing.handle, answer.at, backingEnd)) {
+      if (!answer.reach(extent.start, STATE_HOLE | STATE_ZERO) || !answer.reach(extent.end, 0)) return false;
     }
-    return reach(backingEnd, STATE_HOLE | STATE_ZERO) && reach(to, 0);
-  };
-  const done = () => answer.extents.map((extent): StatusDescriptor => ({ length: extent.end - extent.start, flags: extent.label }));
-  // The COW's runs are walked directly (not as cowAllocationFromRuns' capped answer): a run and
-  // the backing data around it are one data extent, and a client asking for one descriptor
-  // (REQ_ONE) must get all of it, not the first COW run.
-  const sectorSize = cow.sectorSize;
-  const end = offset + length;
-  const first = Math.floor(offset / sectorSize);
-  const covered = Math.min(Math.ceil(end / sectorSize), cow.geometry.coveredSectors);
-  if (first < covered) {
-    for await (const run of cow.allocatedRuns(first, covered)) {
-      if (!(await throughBacking(Math.max(offset, run.start * sectorSize)))) return done();
-      if (!reach(Math.min(end, run.end * sectorSize), 0)) return done();
-    }
-  }
-  await throughBacking(end);
-  return done();
+    return answer.reach(backingEnd, STATE_HOLE | STATE_ZERO) && answer.reach(to, 0);
+  });
 }
 
 async function rawExport(image: string, options: ServeOptions): Promise<ClosableDevice> {
