@@ -38,6 +38,13 @@ export interface ServeOptions {
    * (where the COW holds nothing) are holes that read as zeros (NBD_STATE_HOLE | NBD_STATE_ZERO).
    */
   allocation?: 'cow' | 'merged';
+  /**
+   * With allocation 'cow': bytes each run the COW holds is widened to, outwards, on both ends
+   * (default: one sector). A qcow2 overlay allocates 64 KiB clusters: `convert -B` asks for 65536,
+   * so qemu-img copies whole clusters (their other bytes read through to the backing: the same
+   * bytes the overlay's backing has) instead of a 4 KiB page and then the rest of its cluster.
+   */
+  allocationGrain?: number;
   log?: (line: string) => void;
   /** Bytes a write allocates in a COW at once (default 4096; see OpenCowOptions.allocationUnit). */
   allocationUnit?: number;
@@ -54,7 +61,7 @@ export interface ServeHandle {
   close(): Promise<void>;
 }
 
-const serveImageOptionKeys: OptionKeys<ServeOptions> = { backing: true, socket: true, port: true, bind: true, readOnly: true, name: true, sync: true, shared: true, queue: true, pidFile: true, allocation: true, log: true, allocationUnit: true };
+const serveImageOptionKeys: OptionKeys<ServeOptions> = { backing: true, socket: true, port: true, bind: true, readOnly: true, name: true, sync: true, shared: true, queue: true, pidFile: true, allocation: true, allocationGrain: true, log: true, allocationUnit: true };
 
 export async function serveImage(image: string, options: ServeOptions = {}): Promise<ServeHandle> {
   checkOptions('serveImage', options, serveImageOptionKeys);
@@ -138,7 +145,7 @@ async function cowExport(image: string, options: ServeOptions): Promise<Closable
     flush: () => cow.flush(),
     blockStatus: merged
       ? (offset, length, maxExtents) => mergedAllocation(cow, merged, offset, length, maxExtents)
-      : (offset, length, maxExtents) => cowAllocationFromRuns(cow, offset, length, maxExtents),
+      : (offset, length, maxExtents) => cowAllocationFromRuns(cow, offset, length, maxExtents, options.allocationGrain),
     close: async () => {
       try {
         await cow.close();
@@ -188,6 +195,7 @@ async function allocationOverRuns(
   length: number,
   maxExtents: number,
   between: (answer: StatusAnswer, to: number) => Promise<boolean> | boolean,
+  grain = cow.sectorSize,
 ): Promise<StatusDescriptor[]> {
   const sectorSize = cow.sectorSize;
   const end = offset + length;
@@ -196,8 +204,11 @@ async function allocationOverRuns(
   const covered = Math.min(Math.ceil(end / sectorSize), cow.geometry.coveredSectors);
   if (first < covered) {
     for await (const run of cow.allocatedRuns(first, covered)) {
-      if (!(await between(answer, Math.max(offset, run.start * sectorSize)))) return answer.descriptors();
-      if (!answer.reach(Math.min(end, run.end * sectorSize), 0)) return answer.descriptors();
+      // Widened runs may overlap the one before: reach() and between() ignore what is behind.
+      const start = Math.floor((run.start * sectorSize) / grain) * grain;
+      const stop = Math.ceil((run.end * sectorSize) / grain) * grain;
+      if (!(await between(answer, Math.max(offset, start)))) return answer.descriptors();
+      if (!answer.reach(Math.min(end, stop), 0)) return answer.descriptors();
     }
   }
   await between(answer, end);
@@ -207,10 +218,11 @@ async function allocationOverRuns(
 /**
  * base:allocation of the COW's own allocation ('cow'): what the COW holds is data, what reads
  * through to the backing a hole without the zero flag (NBD_STATE_HOLE), clipped to
- * [offset, offset + length), at most `maxExtents` descriptors.
+ * [offset, offset + length), at most `maxExtents` descriptors; each held run widened to `grain`
+ * bytes (default: a sector, i.e. exactly the COW's runs).
  */
-export function cowAllocationFromRuns(cow: RunQuery, offset: number, length: number, maxExtents: number): Promise<StatusDescriptor[]> {
-  return allocationOverRuns(cow, offset, length, maxExtents, (answer, to) => answer.reach(to, STATE_HOLE));
+export function cowAllocationFromRuns(cow: RunQuery, offset: number, length: number, maxExtents: number, grain?: number): Promise<StatusDescriptor[]> {
+  return allocationOverRuns(cow, offset, length, maxExtents, (answer, to) => answer.reach(to, STATE_HOLE), grain);
 }
 
 /**

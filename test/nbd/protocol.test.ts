@@ -238,6 +238,18 @@ describe('base:allocation over a COW bitmap', () => {
         expect(await cowAllocationFromRuns(withRuns(set, 64), offset, len, max)).toEqual(cowAllocation(bitmap(set), offset, len, max));
       }),
     );
+    // Widened to a 2 KiB grain (convert -B asks for qcow2's 64 KiB clusters): a run grows
+    // outwards to whole grains, and runs whose grains meet or overlap join; clipped to the request.
+    expect(await cowAllocationFromRuns(withRuns([1, 9, 10, 13], 64), 0, 24 * 512, 10, 2048)).toEqual([
+      { length: 2048, flags: 0 },
+      { length: 2048, flags: P.STATE_HOLE },
+      { length: 4096, flags: 0 },
+      { length: 4096, flags: P.STATE_HOLE },
+    ]);
+    expect(await cowAllocationFromRuns(withRuns([1, 9, 10, 13], 64), 600, 2000, 10, 2048)).toEqual([
+      { length: 1448, flags: 0 },
+      { length: 552, flags: P.STATE_HOLE },
+    ]);
     // Past the bitmap's cover (a V1/V2 rounding), sectors read from the backing: holes.
     expect(await cowAllocationFromRuns(withRuns([2, 3], 3), 0, 8 * 512, 10)).toEqual([
       { length: 1024, flags: P.STATE_HOLE },
