@@ -5,6 +5,7 @@ import { beforeAll, describe, expect, it } from 'vitest';
 import { createCow } from '../../src/commands/create.js';
 import { serveImage } from '../../src/commands/serve.js';
 import { openCow } from '../../src/io/engine/engine.js';
+import { openImage } from '../../src/io/image/image.js';
 import { useTempDir } from '../helpers/tmp.js';
 import { ensureBuiltCli, missingTools, titleWithSkipReason } from '../helpers/tools.js';
 
@@ -72,6 +73,28 @@ async function bigEmptyCow(dir: string): Promise<{ base: string; cow: string }> 
   const cow = path.join(dir, 'vm.cow');
   await createCow(cow, base);
   return { base, cow };
+}
+
+/**
+ * A 64 GiB COW that holds every sector (its bitmap all ones) in a data area that is one hole:
+ * every byte reads as zero but is data, so a whole-disk copy (convert) must read it all through
+ * the export and runs for many seconds. (An empty COW over a sparse base converts in a blink now
+ * that the export reports the base's holes as zeros.)
+ */
+async function bigFullCow(dir: string): Promise<{ base: string; cow: string }> {
+  const made = await bigEmptyCow(dir);
+  const image = await openImage(made.cow, { mode: 'r+' });
+  try {
+    const { bitmapOffset, bitmapLength } = image.geometry;
+    const ones = Buffer.alloc(1 << 20, 0xff);
+    for (let at = 0; at < bitmapLength; at += ones.length) {
+      const length = Math.min(ones.length, bitmapLength - at);
+      await image.handle.write(ones, 0, length, bitmapOffset + at);
+    }
+  } finally {
+    await image.handle.close();
+  }
+  return made;
 }
 
 /**
@@ -154,7 +177,7 @@ describe.skipIf(missingTools('qemu-img').length > 0)(titleWithSkipReason('signal
 
   for (const signal of ['SIGINT', 'SIGTERM'] as const) {
     it(`${signal} mid-convert removes the partial image and the socket's folder, kills qemu-img, and leaves no OUT`, async () => {
-      const { cow } = await bigEmptyCow(tmp.path);
+      const { cow } = await bigFullCow(tmp.path);
       const scratch = path.join(tmp.path, 'scratch');
       fs.mkdirSync(scratch);
       const out = path.join(tmp.path, 'out.qcow2');
